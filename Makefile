@@ -1,0 +1,53 @@
+# ST-V-Net femur segmentation: one-command training, tests and tools.
+# Variables a user can pass:  make train EXPERIMENT=experiments/vnet.yaml DATA=my_manifest.csv FOLD=2 COHORT=female MAX_EPOCHS=50 OUT=runs
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+# CPU wheel here; GPU users: make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" or use environment.yml
+TORCH_SPEC ?= torch==2.13.0
+EXPERIMENT ?= experiments/vnet.yaml
+DATA ?=
+FOLD ?= 0
+COHORT ?= all
+MAX_EPOCHS ?=
+OUT ?= runs
+ARGS ?=
+
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+TRAIN_ARGS := --config $(EXPERIMENT) --data.fold $(FOLD) --data.cohort $(COHORT) --run.out $(OUT)
+ifneq ($(strip $(DATA)),)
+TRAIN_ARGS += --data.manifest $(DATA)
+endif
+ifneq ($(strip $(MAX_EPOCHS)),)
+TRAIN_ARGS += --trainer.max_epochs $(MAX_EPOCHS)
+endif
+
+.PHONY: install train test synth clean help
+
+help:
+	@echo "make train   train EXPERIMENT (default $(EXPERIMENT)) on fold FOLD of DATA (default: synthetic cohort)"
+	@echo "make test    run the test suite"
+	@echo "make synth   write the synthetic cohort to data/synthetic"
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/stvnet train $(TRAIN_ARGS) $(ARGS)
+
+synth: $(STAMP)
+	$(BIN)/stvnet synth --out data/synthetic
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(ARGS)
+
+clean:
+	rm -rf runs outputs wandb lightning_logs .pytest_cache

@@ -1,0 +1,241 @@
+"""TorchIO LightningDataModule: manifest -> validated cohort -> stratified folds -> loaders.
+
+Training uses whole ROIs (``patch_size: null``) or patches drawn through ``tio.Queue``; validation and test
+run on whole ROIs, one subject per batch. Preprocessed subjects are cached in memory once per process
+(``cache: true``) so augmentation is the only per-epoch cost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import lightning as L
+import pandas as pd
+import torch
+import torchio as tio
+from torch.utils.data import DataLoader
+
+from data_modules.folds import fold_subjects, load_or_create_splits
+from data_modules.manifest import filter_cohort, validate_manifest
+from data_modules.shape_prior import build_shape_prior
+from data_modules.synthetic import ROI_CENTER_FRACTION, make_cohort
+from data_modules.transforms import augmentation, preprocessing, sampler
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SYNTHETIC_DIR = "data/synthetic"
+
+
+def default_manifest(synthetic_dir: str | Path = DEFAULT_SYNTHETIC_DIR, n_subjects: int = 40, seed: int = 0) -> Path:
+    """The embedded synthetic cohort's manifest, generated on first use."""
+    manifest = Path(synthetic_dir) / "manifest.csv"
+    if not manifest.is_file():
+        log.warning("Generating the synthetic QCT cohort (%d subjects) in %s ...", n_subjects, synthetic_dir)
+        print(f"Generating the synthetic QCT cohort ({n_subjects} subjects) in {synthetic_dir} ...", flush=True)
+        make_cohort(synthetic_dir, n_subjects=n_subjects, seed=seed)
+    return manifest
+
+
+class FemurDataModule(L.LightningDataModule):
+    """Stratified folds of a QCT femur cohort as TorchIO datasets.
+
+    Args:
+        manifest: cohort CSV (``subject_id,image,label,sex,...``); ``None`` uses the synthetic cohort,
+            generated under ``synthetic_dir`` on first use.
+        cohort: ``all``, ``male`` or ``female``; splits are made within that sub-cohort.
+        fold: which of the ``n_folds`` cross-validation folds to train on.
+        n_folds, test_fraction, split_seed, strata: the split protocol (paper: 10 folds, 10% test, by sex).
+        splits_dir: where split JSON files are written once and reused by every run.
+        target_spacing: resampling spacing in mm (``None`` keeps each scan's own).
+        roi_size: ROI box in voxels after resampling (``None``: whole volume).
+        roi_center: ROI centre as fractions of the canonical field of view (``None``: centre).
+        hu_window: HU range clamped and scaled to [0, 1].
+        batch_size, num_workers: loader settings for training.
+        augment: augmentation strength (0 disables it).
+        patch_size: train on patches of this size through ``tio.Queue`` (``None``: whole ROIs).
+        patch_sampler, samples_per_volume, queue_length: queue settings for patch training.
+        cache: keep preprocessed subjects in memory.
+        synthetic_dir, synthetic_subjects, synthetic_seed: the default cohort's location and size.
+    """
+
+    def __init__(
+        self,
+        manifest: str | None = None,
+        cohort: str = "all",
+        fold: int = 0,
+        n_folds: int = 10,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        strata: list[str] | None = None,
+        splits_dir: str = "runs/splits",
+        target_spacing: tuple[float, float, float] | None = (2.0, 2.0, 2.0),
+        roi_size: tuple[int, int, int] | None = (64, 64, 64),
+        roi_center: tuple[float, float, float] | None = ROI_CENTER_FRACTION,
+        hu_window: tuple[float, float] = (-200.0, 1800.0),
+        batch_size: int = 2,
+        num_workers: int = 2,
+        augment: float = 1.0,
+        patch_size: tuple[int, int, int] | None = None,
+        patch_sampler: str = "label",
+        samples_per_volume: int = 4,
+        queue_length: int = 32,
+        cache: bool = True,
+        synthetic_dir: str = DEFAULT_SYNTHETIC_DIR,
+        synthetic_subjects: int = 40,
+        synthetic_seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.manifest = manifest
+        self.cohort = cohort
+        self.fold = fold
+        self.n_folds = n_folds
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+        self.strata = list(strata) if strata is not None else ["sex"]
+        self.splits_dir = Path(splits_dir)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.patch_size = patch_size
+        self.patch_sampler = patch_sampler
+        self.samples_per_volume = samples_per_volume
+        self.queue_length = queue_length
+        self.cache = cache
+        self.preprocess = preprocessing(target_spacing, roi_size, roi_center, hu_window)
+        self.augment = augmentation(augment)
+        self.table: pd.DataFrame | None = None
+        self.splits: dict | None = None
+        self._subjects: dict[str, list[tio.Subject]] = {}
+
+    # ------------------------------------------------------------------ cohort and splits
+    @property
+    def manifest_path(self) -> Path:
+        """The manifest in use (the synthetic cohort's when none was given)."""
+        if self.manifest:
+            return Path(self.manifest)
+        return Path(self.hparams.synthetic_dir) / "manifest.csv"
+
+    @property
+    def splits_path(self) -> Path:
+        """Where this cohort's splits live: one file per manifest, cohort and split protocol."""
+        stem = self.manifest_path.resolve().parent.name + "_" + self.manifest_path.stem
+        name = f"{stem}_{self.cohort}_k{self.n_folds}_seed{self.split_seed}.json"
+        return self.splits_dir / name
+
+    def prepare_data(self) -> None:
+        """Generate the synthetic cohort if needed, validate the manifest and write the splits (rank 0)."""
+        if not self.manifest:
+            default_manifest(self.hparams.synthetic_dir, self.hparams.synthetic_subjects, self.hparams.synthetic_seed)
+        self._load_table()
+
+    def _load_table(self) -> None:
+        if self.table is not None:
+            return
+        table = filter_cohort(validate_manifest(self.manifest_path), self.cohort)
+        if table.empty:
+            raise ValueError(f"{self.manifest_path}: no subjects in cohort '{self.cohort}'")
+        self.splits = load_or_create_splits(
+            self.splits_path, table, n_folds=self.n_folds, test_fraction=self.test_fraction,
+            seed=self.split_seed, strata=self.strata,
+        )
+        self.table = table
+
+    def subject_ids(self, split: str) -> list[str]:
+        """Subject ids of ``train``, ``val`` or ``test`` for the configured fold."""
+        self._load_table()
+        assert self.splits is not None
+        return fold_subjects(self.splits, self.fold)[split]
+
+    # ------------------------------------------------------------------ subjects
+    def _make_subject(self, row: pd.Series) -> tio.Subject:
+        fields: dict[str, object] = {
+            "image": tio.ScalarImage(row["image"]),
+            "subject_id": row["subject_id"],
+            "sex": row["sex"],
+        }
+        if row["label"] is not None:
+            fields["label"] = tio.LabelMap(row["label"])
+        return tio.Subject(**fields)
+
+    def subjects(self, split: str) -> list[tio.Subject]:
+        """Preprocessed subjects of a split (cached in memory when ``cache`` is on)."""
+        if split in self._subjects:
+            return self._subjects[split]
+        self._load_table()
+        assert self.table is not None
+        ids = set(self.subject_ids(split))
+        rows = self.table[self.table["subject_id"].isin(ids)]
+        subjects = [self._make_subject(row) for _, row in rows.iterrows()]
+        if self.cache:
+            loaded = []
+            for subject in subjects:
+                try:
+                    s = self.preprocess(subject)
+                    s.load()
+                except Exception as exc:  # name the subject instead of a deep SimpleITK/torch traceback
+                    raise RuntimeError(f"{subject['subject_id']}: preprocessing failed: {exc}") from exc
+                loaded.append(s)
+            subjects = loaded
+            self._subjects[split] = subjects
+        return subjects
+
+    def _dataset(self, split: str, train: bool) -> tio.SubjectsDataset:
+        steps = [] if self.cache else [self.preprocess]
+        if train and self.augment is not None:
+            steps.append(self.augment)
+        transform = tio.Compose(steps) if steps else None
+        return tio.SubjectsDataset(self.subjects(split), transform=transform)
+
+    def setup(self, stage: str | None = None) -> None:
+        self._load_table()
+
+    # ------------------------------------------------------------------ loaders
+    def train_dataloader(self) -> DataLoader:
+        dataset = self._dataset("train", train=True)
+        if self.patch_size is None:
+            return tio.SubjectsLoader(
+                dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+                drop_last=len(dataset) > self.batch_size, persistent_workers=self.num_workers > 0,
+            )
+        queue = tio.Queue(
+            dataset, max_length=self.queue_length, samples_per_volume=self.samples_per_volume,
+            sampler=sampler(self.patch_sampler, self.patch_size), num_workers=self.num_workers,
+        )
+        return tio.SubjectsLoader(queue, batch_size=self.batch_size, num_workers=0)
+
+    def _eval_loader(self, split: str) -> DataLoader:
+        return tio.SubjectsLoader(self._dataset(split, train=False), batch_size=1, shuffle=False, num_workers=0)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._eval_loader("test")
+
+    # ------------------------------------------------------------------ shape prior and records
+    def shape_prior(self, alignment: str = "roi") -> torch.Tensor:
+        """Mean femur mask of this fold's *training* subjects in the ROI frame (never val/test labels)."""
+        subjects = self.subjects("train")
+        if not self.cache:
+            subjects = [self.preprocess(s) for s in subjects]
+        labels = [s["label"].data[0] for s in subjects]
+        return build_shape_prior(labels, alignment=alignment)
+
+    def save_splits(self, folder: str | Path) -> Path:
+        """Copy the splits JSON (plus the chosen fold and cohort) into a run folder."""
+        self._load_table()
+        out = Path(folder) / "splits.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        payload = dict(self.splits or {}, fold=self.fold, cohort=self.cohort, manifest=str(self.manifest_path))
+        out.write_text(json.dumps(payload, indent=2))
+        return out
+
+    @staticmethod
+    def batch_spacing(batch: dict) -> Sequence[float]:
+        """Voxel spacing (mm) of the first subject in a collated TorchIO batch."""
+        affine = batch["image"][tio.AFFINE][0]
+        affine = torch.as_tensor(affine, dtype=torch.float64)
+        return torch.linalg.norm(affine[:3, :3], dim=0).tolist()

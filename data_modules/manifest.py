@@ -1,0 +1,154 @@
+"""Cohort manifests: one CSV row per subject, validated before anything trains.
+
+Required columns: ``subject_id``, ``image``, ``label``, ``sex`` (M/F; ``male``/``female`` and 1/2 are
+accepted too). Paths may be absolute or relative to the manifest's folder. Any other column (age,
+site, ...) is kept as a covariate. ``label`` may be empty for prediction-only manifests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+REQUIRED_COLUMNS = ("subject_id", "image", "label", "sex")
+SEX_CODES = {"m": "M", "male": "M", "1": "M", "f": "F", "female": "F", "2": "F"}
+COHORTS = ("all", "male", "female")
+
+
+class ManifestError(ValueError):
+    """A manifest has problems; the message lists one line per problem, naming the subject."""
+
+    def __init__(self, manifest: Path | str, problems: list[str]):
+        self.problems = problems
+        lines = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"{manifest}: {len(problems)} problem(s):\n{lines}")
+
+
+@dataclass(frozen=True)
+class CohortRecord:
+    """One subject of a cohort."""
+
+    subject_id: str
+    image: Path
+    label: Path | None
+    sex: str
+    covariates: dict[str, object]
+
+
+def read_manifest(path: str | Path, require_labels: bool = True) -> pd.DataFrame:
+    """Read a manifest into a table with absolute paths and normalised sex codes (no file checks)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(path, [f"manifest file not found: {path}"])
+    table = pd.read_csv(path, dtype={"subject_id": str, "sex": str})
+    problems = [f"missing column '{c}'" for c in REQUIRED_COLUMNS if c not in table.columns]
+    if problems:
+        raise ManifestError(path, problems + [f"columns present: {', '.join(map(str, table.columns))}"])
+    if table.empty:
+        raise ManifestError(path, ["the manifest lists no subjects"])
+    base = path.parent
+
+    def resolve(value: object) -> str | None:
+        if pd.isna(value) or str(value).strip() == "":
+            return None
+        p = Path(str(value)).expanduser()
+        return str(p if p.is_absolute() else (base / p).resolve())
+
+    table = table.copy()
+    table["subject_id"] = table["subject_id"].astype(str).str.strip()
+    table["image"] = table["image"].map(resolve)
+    table["label"] = table["label"].map(resolve)
+    table["sex"] = table["sex"].map(lambda s: SEX_CODES.get(str(s).strip().lower(), f"?{s}"))
+    problems = []
+    for sid, count in table["subject_id"].value_counts().items():
+        if count > 1:
+            problems.append(f"{sid}: duplicate subject_id ({count} rows)")
+    for row in table.itertuples():
+        if row.sex.startswith("?"):
+            problems.append(f"{row.subject_id}: unknown sex code '{row.sex[1:]}' (use M or F)")
+        if row.image is None:
+            problems.append(f"{row.subject_id}: no image path")
+        if require_labels and row.label is None:
+            problems.append(f"{row.subject_id}: no label path")
+    if problems:
+        raise ManifestError(path, problems)
+    return table
+
+
+def _check_subject(row: pd.Series, require_labels: bool) -> list[str]:
+    sid = row["subject_id"]
+    problems: list[str] = []
+    paths = {"image": row["image"], "label": row["label"]}
+    for kind, p in paths.items():
+        if p is not None and not Path(p).is_file():
+            problems.append(f"{sid}: {kind} file not found: {p}")
+    if problems:
+        return problems
+    try:
+        image = nib.load(paths["image"])
+    except Exception as exc:  # nibabel raises several types for unreadable files
+        return [f"{sid}: image is not a readable NIfTI ({type(exc).__name__}: {exc})"]
+    if len(image.shape) != 3 and not (len(image.shape) == 4 and image.shape[3] == 1):
+        return [f"{sid}: image is not 3D (shape {image.shape})"]
+    data = np.asanyarray(image.dataobj)
+    if not np.isfinite(data).all():
+        problems.append(f"{sid}: image contains NaN or inf values")
+    if paths["label"] is None:
+        if require_labels:
+            problems.append(f"{sid}: no label path")
+        return problems
+    try:
+        label = nib.load(paths["label"])
+    except Exception as exc:
+        return problems + [f"{sid}: label is not a readable NIfTI ({type(exc).__name__}: {exc})"]
+    if label.shape[:3] != image.shape[:3]:
+        return problems + [f"{sid}: image shape {image.shape[:3]} and label shape {label.shape[:3]} differ"]
+    if not np.allclose(label.affine, image.affine, atol=1e-3):
+        problems.append(f"{sid}: image and label affines differ (they must share one voxel grid)")
+    values = np.unique(np.asanyarray(label.dataobj))
+    if not set(values.tolist()) <= {0, 1}:
+        shown = ", ".join(f"{v:g}" for v in values[:6])
+        problems.append(f"{sid}: label is not binary (values {shown}{'...' if len(values) > 6 else ''})")
+    elif 1 not in values:
+        problems.append(f"{sid}: label is empty (no femur voxels)")
+    return problems
+
+
+def validate_manifest(path: str | Path, require_labels: bool = True) -> pd.DataFrame:
+    """Read a manifest and check every subject's files; raise :class:`ManifestError` listing all problems."""
+    table = read_manifest(path, require_labels=require_labels)
+    problems: list[str] = []
+    for _, row in table.iterrows():
+        problems.extend(_check_subject(row, require_labels))
+    if problems:
+        raise ManifestError(path, problems)
+    return table
+
+
+def filter_cohort(table: pd.DataFrame, cohort: str) -> pd.DataFrame:
+    """Keep all subjects, or only men / only women (the paper's sex-specific experiments)."""
+    if cohort not in COHORTS:
+        raise ValueError(f"cohort must be one of {COHORTS}, got '{cohort}'")
+    if cohort == "all":
+        return table.reset_index(drop=True)
+    code = "M" if cohort == "male" else "F"
+    return table[table["sex"] == code].reset_index(drop=True)
+
+
+def records(table: pd.DataFrame) -> list[CohortRecord]:
+    """Turn a manifest table into typed records."""
+    extra = [c for c in table.columns if c not in REQUIRED_COLUMNS]
+    return [
+        CohortRecord(
+            subject_id=row["subject_id"],
+            image=Path(row["image"]),
+            label=Path(row["label"]) if row["label"] is not None else None,
+            sex=row["sex"],
+            covariates={c: row[c] for c in extra},
+        )
+        for _, row in table.iterrows()
+    ]

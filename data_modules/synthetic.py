@@ -1,0 +1,351 @@
+"""Deterministic synthetic QCT hip cohort: the embedded default dataset.
+
+Each subject is a hip CT in Hounsfield units with the *left* proximal femur labelled, built from
+signed distance fields (SDFs) of simple primitives joined by smooth unions:
+
+* left femur: spherical head, neck at a neck-shaft angle of 125-135 deg with 5-20 deg anteversion,
+  greater and lesser trochanter, shaft; cortical shell (1000-1800 HU) around trabecular bone
+  (150-400 HU, textured) and a fatty marrow canal in the shaft;
+* distractors with the same intensities: both acetabula and the pelvis (ilium, pubis, ischium) with a
+  1.5-3 mm joint space around each femoral head, and the right femur, in view but **not** labelled;
+* soft tissue (muscle 30-60 HU) inside a subcutaneous fat ring (-100 HU), air outside;
+* partial-volume blur, correlated noise and anisotropic voxels (default 1.0 x 1.0 x 2.5 mm).
+
+Men's femurs are larger (head diameter 48-50 mm vs 43-45 mm) and women's bone density lower on
+average, so sex-stratified experiments have something to find. World coordinates are RAS+ mm; the
+volumes are stored in LPS voxel order (as DICOM converters write them) so that canonical
+reorientation is exercised. One seed gives a byte-identical cohort.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from scipy import ndimage
+
+#: Field of view in RAS mm (x: patient right is +, y: anterior is +, z: superior is +).
+FOV_MM = ((-190.0, 120.0), (-85.0, 85.0), (-135.0, 50.0))
+#: ROI centre as fractions of the canonical (RAS) field of view: the "middle-right" box of the paper
+#: (patient's left hip) that contains the left proximal femur and the left acetabulum.
+ROI_CENTER_FRACTION = (0.25, 0.5, 0.6)
+
+
+@dataclass(frozen=True)
+class SubjectParams:
+    """Anatomy and acquisition parameters of one synthetic subject."""
+
+    subject_id: str
+    sex: str
+    age: int
+    head_radius: float
+    neck_shaft_angle: float
+    anteversion: float
+    neck_length: float
+    neck_radius: float
+    shaft_radius: float
+    cortical_thickness: float
+    cortical_hu: float
+    trabecular_hu: float
+    joint_space: float
+    rotation_deg: tuple[float, float, float]
+    shift_mm: tuple[float, float, float]
+    fov_jitter_mm: tuple[float, float, float]
+    noise_hu: float
+    seed: int
+
+
+def sample_params(index: int, sex: str, rng: np.random.Generator) -> SubjectParams:
+    """Draw one subject's anatomy from sex-specific distributions."""
+    male = sex == "M"
+    head_radius = rng.uniform(24.0, 25.0) if male else rng.uniform(21.5, 22.5)
+    scale = head_radius / 23.0
+    return SubjectParams(
+        subject_id=f"sub-{index:03d}",
+        sex=sex,
+        age=int(rng.integers(55, 86)),
+        head_radius=float(head_radius),
+        neck_shaft_angle=float(rng.uniform(125.0, 135.0)),
+        anteversion=float(rng.uniform(5.0, 20.0)),
+        neck_length=float(rng.uniform(44.0, 50.0) * scale),
+        neck_radius=float(rng.uniform(0.62, 0.70) * head_radius),
+        shaft_radius=float(rng.uniform(0.52, 0.58) * head_radius),
+        cortical_thickness=float(rng.uniform(1.5, 3.0)),
+        cortical_hu=float(rng.normal(1400.0 if male else 1250.0, 90.0)),
+        trabecular_hu=float(np.clip(rng.normal(300.0 if male else 230.0, 35.0), 150.0, 400.0)),
+        joint_space=float(rng.uniform(1.5, 3.0)),
+        rotation_deg=tuple(float(v) for v in rng.uniform(-5.0, 5.0, size=3)),
+        shift_mm=tuple(float(v) for v in rng.uniform(-8.0, 8.0, size=3)),
+        fov_jitter_mm=tuple(float(v) for v in rng.uniform(-5.0, 5.0, size=3)),
+        noise_hu=float(rng.uniform(20.0, 40.0)),
+        seed=int(rng.integers(0, 2**31 - 1)),
+    )
+
+
+# ----------------------------------------------------------------------------- SDF primitives
+# Points are a tuple of three float32 torch tensors (x, y, z), which keeps the arithmetic in float32
+# and multi-threaded: a 4M-voxel subject renders in about a second on two cores.
+Points = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _norm(dx: torch.Tensor, dy: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(dx * dx + dy * dy + dz * dz)
+
+
+def _sphere(p: Points, c: np.ndarray, r: float) -> torch.Tensor:
+    return _norm(p[0] - float(c[0]), p[1] - float(c[1]), p[2] - float(c[2])) - r
+
+
+def _capsule(p: Points, a: np.ndarray, b: np.ndarray, r: float) -> torch.Tensor:
+    ab = b - a
+    pa = [p[i] - float(a[i]) for i in range(3)]
+    t = ((pa[0] * float(ab[0]) + pa[1] * float(ab[1]) + pa[2] * float(ab[2])) / float(ab @ ab)).clamp_(0.0, 1.0)
+    return _norm(pa[0] - t * float(ab[0]), pa[1] - t * float(ab[1]), pa[2] - t * float(ab[2])) - r
+
+
+def _ellipsoid(p: Points, c: np.ndarray, radii: np.ndarray) -> torch.Tensor:
+    """Approximate SDF of an axis-aligned ellipsoid (exact on the surface, good near it)."""
+    q = [(p[i] - float(c[i])) / float(radii[i]) for i in range(3)]
+    k0 = _norm(*q)
+    k1 = _norm(*(q[i] / float(radii[i]) for i in range(3)))
+    return k0 * (k0 - 1.0) / k1.clamp_min(1e-6)
+
+
+def _smooth_union(a: torch.Tensor, b: torch.Tensor, k: float) -> torch.Tensor:
+    h = (0.5 + 0.5 * (b - a) / k).clamp_(0.0, 1.0)
+    return b * (1 - h) + a * h - k * h * (1 - h)
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v)
+
+
+def _rotation(deg: tuple[float, float, float]) -> np.ndarray:
+    ax, ay, az = np.deg2rad(deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+# ----------------------------------------------------------------------------- anatomy
+def _femur_sdf(p: Points, prm: SubjectParams, side: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDF of one proximal femur and of its medullary canal.
+
+    ``p`` are body coordinates; ``side`` is -1 for the left femur (patient's left is -x in RAS) and +1
+    for the right one, which is the mirror image.
+    """
+    head = np.array([side * 90.0 * prm.head_radius / 23.0, 0.0, 0.0])
+    medial = -side  # direction from the femur towards the midline along x
+    shaft_dir = _unit(np.array([medial * np.sin(np.deg2rad(7.0)), 0.0, -np.cos(np.deg2rad(7.0))]))
+    nsa = np.deg2rad(prm.neck_shaft_angle)
+    av = np.deg2rad(prm.anteversion)
+    neck_dir = _unit(np.array([medial * np.sin(nsa) * np.cos(av), np.sin(nsa) * np.sin(av), -np.cos(nsa)]))
+    junction = head - prm.neck_length * neck_dir
+    s = prm.head_radius / 23.0
+    lateral = np.array([-medial, 0.0, 0.0])
+
+    d = _sphere(p, head, prm.head_radius)
+    d = _smooth_union(d, _capsule(p, head, junction, prm.neck_radius), 6.0)
+    shaft_top = junction - 10.0 * shaft_dir
+    shaft_end = junction + 220.0 * shaft_dir
+    d = _smooth_union(d, _capsule(p, shaft_top, shaft_end, prm.shaft_radius), 8.0)
+    greater = junction + s * (16.0 * lateral + np.array([0.0, -4.0, 10.0]))
+    d = _smooth_union(d, _ellipsoid(p, greater, s * np.array([13.0, 15.0, 19.0])), 7.0)
+    lesser = junction + 42.0 * s * shaft_dir + s * np.array([medial * 11.0, -9.0, 0.0])
+    d = _smooth_union(d, _ellipsoid(p, lesser, s * np.array([8.0, 7.0, 9.0])), 5.0)
+    # intertrochanteric crest joining the trochanters
+    d = _smooth_union(d, _capsule(p, greater, lesser, 9.0 * s), 6.0)
+    canal_top = junction + 55.0 * s * shaft_dir
+    canal = _capsule(p, canal_top, shaft_end, prm.shaft_radius - prm.cortical_thickness - 3.0)
+    return d, canal
+
+
+def _pelvis_sdf(p: Points, prm: SubjectParams) -> torch.Tensor:
+    """SDF of both acetabula with the iliac wings, pubic and ischial rami (never labelled)."""
+    d = torch.full_like(p[0], float("inf"))
+    s = prm.head_radius / 23.0
+    cup_in = prm.head_radius + prm.joint_space
+    for side in (-1.0, 1.0):
+        head = np.array([side * 90.0 * s, 0.0, 0.0])
+        medial = -side
+        # acetabular cup: a shell around the head, open towards lateral-inferior
+        centre_dist = _sphere(p, head, 0.0)
+        shell = torch.maximum(centre_dist - (cup_in + 9.0), cup_in - centre_dist)
+        opening = _unit(np.array([-medial * 0.75, 0.1, -0.66]))
+        # keep the part of the shell away from the lateral-inferior opening
+        cut = sum((p[i] - float(head[i])) * float(opening[i]) for i in range(3)) - 0.25 * prm.head_radius
+        cup = torch.maximum(shell, cut)
+        ilium_a = head + np.array([medial * 8.0, -5.0, 30.0]) * s
+        ilium_b = head + np.array([-medial * 25.0, -20.0, 95.0]) * s
+        ilium = _capsule(p, ilium_a, ilium_b, 14.0 * s)
+        pubis = _capsule(p, head + np.array([medial * 25.0, 20.0, -15.0]) * s,
+                         np.array([side * 8.0, 45.0 * s, -35.0 * s]), 8.0 * s)
+        ischium = _capsule(p, head + np.array([medial * 12.0, -25.0, -30.0]) * s,
+                           head + np.array([medial * 30.0, -30.0, -65.0]) * s, 10.0 * s)
+        d = torch.minimum(d, _smooth_union(_smooth_union(cup, ilium, 6.0), _smooth_union(pubis, ischium, 6.0), 6.0))
+    return d
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: tuple[float, ...]) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+    return field / (field.std() + 1e-6)
+
+
+def anatomy(prm: SubjectParams, spacing: tuple[float, float, float]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Signed distance fields (mm, negative inside) of every structure on the subject's voxel grid, and the
+    grid's affine. Keys: ``left``, ``left_canal``, ``right``, ``right_canal``, ``pelvis``, ``skin`` (the last
+    is a normalised radius, < 1 inside the body). The femurs are cut away where they would meet the pelvis,
+    so structures never overlap."""
+    lo = np.array([FOV_MM[i][0] + prm.fov_jitter_mm[i] for i in range(3)])
+    hi = np.array([FOV_MM[i][1] + prm.fov_jitter_mm[i] for i in range(3)])
+    shape = tuple(int(round((hi[i] - lo[i]) / spacing[i])) for i in range(3))
+    # LPS voxel order: i runs towards patient left (-x), j towards posterior (-y), k towards superior.
+    axes = (hi[0] - spacing[0] * np.arange(shape[0]), hi[1] - spacing[1] * np.arange(shape[1]),
+            lo[2] + spacing[2] * np.arange(shape[2]))
+    world = torch.meshgrid(*(torch.from_numpy((v - prm.shift_mm[i]).astype(np.float32)) for i, v in enumerate(axes)), indexing="ij")
+    rot = _rotation(prm.rotation_deg)
+    # world -> body coordinates (row vector times rotation)
+    body = tuple(sum(world[r] * float(rot[r, c]) for r in range(3)) for c in range(3))
+    del world
+    with torch.no_grad():
+        pelvis = _pelvis_sdf(body, prm)
+        sdfs = {"pelvis": pelvis.numpy()}
+        for name, side in (("left", -1.0), ("right", 1.0)):
+            femur, canal = _femur_sdf(body, prm, side=side)
+            sdfs[name] = torch.maximum(femur, -pelvis).numpy()  # CSG difference: femur minus pelvis
+            sdfs[f"{name}_canal"] = canal.numpy()
+        sdfs["skin"] = torch.sqrt((body[0] / 175.0) ** 2 + (body[1] / 125.0) ** 2).numpy()
+    affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
+    affine[:3, 3] = [hi[0], hi[1], lo[2]]
+    return sdfs, affine
+
+
+def render_subject(prm: SubjectParams, spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Render one subject: returns (HU image int16, label uint8, affine) in LPS voxel order."""
+    rng = np.random.default_rng(prm.seed)
+    sdfs, affine = anatomy(prm, spacing)
+    left, left_canal, right, right_canal = sdfs["left"], sdfs["left_canal"], sdfs["right"], sdfs["right_canal"]
+    pelvis, skin = sdfs["pelvis"], sdfs["skin"]
+    shape = left.shape
+
+    sigma_vox = tuple(s for s in (1.5 / spacing[0], 1.5 / spacing[1], 1.5 / spacing[2]))
+    texture = _smooth_noise(rng, shape, sigma_vox)
+    hu = np.full(shape, -1000.0, dtype=np.float32)
+    hu[skin < 1.0] = -100.0  # subcutaneous fat
+    muscle_hu = 45.0 + 8.0 * texture
+    muscle = skin < 0.86
+    hu[muscle] = muscle_hu[muscle]
+    bone_thick = prm.cortical_thickness
+    for sdf, canal in ((left, left_canal), (right, right_canal), (pelvis, None)):
+        inside = sdf < 0.0
+        hu[inside] = prm.trabecular_hu + 60.0 * texture[inside]
+        if canal is not None:
+            marrow = inside & (canal < 0.0)
+            hu[marrow] = 20.0 + 15.0 * texture[marrow]
+        cortex = inside & (sdf > -bone_thick)
+        hu[cortex] = prm.cortical_hu + 120.0 * texture[cortex]
+
+    # partial volume (slice profile wider along the thick axis), then correlated noise
+    hu = ndimage.gaussian_filter(hu, (0.6, 0.6, 0.45))
+    hu += prm.noise_hu * _smooth_noise(rng, shape, (0.6, 0.6, 0.3))
+    image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
+    label = (left < 0.0).astype(np.uint8)
+    return image, label, affine
+
+
+def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_xyzt_units("mm")
+    img.header.set_qform(affine, code=1)
+    img.header.set_sform(affine, code=1)
+    # nibabel writes gzip with a zero mtime, so output bytes depend only on content
+    nib.save(img, str(path))
+
+
+def _write_one(args: tuple[SubjectParams, tuple[float, float, float], str]) -> dict[str, object]:
+    prm, spacing, out = args
+    torch.set_num_threads(1)  # one process per core
+    out_dir = Path(out)
+    image, label, affine = render_subject(prm, spacing)
+    img_path = out_dir / "images" / f"{prm.subject_id}.nii.gz"
+    lbl_path = out_dir / "labels" / f"{prm.subject_id}.nii.gz"
+    _save(image, affine, img_path)
+    _save(label, affine, lbl_path)
+    return {
+        "subject_id": prm.subject_id,
+        "image": f"images/{img_path.name}",
+        "label": f"labels/{lbl_path.name}",
+        "sex": prm.sex,
+        "age": prm.age,
+        "head_diameter_mm": round(2 * prm.head_radius, 2),
+        "neck_shaft_angle_deg": round(prm.neck_shaft_angle, 2),
+        "trabecular_hu": round(prm.trabecular_hu, 1),
+    }
+
+
+def make_cohort(
+    out_dir: str | Path,
+    n_subjects: int = 40,
+    seed: int = 0,
+    spacing: tuple[float, float, float] = (1.0, 1.0, 2.5),
+    female_fraction: float = 216 / 397,
+    workers: int = 2,
+) -> Path:
+    """Write a synthetic cohort (NIfTI images, labels, ``manifest.csv``) and return the manifest path.
+
+    The F:M ratio defaults to the paper's (216 women, 181 men). Subjects are rendered in parallel
+    processes; the result does not depend on ``workers``.
+    """
+    if n_subjects < 2:
+        raise ValueError(f"n_subjects must be >= 2, got {n_subjects}")
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "labels").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    n_female = int(round(n_subjects * female_fraction))
+    sexes = np.array(["F"] * n_female + ["M"] * (n_subjects - n_female))
+    rng.shuffle(sexes)
+    params = [sample_params(i, str(sx), rng) for i, sx in enumerate(sexes)]
+    jobs = [(prm, tuple(float(s) for s in spacing), str(out)) for prm in params]
+    if workers > 1:
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            rows = list(pool.map(_write_one, jobs))
+    else:
+        rows = [_write_one(job) for job in jobs]
+    manifest = out / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    pd.DataFrame([asdict(p) for p in params]).to_csv(out / "parameters.csv", index=False)
+    return manifest
+
+
+def read_parameters(path: str | Path) -> list[SubjectParams]:
+    """Read back a cohort's ``parameters.csv`` (to re-render or inspect a subject's anatomy)."""
+    table = pd.read_csv(path, dtype={"subject_id": str, "sex": str})
+    fields = SubjectParams.__dataclass_fields__
+    out = []
+    for row in table.to_dict("records"):
+        values = {}
+        for name, f in fields.items():
+            v = row[name]
+            values[name] = tuple(ast.literal_eval(v)) if "tuple" in str(f.type) else (int(v) if f.type in ("int", int) else v)
+        out.append(SubjectParams(**values))
+    return out
+
+
+def cohort_fingerprint(manifest: str | Path) -> str:
+    """SHA-256 over every file of a cohort listed in its manifest (for determinism checks)."""
+    manifest = Path(manifest)
+    digest = hashlib.sha256(manifest.read_bytes())
+    table = pd.read_csv(manifest)
+    for col in ("image", "label"):
+        for rel in table[col]:
+            digest.update((manifest.parent / rel).read_bytes())
+    return digest.hexdigest()

@@ -1,0 +1,6 @@
+"""Training-policy callbacks."""
+
+from stvnet.callbacks.run_files import RunFiles
+from stvnet.callbacks.stage_callbacks import Stage, StageSchedule
+
+__all__ = ["RunFiles", "Stage", "StageSchedule"]

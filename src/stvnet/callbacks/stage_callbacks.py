@@ -1,0 +1,125 @@
+"""Multi-stage training as a callback: each stage says which parts train, for how long, at which rate,
+and with which loss terms.
+
+The paper trains ST-V-Net in several stages; the default schedule (``experiments/stvnet.yaml``) is
+(1) V-Net alone, (2) the STN (and fusion) with the V-Net frozen so the prior learns to align, (3) everything
+at a lower learning rate. Following Lightning's ``BaseFinetuning`` pattern, frozen parts get
+``requires_grad=False`` (and eval mode, keeping their statistics) via ``BaseFinetuning.freeze``-style
+switching in the LightningModule; on a stage change the optimiser and scheduler are rebuilt for the new
+trainable parameters. The stage index is checkpointed, so a run resumed mid-stage continues that stage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+
+@dataclass
+class Stage:
+    """One training stage.
+
+    Attributes:
+        name: shown in logs and checkpoints.
+        epochs: length of the stage in epochs.
+        train: parts that train (``vnet``, ``stn``, ``fusion``); ``None`` trains everything.
+        lr: learning rate of the stage; ``None`` uses the module's ``lr`` times ``lr_scale``.
+        lr_scale: multiplier of the module's base learning rate when ``lr`` is not given.
+        loss_weights: weights of the loss terms ``seg`` (final output), ``vnet`` (V-Net branch) and
+            ``prior`` (warped shape prior vs ground truth).
+    """
+
+    name: str
+    epochs: int
+    train: list[str] | None = None
+    lr: float | None = None
+    lr_scale: float = 1.0
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"seg": 1.0})
+
+
+class StageSchedule(Callback):
+    """Switch training stages at epoch boundaries (the last stage continues if training runs longer)."""
+
+    def __init__(self, stages: list[Stage]):
+        super().__init__()
+        stages = [s if isinstance(s, Stage) else Stage(**s) for s in stages]
+        if not stages:
+            raise ValueError("StageSchedule needs at least one stage")
+        for s in stages:
+            if s.epochs < 1:
+                raise ValueError(f"stage '{s.name}': epochs must be >= 1, got {s.epochs}")
+        names = [s.name for s in stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        self.stages = stages
+        self.starts = [sum(s.epochs for s in stages[:i]) for i in range(len(stages))]
+        self.current = 0
+
+    @property
+    def total_epochs(self) -> int:
+        """Epochs needed to run every stage once."""
+        return sum(s.epochs for s in self.stages)
+
+    def index_for_epoch(self, epoch: int) -> int:
+        """Stage index active at ``epoch`` (0-based)."""
+        index = 0
+        for i, start in enumerate(self.starts):
+            if epoch >= start:
+                index = i
+        return index
+
+    def stage_setup(self, index: int, base_lr: float) -> dict[str, Any]:
+        """The LightningModule's training setup for stage ``index``."""
+        s = self.stages[index]
+        lr = s.lr if s.lr is not None else base_lr * s.lr_scale
+        return {"index": index, "name": s.name, "train": s.train, "lr": lr, "loss_weights": dict(s.loss_weights),
+                "start_epoch": self.starts[index], "epochs": s.epochs}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        parts = set(pl_module.parts())
+        for s in self.stages:
+            unknown = set(s.train or []) - parts
+            if unknown:
+                raise ValueError(f"stage '{s.name}' trains unknown parts {sorted(unknown)}; this network has {sorted(parts)}")
+        if trainer.max_epochs is not None and 0 < trainer.max_epochs < self.total_epochs:
+            rank_zero_warn(
+                f"trainer.max_epochs={trainer.max_epochs} ends training before the last stage "
+                f"(the stages need {self.total_epochs} epochs)"
+            )
+        # stage 0 unless a checkpoint being resumed restores another one (restored after setup)
+        pl_module.set_stage(self.stage_setup(0, pl_module.lr))
+        self.current = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        s = pl_module.stage
+        rank_zero_info(
+            f"==> epoch {trainer.current_epoch}: stage {s['index']} '{s['name']}' (train {s['train'] or 'all'}, "
+            f"lr {s['lr']:.2e}, losses {s['loss_weights']}); schedule: "
+            + ", ".join(f"{st.name} x{st.epochs}" for st in self.stages)
+        )
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        index = self.index_for_epoch(trainer.current_epoch)
+        if index == pl_module.stage.get("index"):
+            self.current = index
+            return
+        pl_module.set_stage(self.stage_setup(index, pl_module.lr))
+        trainer.strategy.setup_optimizers(trainer)  # new trainable set, fresh optimiser state and schedule
+        self.current = index
+        s = pl_module.stage
+        rank_zero_info(
+            f"==> epoch {trainer.current_epoch}: stage switch to {index} '{s['name']}' (train {s['train'] or 'all'}, "
+            f"lr {s['lr']:.2e}, losses {s['loss_weights']})"
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"current": self.current, "stages": [asdict(s) for s in self.stages]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.current = int(state_dict.get("current", 0))

@@ -1,0 +1,61 @@
+"""The ``stvnet`` command: one entry point, one subcommand per job."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+SUBCOMMANDS = {
+    "train": "train a model (LightningCLI: stvnet train --config experiments/vnet.yaml --data.fold 3 ...)",
+    "synth": "write the synthetic QCT femur cohort (NIfTI + manifest.csv)",
+}
+
+
+def _synth(argv: list[str]) -> int:
+    from data_modules.synthetic import make_cohort
+
+    parser = argparse.ArgumentParser(
+        prog="stvnet synth",
+        description="Write a deterministic synthetic QCT hip cohort with the left proximal femur labelled.",
+    )
+    parser.add_argument("--out", default="data/synthetic", help="output folder (default: %(default)s)")
+    parser.add_argument("--subjects", type=int, default=40, help="number of subjects (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: %(default)s)")
+    parser.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 2.5), metavar=("X", "Y", "Z"),
+                        help="voxel spacing in mm (default: 1.0 1.0 2.5, thick QCT slices)")
+    parser.add_argument("--female-fraction", type=float, default=216 / 397,
+                        help="fraction of women (default: the paper's 216/397)")
+    parser.add_argument("--workers", type=int, default=2, help="parallel processes (default: %(default)s)")
+    args = parser.parse_args(argv)
+    manifest = make_cohort(args.out, n_subjects=args.subjects, seed=args.seed, spacing=tuple(args.spacing),
+                           female_fraction=args.female_fraction, workers=args.workers)
+    print(f"Wrote {args.subjects} subjects; manifest: {manifest}")
+    return 0
+
+
+def _train(argv: list[str]) -> int:
+    from stvnet.training import main as train_main
+
+    sys.argv = ["stvnet train"]  # LightningCLI reads its arguments from `argv`, not from the process's
+    train_main(argv)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``stvnet <subcommand> ...``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, SUBCOMMANDS))
+        lines = "\n".join(f"  {name:<{width}}  {text}" for name, text in SUBCOMMANDS.items())
+        print(f"usage: stvnet <subcommand> [options]\n\nsubcommands:\n{lines}\n\nRun 'stvnet <subcommand> --help' for options.")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    handlers = {"train": _train, "synth": _synth}
+    if command not in handlers:
+        print(f"stvnet: unknown subcommand '{command}'; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
+        return 2
+    return handlers[command](rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""LightningModule wiring a segmentation network (V-Net or ST-V-Net), its losses, optimiser and metrics.
+
+The module holds the *current training setup* (which sub-networks train, the learning rate and the loss
+weights). Stage callbacks change it; it is saved in checkpoints so a resumed run rebuilds the same
+optimiser before Lightning restores the optimiser state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torchio as tio
+from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
+
+from stvnet.losses import segmentation_loss, soft_dice_loss
+from stvnet.metrics import evaluate_case
+
+#: loss terms: ``seg`` on the final output, ``vnet`` on the V-Net branch, ``prior`` on the warped prior
+LOSS_TERMS = ("seg", "vnet", "prior")
+STAGE_KEY = "stvnet_stage"
+
+
+class FemurSegmenter(L.LightningModule):
+    """Train and validate a binary femur segmentation network on TorchIO batches.
+
+    Args:
+        net: a :class:`~stvnet.models.VNet` (returns logits) or :class:`~stvnet.models.STVNet` (returns a dict).
+        lr: base learning rate (AdamW); stages may scale it.
+        weight_decay: AdamW weight decay.
+        loss: ``dice`` (paper) or ``dice_bce`` for the segmentation terms.
+        loss_weights: weights of the loss terms ``seg``, ``vnet``, ``prior`` (default: ``seg`` only).
+        scheduler: ``cosine`` (annealed over the run, or over each stage) or ``none``.
+        threshold: probability above which a voxel is femur.
+        prior_alignment: how the ST-V-Net shape prior is built from training labels (``roi`` or ``com``).
+        surface_metrics: also compute HD95 and ASSD during validation (cheap on ROIs).
+        init_weights: optional checkpoint whose ``net.*`` weights initialise this network (e.g. a trained
+            V-Net's weights into ST-V-Net's ``vnet``); keys are matched after the ``net.`` prefix, and for an
+            ST-V-Net also with ``vnet.`` prepended.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        lr: float = 1e-3,
+        weight_decay: float = 1e-5,
+        loss: str = "dice_bce",
+        loss_weights: dict[str, float] | None = None,
+        scheduler: str = "cosine",
+        threshold: float = 0.5,
+        prior_alignment: str = "roi",
+        surface_metrics: bool = True,
+        init_weights: str | None = None,
+    ):
+        super().__init__()
+        # under LightningCLI ``net`` is recorded as its class_path/init_args, so load_from_checkpoint rebuilds it
+        self.save_hyperparameters()
+        self.net = net
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.loss_kind = loss
+        self.scheduler_kind = scheduler
+        self.threshold = threshold
+        self.prior_alignment = prior_alignment
+        self.surface_metrics = surface_metrics
+        weights = dict(loss_weights or {"seg": 1.0})
+        unknown = set(weights) - set(LOSS_TERMS)
+        if unknown:
+            raise ValueError(f"unknown loss terms {sorted(unknown)}; use {LOSS_TERMS}")
+        self.stage: dict[str, Any] = {"index": 0, "name": "single", "train": None, "lr": lr,
+                                      "loss_weights": weights, "start_epoch": 0, "epochs": None}
+        if init_weights:
+            self.load_net_weights(init_weights)
+        self._val_rows: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ parts and weights
+    def parts(self) -> dict[str, nn.Module]:
+        """Trainable parts by name: the network's children (``vnet``, ``stn``, ``fusion`` for ST-V-Net)."""
+        children = dict(self.net.named_children())
+        if hasattr(self.net, "vnet"):
+            return children
+        return {"vnet": self.net}
+
+    def load_net_weights(self, path: str) -> None:
+        """Copy matching ``net.*`` weights from a checkpoint (V-Net <-> ST-V-Net compatible)."""
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = state.get("state_dict", state)
+        own = self.net.state_dict()
+        picked = {}
+        for key, value in state.items():
+            name = key[4:] if key.startswith("net.") else key
+            for candidate in (name, "vnet." + name, name.removeprefix("vnet.")):
+                if candidate in own and own[candidate].shape == value.shape:
+                    picked[candidate] = value
+                    break
+        if not picked:
+            raise ValueError(f"{path}: no weights match this network")
+        self.net.load_state_dict(picked, strict=False)
+        rank_zero_info(f"Initialised {len(picked)}/{len(own)} tensors of the network from {path}")
+
+    # ------------------------------------------------------------------ stages
+    def set_stage(self, stage: dict[str, Any]) -> None:
+        """Adopt a training setup (called by stage callbacks); takes effect at the next optimiser build."""
+        weights = dict(stage.get("loss_weights") or {"seg": 1.0})
+        unknown = set(weights) - set(LOSS_TERMS)
+        if unknown:
+            raise ValueError(f"stage '{stage.get('name')}': unknown loss terms {sorted(unknown)}")
+        self.stage = dict(stage, loss_weights=weights)
+
+    def apply_trainable(self) -> None:
+        """Freeze every part not listed in the current stage (``None`` trains all)."""
+        train = self.stage.get("train")
+        for name, module in self.parts().items():
+            trainable = train is None or name in train
+            for p in module.parameters():
+                p.requires_grad_(trainable)
+            if train is not None and name not in train:
+                module.eval()  # frozen parts keep their normalisation statistics
+            else:
+                module.train(self.training)
+
+    def on_train_epoch_start(self) -> None:
+        self.apply_trainable()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[STAGE_KEY] = dict(self.stage)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if STAGE_KEY in checkpoint:
+            self.stage = dict(checkpoint[STAGE_KEY])
+
+    def configure_optimizers(self) -> Any:
+        self.apply_trainable()
+        params = [p for p in self.net.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError(f"stage '{self.stage.get('name')}' trains no parameters")
+        optimizer = torch.optim.AdamW(params, lr=self.stage["lr"], weight_decay=self.weight_decay)
+        if self.scheduler_kind == "none":
+            return optimizer
+        if self.scheduler_kind != "cosine":
+            raise ValueError(f"scheduler must be 'cosine' or 'none', got '{self.scheduler_kind}'")
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 100
+        epochs = self.stage.get("epochs") or max_epochs
+
+        def factor(epoch: int) -> float:
+            # epoch counts scheduler steps since this optimiser was built; on resume Lightning restores it
+            progress = min(max(epoch, 0) / max(epochs, 1), 1.0)
+            return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # ------------------------------------------------------------------ shape prior
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and getattr(self.net, "has_prior", True) is False:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            if datamodule is None or not hasattr(datamodule, "shape_prior"):
+                raise RuntimeError("ST-V-Net needs a datamodule with shape_prior() to build its prior")
+            self.net.set_prior(datamodule.shape_prior(alignment=self.prior_alignment))
+            rank_zero_info(f"Shape prior built from {len(datamodule.subject_ids('train'))} training subjects")
+
+    # ------------------------------------------------------------------ steps
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = self.net(x)
+        return out if isinstance(out, dict) else {"logits": out}
+
+    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
+        """Femur probability map for an image batch ``[B, 1, ...]``."""
+        return torch.sigmoid(self(x)["logits"])
+
+    def _losses(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
+        weights = self.stage["loss_weights"]
+        terms: dict[str, torch.Tensor] = {}
+        if weights.get("seg", 0):
+            terms["seg"] = segmentation_loss(out["logits"], target, self.loss_kind)
+        if weights.get("vnet", 0):
+            terms["vnet"] = segmentation_loss(out.get("vnet_logits", out["logits"]), target, self.loss_kind)
+        if weights.get("prior", 0):
+            if "prior" not in out:
+                raise ValueError("loss term 'prior' needs a network with a shape prior (ST-V-Net)")
+            terms["prior"] = soft_dice_loss(out["prior"], target)
+        if not terms:
+            raise ValueError(f"stage '{self.stage.get('name')}' has no loss term with non-zero weight")
+        return terms
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        image = batch["image"][tio.DATA].float()
+        target = batch["label"][tio.DATA].float()
+        out = self(image)
+        terms = self._losses(out, target)
+        weights = self.stage["loss_weights"]
+        loss = sum(weights[k] * v for k, v in terms.items())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step}")
+        bs = image.shape[0]
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
+        for k, v in terms.items():
+            self.log(f"train/loss_{k}", v, on_step=False, on_epoch=True, batch_size=bs)
+        self.log("stage", float(self.stage["index"]), on_step=True, on_epoch=False, batch_size=bs)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        image = batch["image"][tio.DATA].float()
+        out = self(image)
+        prob = torch.sigmoid(out["logits"])
+        target = batch["label"][tio.DATA] > 0
+        affine = torch.as_tensor(batch["image"][tio.AFFINE][0], dtype=torch.float64)
+        spacing = torch.linalg.norm(affine[:3, :3], dim=0).tolist()
+        loss = segmentation_loss(out["logits"], target.float(), self.loss_kind)
+        self.log("val/loss", loss, on_epoch=True, batch_size=1, sync_dist=True)
+        pred = (prob > self.threshold).cpu().numpy()
+        gt = target.cpu().numpy()
+        for i in range(image.shape[0]):
+            row = {"subject_id": batch["subject_id"][i], "sex": batch["sex"][i]}
+            if self.surface_metrics:
+                row.update(evaluate_case(pred[i, 0], gt[i, 0], spacing))
+            else:
+                inter = float((pred[i, 0] & gt[i, 0]).sum())
+                row["dice"] = 2 * inter / max(float(pred[i, 0].sum() + gt[i, 0].sum()), 1.0)
+            if "prior" in out:
+                prior_mask = (out["prior"][i, 0] > 0.5).cpu().numpy()
+                inter = float((prior_mask & gt[i, 0]).sum())
+                row["prior_dice"] = 2 * inter / max(float(prior_mask.sum() + gt[i, 0].sum()), 1.0)
+            self._val_rows.append(row)
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_rows = []
+
+    def gathered_validation_rows(self) -> list[dict[str, Any]]:
+        """Per-subject validation rows from all processes, each subject once (DDP padding removed)."""
+        rows = self._val_rows
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            everything: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
+            dist.all_gather_object(everything, rows)
+            rows = [r for part in everything for r in (part or [])]
+        unique = {r["subject_id"]: r for r in rows}
+        return [unique[k] for k in sorted(unique)]
+
+    def on_validation_epoch_end(self) -> None:
+        rows = self.gathered_validation_rows()
+        if not rows:
+            return
+        table = pd.DataFrame(rows)
+        metrics = [c for c in table.columns if c not in ("subject_id", "sex")]
+        for m in metrics:
+            self.log(f"val/{m}", float(table[m].mean()), prog_bar=m == "dice", sync_dist=False, rank_zero_only=False)
+        for sex, name in (("M", "male"), ("F", "female")):
+            part = table[table["sex"] == sex]
+            if len(part):
+                self.log(f"val/dice_{name}", float(part["dice"].mean()), sync_dist=False)
+        self.last_validation = table
+        if not self.trainer.sanity_checking:
+            extra = f", HD95 {table['hd95'].mean():.2f} mm" if "hd95" in table else ""
+            rank_zero_info(
+                f"epoch {self.current_epoch:3d} [stage {self.stage['name']}]: val Dice {table['dice'].mean():.4f}{extra}"
+                f" ({len(table)} subjects)"
+            )

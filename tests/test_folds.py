@@ -1,0 +1,66 @@
+"""Splits follow the paper: a stratified 10% test set and stratified folds on the rest, stable across calls."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from data_modules.folds import load_or_create_splits, make_splits
+
+
+def _cohort(n_f: int = 216, n_m: int = 181) -> pd.DataFrame:
+    ids = [f"s{i:03d}" for i in range(n_f + n_m)]
+    sex = ["F"] * n_f + ["M"] * n_m
+    return pd.DataFrame({"subject_id": ids, "sex": np.random.default_rng(0).permutation(sex)})
+
+
+def test_paper_sized_splits_are_disjoint_complete_and_stratified():
+    table = _cohort()
+    splits = make_splits(table, n_folds=10, test_fraction=0.1, seed=3)
+    test = set(splits["test"])
+    assert len(test) == round(0.1 * len(table))
+    vals = [set(f["val"]) for f in splits["folds"]]
+    dev = set(table["subject_id"]) - test
+    # folds partition the development set; the test set is in no fold
+    assert set().union(*vals) == dev and sum(map(len, vals)) == len(dev)
+    for f in splits["folds"]:
+        assert not (set(f["train"]) & set(f["val"])) and set(f["train"]) | set(f["val"]) == dev
+        assert not (set(f["train"]) | set(f["val"])) & test
+    sex = dict(zip(table["subject_id"], table["sex"]))
+    n_dev_f = sum(sex[s] == "F" for s in dev)
+    for v in vals:
+        n_f = sum(sex[s] == "F" for s in v)
+        assert abs(n_f - n_dev_f / 10) <= 1
+        assert abs((len(v) - n_f) - (len(dev) - n_dev_f) / 10) <= 1
+    n_test_f = sum(sex[s] == "F" for s in test)
+    assert abs(n_test_f - 0.1 * 216) <= 1
+
+
+def test_splits_are_identical_across_calls_and_reused_from_disk(tmp_path):
+    table = _cohort(30, 25)
+    a = make_splits(table, n_folds=5, seed=1)
+    b = make_splits(table, n_folds=5, seed=1)
+    assert a == b
+    assert make_splits(table, n_folds=5, seed=2)["test"] != a["test"]
+    path = tmp_path / "splits.json"
+    first = load_or_create_splits(path, table, n_folds=5, seed=1)
+    on_disk = json.loads(path.read_text())
+    assert on_disk["folds"] == first["folds"] and on_disk["test"] == first["test"]
+    # a different seed does not silently overwrite the saved file: saved splits win
+    assert load_or_create_splits(path, table, n_folds=5, seed=9)["test"] == first["test"]
+
+
+def test_changed_manifest_is_refused(tmp_path):
+    path = tmp_path / "splits.json"
+    table = _cohort(30, 25)
+    load_or_create_splits(path, table, n_folds=5)
+    with pytest.raises(ValueError, match="different set of subjects"):
+        load_or_create_splits(path, table.iloc[:-1], n_folds=5)
+
+
+def test_too_few_subjects_for_folds():
+    with pytest.raises(ValueError, match="too few for 10 folds"):
+        make_splits(_cohort(4, 4), n_folds=10)

@@ -1,0 +1,116 @@
+"""Bad manifests fail up front with one line per problem that names the subject."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from data_modules.manifest import ManifestError, filter_cohort, validate_manifest
+
+
+@pytest.fixture()
+def cohort_copy(tmp_path: Path, tiny_cohort: Path) -> Path:
+    """A writable copy of the tiny cohort (first four subjects)."""
+    table = pd.read_csv(tiny_cohort).head(4)
+    for col in ("image", "label"):
+        for rel in table[col]:
+            (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(tiny_cohort.parent / rel, tmp_path / rel)
+    manifest = tmp_path / "manifest.csv"
+    table.to_csv(manifest, index=False)
+    return manifest
+
+
+def _problems(manifest: Path) -> list[str]:
+    with pytest.raises(ManifestError) as info:
+        validate_manifest(manifest)
+    return info.value.problems
+
+
+def _rewrite(manifest: Path, column: str, row: int, array: np.ndarray, affine: np.ndarray | None = None) -> str:
+    table = pd.read_csv(manifest)
+    path = manifest.parent / table.loc[row, column]
+    original = nib.load(path)
+    nib.save(nib.Nifti1Image(array, original.affine if affine is None else affine), path)
+    return table.loc[row, "subject_id"]
+
+
+def test_valid_manifest_passes(cohort_copy):
+    table = validate_manifest(cohort_copy)
+    assert len(table) == 4 and Path(table.loc[0, "image"]).is_absolute()
+
+
+def test_missing_file(cohort_copy):
+    table = pd.read_csv(cohort_copy)
+    (cohort_copy.parent / table.loc[1, "image"]).unlink()
+    problems = _problems(cohort_copy)
+    assert len(problems) == 1 and problems[0].startswith(table.loc[1, "subject_id"]) and "not found" in problems[0]
+
+
+def test_shape_mismatch(cohort_copy):
+    sid = _rewrite(cohort_copy, "label", 0, np.zeros((5, 5, 5), np.uint8))
+    (problem,) = _problems(cohort_copy)
+    assert problem.startswith(sid) and "shape" in problem
+
+
+def test_affine_mismatch(cohort_copy):
+    table = pd.read_csv(cohort_copy)
+    lbl = nib.load(cohort_copy.parent / table.loc[2, "label"])
+    affine = lbl.affine.copy()
+    affine[0, 3] += 10.0
+    sid = _rewrite(cohort_copy, "label", 2, np.asarray(lbl.dataobj), affine)
+    (problem,) = _problems(cohort_copy)
+    assert problem.startswith(sid) and "affine" in problem
+
+
+def test_non_binary_and_empty_labels(cohort_copy):
+    table = pd.read_csv(cohort_copy)
+    lbl = np.asarray(nib.load(cohort_copy.parent / table.loc[0, "label"]).dataobj).copy()
+    lbl[lbl > 0] = 2
+    sid0 = _rewrite(cohort_copy, "label", 0, lbl)
+    sid1 = _rewrite(cohort_copy, "label", 1, np.zeros_like(lbl))
+    problems = _problems(cohort_copy)
+    assert len(problems) == 2
+    assert problems[0].startswith(sid0) and "not binary" in problems[0]
+    assert problems[1].startswith(sid1) and "empty" in problems[1]
+
+
+def test_nan_image_and_not_3d(cohort_copy):
+    table = pd.read_csv(cohort_copy)
+    img = np.asarray(nib.load(cohort_copy.parent / table.loc[0, "image"]).dataobj).astype(np.float32)
+    img[3, 3, 3] = np.nan
+    sid0 = _rewrite(cohort_copy, "image", 0, img)
+    sid1 = _rewrite(cohort_copy, "image", 1, np.zeros((4, 4), np.int16))
+    problems = _problems(cohort_copy)
+    assert problems[0].startswith(sid0) and "NaN" in problems[0]
+    assert problems[1].startswith(sid1) and "not 3D" in problems[1]
+
+
+def test_unknown_sex_and_duplicate_ids(cohort_copy):
+    table = pd.read_csv(cohort_copy)
+    table.loc[0, "sex"] = "X"
+    table.loc[3, "subject_id"] = table.loc[2, "subject_id"]
+    table.to_csv(cohort_copy, index=False)
+    problems = _problems(cohort_copy)
+    assert any(p.startswith(table.loc[2, "subject_id"]) and "duplicate" in p for p in problems)
+    assert any(p.startswith(table.loc[0, "subject_id"]) and "unknown sex code 'X'" in p for p in problems)
+
+
+def test_missing_column_is_named(cohort_copy):
+    pd.read_csv(cohort_copy).drop(columns=["sex"]).to_csv(cohort_copy, index=False)
+    problems = _problems(cohort_copy)
+    assert "missing column 'sex'" in problems[0]
+
+
+def test_cohort_filter(cohort_copy):
+    table = validate_manifest(cohort_copy)
+    male, female = filter_cohort(table, "male"), filter_cohort(table, "female")
+    assert set(male["sex"]) <= {"M"} and set(female["sex"]) <= {"F"}
+    assert len(male) + len(female) == len(table)
+    with pytest.raises(ValueError, match="cohort must be one of"):
+        filter_cohort(table, "children")
