@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 import torchio as tio
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -58,8 +59,10 @@ class FemurSegmenter(L.LightningModule):
         init_weights: str | None = None,
     ):
         super().__init__()
-        # under LightningCLI ``net`` is recorded as its class_path/init_args, so load_from_checkpoint rebuilds it
-        self.save_hyperparameters()
+        # Under LightningCLI ``net`` is recorded as its class_path/init_args, so load_from_checkpoint rebuilds it
+        # from the checkpoint alone. A module built in Python is not pickled into the hparams (checkpoints stay
+        # loadable with weights_only); pass ``net=...`` to load_from_checkpoint for those.
+        self.save_hyperparameters(ignore=[] if _given_hyperparameters.get() is not None else ["net"])
         self.net = net
         self.lr = lr
         self.weight_decay = weight_decay

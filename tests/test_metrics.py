@@ -1,0 +1,126 @@
+"""Metrics in mm against shapes with known answers and against MONAI as an independent implementation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from stvnet.metrics import METRIC_KEYS, directed_surface_distances, evaluate_case
+
+
+def sphere(shape, center, radius, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
+    grids = np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing)), indexing="ij")
+    return sum((g - c) ** 2 for g, c in zip(grids, center)) <= radius**2
+
+
+def test_identical_masks():
+    a = sphere((30, 30, 30), (15, 15, 15), 8)
+    m = evaluate_case(a, a, (0.7, 0.7, 2.5))
+    assert set(m) == set(METRIC_KEYS)
+    assert m["dice"] == m["jaccard"] == m["sensitivity"] == m["specificity"] == m["precision"] == 1.0
+    assert m["hd"] == m["hd95"] == m["assd"] == m["rvd"] == 0.0
+
+
+@pytest.mark.parametrize("axis,k,spacing", [(0, 3, (1.0, 1.0, 1.0)), (2, 2, (0.7, 0.7, 2.5)), (1, 4, (0.5, 0.8, 3.0))])
+def test_shifted_sphere_hausdorff_is_shift_times_spacing(axis, k, spacing):
+    a = sphere((40, 40, 40), (20, 20, 20), 9)
+    b = np.roll(a, k, axis=axis)
+    m = evaluate_case(b, a, spacing)
+    assert m["hd"] == pytest.approx(k * spacing[axis], abs=1e-9)
+    assert 0 < m["assd"] < m["hd"]
+
+
+def test_concentric_spheres_hausdorff_is_radius_difference():
+    spacing = (1.0, 1.0, 1.0)
+    inner = sphere((50, 50, 50), (25, 25, 25), 10, spacing)
+    outer = sphere((50, 50, 50), (25, 25, 25), 16, spacing)
+    m = evaluate_case(inner, outer, spacing)
+    assert abs(m["hd"] - 6.0) <= 1.0
+    assert m["sensitivity"] < 1.0 and m["precision"] == 1.0 and m["rvd"] < 0
+
+
+def test_anisotropic_spheres_in_mm():
+    spacing = (0.7, 0.7, 2.5)
+    shape = (100, 100, 30)
+    inner = sphere(shape, (35, 35, 37.5), 12, spacing)
+    outer = sphere(shape, (35, 35, 37.5), 20, spacing)
+    m = evaluate_case(inner, outer, spacing)
+    assert abs(m["hd"] - 8.0) <= max(spacing)
+    # the same masks in voxels would give a very different number: the spacing is honoured
+    assert abs(evaluate_case(inner, outer)["hd"] - m["hd"]) > 1.0
+
+
+def test_overlap_counts():
+    a = np.zeros((10, 10, 10), bool)
+    b = np.zeros((10, 10, 10), bool)
+    a[:4] = True  # 400 voxels
+    b[2:6] = True  # 400 voxels, 200 shared
+    m = evaluate_case(a, b)
+    assert m["dice"] == pytest.approx(0.5)
+    assert m["jaccard"] == pytest.approx(200 / 600)
+    assert m["sensitivity"] == pytest.approx(0.5) and m["precision"] == pytest.approx(0.5)
+    assert m["specificity"] == pytest.approx(400 / 600)
+    assert m["hd"] == pytest.approx(2.0)
+
+
+def test_empty_masks_are_handled_consistently():
+    empty = np.zeros((20, 20, 20), bool)
+    full = sphere((20, 20, 20), (10, 10, 10), 5)
+    both = evaluate_case(empty, empty, (1.0, 1.0, 2.0))
+    assert both["dice"] == 1.0 and both["hd"] == 0.0 and both["assd"] == 0.0 and both["rvd"] == 0.0
+    diag = float(np.linalg.norm([20, 20, 40]))
+    missed = evaluate_case(empty, full, (1.0, 1.0, 2.0))
+    assert missed["dice"] == 0.0 and missed["sensitivity"] == 0.0 and missed["rvd"] == -1.0
+    assert missed["hd"] == missed["hd95"] == missed["assd"] == pytest.approx(diag)
+    spurious = evaluate_case(full, empty, (1.0, 1.0, 2.0))
+    assert spurious["dice"] == 0.0 and spurious["precision"] == 0.0 and spurious["sensitivity"] == 1.0
+    assert np.isnan(spurious["rvd"]) and spurious["hd"] == pytest.approx(diag)
+
+
+def test_accepts_torch_and_01_and_rejects_bad_input():
+    a = sphere((16, 16, 16), (8, 8, 8), 5)
+    m_np = evaluate_case(a, a.astype(np.uint8))
+    m_t = evaluate_case(torch.from_numpy(a).float(), torch.from_numpy(a))
+    assert m_np == m_t
+    with pytest.raises(ValueError, match="binary"):
+        evaluate_case(a * 2.5, a)
+    with pytest.raises(ValueError, match="differ"):
+        evaluate_case(a, a[:-1])
+    with pytest.raises(ValueError, match="spacing"):
+        evaluate_case(a, a, (1.0, 1.0))
+
+
+def test_surface_on_array_border_counts():
+    a = np.ones((6, 6, 6), bool)  # fills the array: every border voxel is surface
+    b = a.copy()
+    b[0] = False
+    assert evaluate_case(a, b)["hd"] == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_agrees_with_monai_on_random_shapes(seed):
+    monai_metrics = pytest.importorskip("monai.metrics", reason="MONAI is a dev dependency")
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(v) for v in rng.integers(20, 40, size=3))
+    spacing = tuple(float(v) for v in rng.uniform(0.5, 3.0, size=3))
+    a = ndimage.gaussian_filter(rng.standard_normal(shape), 2.5) > 0.05
+    b = ndimage.gaussian_filter(rng.standard_normal(shape), 2.5) > 0.05
+    ours = evaluate_case(a, b, spacing)
+    p = torch.from_numpy(a)[None, None].double()
+    t = torch.from_numpy(b)[None, None].double()
+    hd = monai_metrics.HausdorffDistanceMetric()(p, t, spacing=spacing).item()
+    hd95 = monai_metrics.HausdorffDistanceMetric(percentile=95)(p, t, spacing=spacing).item()
+    assd = monai_metrics.SurfaceDistanceMetric(symmetric=True)(p, t, spacing=spacing).item()
+    dice = monai_metrics.DiceMetric()(p, t).item()
+    assert ours["dice"] == pytest.approx(dice, abs=1e-6)
+    # MONAI works in float32: our float64 HD rounds to exactly its value
+    assert np.float32(ours["hd"]) == np.float32(hd)
+    # same surface distances: at MONAI's float32 precision the 95th percentiles agree within 1e-6 mm ...
+    d_pt, d_tp = directed_surface_distances(a, b, spacing)
+    hd95_f32 = max(torch.quantile(torch.from_numpy(d.astype(np.float32)), 0.95).item() for d in (d_pt, d_tp))
+    assert abs(hd95_f32 - hd95) <= 1e-6
+    # ... and our float64 value differs only by MONAI's float32 interpolation rounding
+    assert abs(ours["hd95"] - hd95) <= 2e-5
+    assert abs(ours["assd"] - assd) <= 1e-3

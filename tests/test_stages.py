@@ -1,0 +1,162 @@
+"""Multi-stage ST-V-Net training: frozen parts, stage switches, resume mid-stage, and a leak-free prior."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import lightning as L
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from data_modules.datamodule import FemurDataModule
+from data_modules.shape_prior import build_shape_prior
+from stvnet.callbacks import Stage, StageSchedule
+from stvnet.lightning_module import FemurSegmenter
+from stvnet.models import STVNet, VNet
+from tests.conftest import tiny_data_args
+
+STAGES = [
+    Stage(name="vnet", epochs=1, train=["vnet"], loss_weights={"vnet": 1.0}),
+    Stage(name="stn", epochs=2, train=["stn", "fusion"], lr_scale=0.5, loss_weights={"prior": 1.0, "seg": 1.0}),
+    Stage(name="all", epochs=1, train=None, lr_scale=0.1, loss_weights={"seg": 1.0, "prior": 0.5}),
+]
+
+
+def make_module() -> FemurSegmenter:
+    net = STVNet(VNet(base_channels=4, depth=2, kernel_size=3), stn_features=(4, 8))
+    return FemurSegmenter(net, lr=0.01)
+
+
+def make_trainer(root: Path, max_epochs: int, *callbacks: L.Callback) -> L.Trainer:
+    return L.Trainer(
+        max_epochs=max_epochs, default_root_dir=str(root), logger=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=2, limit_val_batches=1,
+        callbacks=[StageSchedule(STAGES), *callbacks],
+    )
+
+
+class Recorder(L.Callback):
+    """Per epoch: stage, lr, which parts got gradients and which parameters changed."""
+
+    def __init__(self):
+        self.epochs: dict[int, dict] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        e = trainer.current_epoch
+        if e not in self.epochs:
+            self.epochs[e] = {
+                "stage": pl_module.stage["name"],
+                "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                "before": {k: v.detach().clone() for k, v in pl_module.net.named_parameters()},
+                "grads": set(),
+            }
+
+    def on_after_backward(self, trainer, pl_module):
+        rec = self.epochs[trainer.current_epoch]
+        for name, p in pl_module.net.named_parameters():
+            if p.grad is not None and p.grad.abs().sum() > 0:
+                rec["grads"].add(name.split(".")[0])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        rec = self.epochs[trainer.current_epoch]
+        rec["changed"] = {
+            name.split(".")[0] for name, p in pl_module.net.named_parameters() if not torch.equal(p, rec["before"][name])
+        }
+        del rec["before"]
+
+
+@pytest.mark.slow
+def test_each_stage_trains_exactly_its_parts(tiny_cohort, tmp_path):
+    dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits"))
+    rec = Recorder()
+    make_trainer(tmp_path, 4, rec).fit(make_module(), datamodule=dm)
+    expected = {0: {"vnet"}, 1: {"stn", "fusion"}, 2: {"stn", "fusion"}, 3: {"vnet", "stn", "fusion"}}
+    for epoch, parts in expected.items():
+        assert rec.epochs[epoch]["grads"] == parts, f"epoch {epoch}"
+        assert rec.epochs[epoch]["changed"] == parts, f"epoch {epoch}"
+    assert [rec.epochs[e]["stage"] for e in range(4)] == ["vnet", "stn", "stn", "all"]
+    assert rec.epochs[1]["lr"] == pytest.approx(0.005)
+    assert rec.epochs[3]["lr"] == pytest.approx(0.001)
+
+
+@pytest.mark.slow
+def test_resume_mid_stage_continues_that_stage(tiny_cohort, tmp_path):
+    dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits"))
+    ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path, 2, ckpt_cb).fit(make_module(), datamodule=dm)  # killed after epoch 1, inside stage 'stn'
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert ckpt["stvnet_stage"]["name"] == "stn" and ckpt["epoch"] == 1
+
+    rec = Recorder()
+    resumed = make_module()
+    make_trainer(tmp_path, 4, rec).fit(resumed, datamodule=dm, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert sorted(rec.epochs) == [2, 3]
+    assert rec.epochs[2]["stage"] == "stn" and rec.epochs[2]["grads"] == {"stn", "fusion"}
+    assert rec.epochs[2]["changed"] == {"stn", "fusion"}
+    assert rec.epochs[3]["stage"] == "all" and rec.epochs[3]["grads"] == {"vnet", "stn", "fusion"}
+    # the prior came back with the checkpoint rather than being rebuilt
+    assert torch.equal(resumed.net.prior, ckpt["state_dict"]["net.prior"])
+
+
+def test_stage_schedule_validates_config():
+    with pytest.raises(ValueError, match="epochs must be >= 1"):
+        StageSchedule([Stage(name="a", epochs=0)])
+    with pytest.raises(ValueError, match="unique"):
+        StageSchedule([Stage(name="a", epochs=1), Stage(name="a", epochs=1)])
+    schedule = StageSchedule(STAGES)
+    assert [schedule.index_for_epoch(e) for e in range(6)] == [0, 1, 1, 2, 2, 2]
+
+
+def _copy_cohort(src: Path, dst: Path) -> Path:
+    shutil.copytree(src.parent, dst)
+    return dst / src.name
+
+
+def test_prior_uses_only_training_labels(tiny_cohort, tmp_path):
+    args = tiny_data_args(tiny_cohort, tmp_path / "splits")
+    dm = FemurDataModule(**args)
+    dm.prepare_data()
+    prior = dm.shape_prior()
+    train_labels = [s["label"].data[0] for s in dm.subjects("train")]
+    assert torch.allclose(prior, build_shape_prior(train_labels))
+    assert 0 < prior.max() <= 1
+
+    # replace every validation and test label by a box: the prior must not move
+    copy = _copy_cohort(tiny_cohort, tmp_path / "cohort")
+    table = pd.read_csv(copy)
+    held_out = set(dm.subject_ids("val")) | set(dm.subject_ids("test"))
+    for _, row in table[table["subject_id"].isin(held_out)].iterrows():
+        path = copy.parent / row["label"]
+        img = nib.load(path)
+        box = np.zeros(img.shape, np.uint8)
+        box[5:15, 5:15, 5:15] = 1
+        nib.save(nib.Nifti1Image(box, img.affine), path)
+    dm2 = FemurDataModule(**dict(args, manifest=str(copy), splits_dir=str(tmp_path / "splits2")))
+    dm2.prepare_data()
+    assert dm2.subject_ids("train") == dm.subject_ids("train")
+    assert torch.equal(dm2.shape_prior(), prior)
+
+    # while changing one training label does move it
+    first_train = dm.subject_ids("train")[0]
+    row = table[table["subject_id"] == first_train].iloc[0]
+    path = copy.parent / row["label"]
+    img = nib.load(path)
+    box = np.zeros(img.shape, np.uint8)
+    box[5:15, 5:15, 5:15] = 1
+    nib.save(nib.Nifti1Image(box, img.affine), path)
+    dm3 = FemurDataModule(**dict(args, manifest=str(copy), splits_dir=str(tmp_path / "splits3")))
+    dm3.prepare_data()
+    assert not torch.equal(dm3.shape_prior(), prior)
+
+
+def test_com_aligned_prior_is_sharper():
+    a = torch.zeros(16, 16, 16)
+    b = torch.zeros(16, 16, 16)
+    a[2:6, 2:6, 2:6] = 1
+    b[8:12, 8:12, 8:12] = 1
+    assert build_shape_prior([a, b], "roi").max() == 0.5
+    assert build_shape_prior([a, b], "com").max() == 1.0
