@@ -3,7 +3,7 @@
 Each subject is a hip CT in Hounsfield units with the *left* proximal femur labelled, built from
 signed distance fields (SDFs) of simple primitives joined by smooth unions:
 
-* left femur: spherical head, neck at a neck-shaft angle of 125-135 deg with 5-20 deg anteversion,
+* left femur (labelled down to a cut 25 mm below the lesser trochanter): spherical head, neck at a neck-shaft angle of 125-135 deg with 5-20 deg anteversion,
   greater and lesser trochanter, shaft; cortical shell (1000-1800 HU) around trabecular bone
   (150-400 HU, textured) and a fatty marrow canal in the shaft;
 * distractors with the same intensities: both acetabula and the pelvis (ilium, pubis, ischium) with a
@@ -136,8 +136,11 @@ def _rotation(deg: tuple[float, float, float]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- anatomy
-def _femur_sdf(p: Points, prm: SubjectParams, side: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """SDF of one proximal femur and of its medullary canal.
+def _femur_sdf(p: Points, prm: SubjectParams, side: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SDFs of one femur, of its medullary canal, and of the half-space distal to the proximal-femur cut.
+
+    The proximal femur (what is labelled) ends at a plane across the shaft 25 mm (scaled) below the lesser
+    trochanter, as QCT hip analyses define it; the shaft continues in the image beyond that plane.
 
     ``p`` are body coordinates; ``side`` is -1 for the left femur (patient's left is -x in RAS) and +1
     for the right one, which is the mirror image.
@@ -165,7 +168,9 @@ def _femur_sdf(p: Points, prm: SubjectParams, side: float) -> tuple[torch.Tensor
     d = _smooth_union(d, _capsule(p, greater, lesser, 9.0 * s), 6.0)
     canal_top = junction + 55.0 * s * shaft_dir
     canal = _capsule(p, canal_top, shaft_end, prm.shaft_radius - prm.cortical_thickness - 3.0)
-    return d, canal
+    cut = junction + (42.0 + 25.0) * s * shaft_dir
+    distal = sum((p[i] - float(cut[i])) * float(shaft_dir[i]) for i in range(3))
+    return d, canal, distal
 
 
 def _pelvis_sdf(p: Points, prm: SubjectParams) -> torch.Tensor:
@@ -201,8 +206,8 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: tuple
 
 def anatomy(prm: SubjectParams, spacing: tuple[float, float, float]) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Signed distance fields (mm, negative inside) of every structure on the subject's voxel grid, and the
-    grid's affine. Keys: ``left``, ``left_canal``, ``right``, ``right_canal``, ``pelvis``, ``skin`` (the last
-    is a normalised radius, < 1 inside the body). The femurs are cut away where they would meet the pelvis,
+    grid's affine. Keys: ``left``, ``left_canal``, ``right``, ``right_canal``, ``pelvis``, ``label`` (the left
+    proximal femur: the left femur above the shaft cut), ``skin`` (a normalised radius, < 1 inside the body). The femurs are cut away where they would meet the pelvis,
     so structures never overlap."""
     lo = np.array([FOV_MM[i][0] + prm.fov_jitter_mm[i] for i in range(3)])
     hi = np.array([FOV_MM[i][1] + prm.fov_jitter_mm[i] for i in range(3)])
@@ -219,9 +224,12 @@ def anatomy(prm: SubjectParams, spacing: tuple[float, float, float]) -> tuple[di
         pelvis = _pelvis_sdf(body, prm)
         sdfs = {"pelvis": pelvis.numpy()}
         for name, side in (("left", -1.0), ("right", 1.0)):
-            femur, canal = _femur_sdf(body, prm, side=side)
-            sdfs[name] = torch.maximum(femur, -pelvis).numpy()  # CSG difference: femur minus pelvis
+            femur, canal, distal = _femur_sdf(body, prm, side=side)
+            femur = torch.maximum(femur, -pelvis)  # CSG difference: femur minus pelvis
+            sdfs[name] = femur.numpy()
             sdfs[f"{name}_canal"] = canal.numpy()
+            if name == "left":
+                sdfs["label"] = torch.maximum(femur, distal).numpy()  # the proximal part only
         sdfs["skin"] = torch.sqrt((body[0] / 175.0) ** 2 + (body[1] / 125.0) ** 2).numpy()
     affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
     affine[:3, 3] = [hi[0], hi[1], lo[2]]
@@ -257,7 +265,7 @@ def render_subject(prm: SubjectParams, spacing: tuple[float, float, float]) -> t
     hu = ndimage.gaussian_filter(hu, (0.6, 0.6, 0.45))
     hu += prm.noise_hu * _smooth_noise(rng, shape, (0.6, 0.6, 0.3))
     image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
-    label = (left < 0.0).astype(np.uint8)
+    label = (sdfs["label"] < 0.0).astype(np.uint8)
     return image, label, affine
 
 

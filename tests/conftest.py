@@ -26,3 +26,31 @@ def tiny_data_args(manifest: Path, splits_dir: Path, **overrides) -> dict:
     )
     args.update(overrides)
     return args
+
+
+def tiny_train_args(manifest: Path, out: Path, epochs: int = 3, config: str = "vnet.yaml") -> list[str]:
+    """``stvnet train`` arguments for a few quick epochs of a narrow network on the tiny cohort."""
+    root = Path(__file__).resolve().parents[1]
+    net = "--model.net.init_args.vnet.init_args" if config == "stvnet.yaml" else "--model.net.init_args"
+    return [
+        "--config", str(root / "experiments" / config),
+        "--data.manifest", str(manifest), "--data.n_folds", "3", "--data.num_workers", "0",
+        "--data.roi_size", "[32, 32, 32]", "--data.target_spacing", "[4.0, 4.0, 4.0]", "--data.augment", "0.0",
+        f"{net}.base_channels", "4", f"{net}.depth", "2",
+        "--model.lr", "0.01", "--trainer.max_epochs", str(epochs), "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false", "--run.out", str(out),
+    ]
+
+
+@pytest.fixture(scope="session")
+def trained_runs(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two short runs on the tiny cohort (a V-Net and a second V-Net named 'vnet_b'): their run folders."""
+    from stvnet.cli import main as cli_main
+
+    out = tmp_path_factory.mktemp("runs")
+    runs = {}
+    for name in ("vnet", "vnet_b"):
+        assert cli_main(["train", *tiny_train_args(tiny_cohort, out, epochs=3), "--run.name", name]) == 0
+        (run,) = (out / name / "all" / "fold0").iterdir()
+        runs[name] = run
+    return runs

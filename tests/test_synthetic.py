@@ -39,7 +39,10 @@ def test_label_is_exactly_the_left_femur(tiny_cohort):
     assert prm.subject_id == row["subject_id"]
     sdfs, affine = anatomy(prm, TINY_SPACING)
     np.testing.assert_allclose(affine, image.affine)
-    np.testing.assert_array_equal(label > 0, sdfs["left"] < 0)
+    np.testing.assert_array_equal(label > 0, sdfs["label"] < 0)
+    assert not ((label > 0) & (sdfs["left"] >= 0)).any()
+    # the shaft below the proximal-femur cut is bone in the image but not labelled
+    assert ((sdfs["left"] < 0) & (label == 0)).sum() > 50
     assert not ((label > 0) & (sdfs["right"] < 0)).any()
     assert not ((label > 0) & (sdfs["pelvis"] < 0)).any()
     # distractors with bone intensities exist outside the label (pelvis and the right femur)

@@ -11,19 +11,7 @@ import yaml
 
 from stvnet.cli import main as cli_main
 from stvnet.lightning_module import FemurSegmenter
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_cli_args(manifest: Path, out: Path, epochs: int = 4) -> list[str]:
-    return [
-        "--config", str(ROOT / "experiments" / "vnet.yaml"),
-        "--data.manifest", str(manifest), "--data.n_folds", "3", "--data.num_workers", "0",
-        "--data.roi_size", "[32, 32, 32]", "--data.target_spacing", "[4.0, 4.0, 4.0]", "--data.augment", "0.0",
-        "--model.net.init_args.base_channels", "4", "--model.net.init_args.depth", "2",
-        "--model.lr", "0.01", "--trainer.max_epochs", str(epochs), "--trainer.log_every_n_steps", "1",
-        "--trainer.enable_progress_bar", "false", "--run.out", str(out),
-    ]
+from tests.conftest import tiny_train_args
 
 
 def only_run_dir(out: Path) -> Path:
@@ -35,7 +23,7 @@ def only_run_dir(out: Path) -> Path:
 @pytest.mark.slow
 def test_cli_training_lowers_loss_and_writes_a_complete_run_folder(tiny_cohort, tmp_path):
     out = tmp_path / "runs"
-    assert cli_main(["train", *tiny_cli_args(tiny_cohort, out, epochs=5)]) == 0
+    assert cli_main(["train", *tiny_train_args(tiny_cohort, out, epochs=5)]) == 0
     run = only_run_dir(out)
     metrics = pd.read_csv(run / "metrics.csv")
     losses = metrics["train/loss_epoch"].dropna().to_numpy()
@@ -54,7 +42,7 @@ def test_cli_training_lowers_loss_and_writes_a_complete_run_folder(tiny_cohort, 
     model = FemurSegmenter.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
     assert type(model.net).__name__ == "VNet"
     # a second run never overwrites the first
-    assert cli_main(["train", *tiny_cli_args(tiny_cohort, out, epochs=1)]) == 0
+    assert cli_main(["train", *tiny_train_args(tiny_cohort, out, epochs=1)]) == 0
     assert len(list((out / "vnet" / "all" / "fold0").iterdir())) == 2
 
 
@@ -73,4 +61,4 @@ def test_train_reports_bad_manifest_by_subject(tiny_cohort, tmp_path):
     bad = tmp_path / "bad.csv"
     table.to_csv(bad, index=False)
     with pytest.raises(ValueError, match=f"{table.loc[2, 'subject_id']}: image file not found"):
-        cli_main(["train", *tiny_cli_args(bad, tmp_path / "runs", epochs=1)])
+        cli_main(["train", *tiny_train_args(bad, tmp_path / "runs", epochs=1)])

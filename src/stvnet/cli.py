@@ -8,6 +8,7 @@ import sys
 SUBCOMMANDS = {
     "train": "train a model (LightningCLI: stvnet train --config experiments/vnet.yaml --data.fold 3 ...)",
     "synth": "write the synthetic QCT femur cohort (NIfTI + manifest.csv)",
+    "evaluate": "score trained runs on held-out subjects: per-subject CSV, paper-style table, plots",
 }
 
 
@@ -33,6 +34,48 @@ def _synth(argv: list[str]) -> int:
     return 0
 
 
+def _evaluate(argv: list[str]) -> int:
+    import os
+    from pathlib import Path
+
+    parser = argparse.ArgumentParser(
+        prog="stvnet evaluate",
+        description="Predict the held-out test set (and/or each run's validation fold) with trained runs, save the "
+        "masks as NIfTI in each scan's own geometry, and write per_subject.csv, summary.csv/.md (mean ± sd per "
+        "model and cohort, paired Wilcoxon tests), box plots and overlays.",
+    )
+    parser.add_argument("runs", nargs="+", help="run folders (runs/<name>/<cohort>/fold<k>/<time>) or checkpoints")
+    parser.add_argument("--manifest", help="cohort manifest (default: the one each run was trained on)")
+    parser.add_argument("--split", choices=("test", "val", "both"), default="test",
+                        help="held-out test set, the run's validation fold, or both (default: %(default)s)")
+    parser.add_argument("--out", help="output folder (default: <run>/evaluation for one run, else "
+                        "<common parent>/evaluation_<models>)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
+    parser.add_argument("--no-masks", action="store_true", help="do not save predicted masks (no overlays either)")
+    args = parser.parse_args(argv)
+    from stvnet.evaluation import describe_run, evaluate_runs
+
+    if args.out:
+        out = Path(args.out)
+    elif len(args.runs) == 1:
+        run = Path(args.runs[0])
+        out = (run.parent.parent if run.is_file() else run) / "evaluation"
+    else:
+        names = "_vs_".join(dict.fromkeys(describe_run(r).model for r in args.runs))
+        out = Path(os.path.commonpath([str(Path(r).resolve()) for r in args.runs])) / f"evaluation_{names}"
+    splits = ("test", "val") if args.split == "both" else (args.split,)
+    try:
+        evaluate_runs(args.runs, out, manifest=args.manifest, splits=splits, overwrite=args.overwrite,
+                      device=args.device, save_masks=not args.no_masks, figures=not args.no_masks)
+    except (FileExistsError, FileNotFoundError) as exc:
+        print(f"stvnet evaluate: {exc}", file=sys.stderr)
+        return 1
+    print((out / "summary.md").read_text())
+    print(f"Wrote {out}")
+    return 0
+
+
 def _train(argv: list[str]) -> int:
     from stvnet.training import main as train_main
 
@@ -50,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: stvnet <subcommand> [options]\n\nsubcommands:\n{lines}\n\nRun 'stvnet <subcommand> --help' for options.")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": _train, "synth": _synth}
+    handlers = {"train": _train, "synth": _synth, "evaluate": _evaluate}
     if command not in handlers:
         print(f"stvnet: unknown subcommand '{command}'; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2

@@ -1,0 +1,196 @@
+"""``stvnet evaluate``: predict held-out subjects with trained runs and report the paper's metrics.
+
+For each run (folder or checkpoint) the subjects of its held-out test set (and/or its fold's validation
+set) are segmented in their original geometry, saved as NIfTI, and scored with :func:`evaluate_case`
+against the original labels. Outputs, in one folder:
+
+* ``per_subject.csv``: subject, sex, fold, model, split and every metric;
+* ``summary.csv`` / ``summary.md``: mean ± sd per model x cohort (all/male/female), like the paper's tables,
+  with paired Wilcoxon signed-rank p-values when two models were scored on the same subjects;
+* ``boxplots.png`` and ``overlay_<model>_<best|median|worst>_<subject>.png``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import yaml
+from scipy import stats
+from tqdm.auto import tqdm
+
+from data_modules.datamodule import FemurDataModule
+from stvnet.inference import Predictor, find_checkpoint
+from stvnet.metrics import METRIC_KEYS, evaluate_case
+from stvnet.report import box_plots, overlay_png
+
+#: the paper's reported metrics, in table order
+PAPER_METRICS = ("dice", "sensitivity", "specificity", "hd", "assd")
+COHORT_CODES = {"all": None, "male": "M", "female": "F"}
+
+
+@dataclass
+class RunInfo:
+    """What evaluation needs to know about one trained run."""
+
+    checkpoint: Path
+    model: str
+    fold: int
+    cohort: str
+    data_hparams: dict
+
+
+def describe_run(run: str | Path) -> RunInfo:
+    """Locate a run's checkpoint and read its model name (``run.name`` of its config), fold and cohort."""
+    ckpt = find_checkpoint(run)
+    predictor_hparams = Predictor.read_data_hparams(ckpt)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    name = None
+    config = run_dir / "config.yaml"
+    if config.is_file():
+        name = (yaml.safe_load(config.read_text()).get("run") or {}).get("name")
+    if not name:
+        name = run_dir.parts[-4] if len(run_dir.parts) >= 4 else ckpt.stem
+    return RunInfo(ckpt, str(name), int(predictor_hparams.get("fold", 0)), str(predictor_hparams.get("cohort", "all")),
+                   predictor_hparams)
+
+
+def _datamodule(info: RunInfo, manifest: str | None) -> FemurDataModule:
+    h = {k: v for k, v in info.data_hparams.items() if not k.startswith("_")}
+    if manifest:
+        h["manifest"] = manifest
+    dm = FemurDataModule(**h)
+    dm.prepare_data()
+    return dm
+
+
+def evaluate_runs(
+    runs: list[str | Path],
+    out: str | Path,
+    manifest: str | None = None,
+    splits: tuple[str, ...] = ("test",),
+    overwrite: bool = False,
+    device: str = "auto",
+    save_masks: bool = True,
+    figures: bool = True,
+) -> pd.DataFrame:
+    """Evaluate runs and write the report; returns the per-subject table."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    infos = [describe_run(r) for r in runs]
+    rows = []
+    for info in infos:
+        predictor = Predictor.from_checkpoint(info.checkpoint, device=device)
+        dm = _datamodule(info, manifest)
+        table = dm.table.set_index("subject_id")
+        for split in splits:
+            ids = dm.subject_ids(split)
+            for sid in tqdm(ids, desc=f"{info.model} fold {info.fold} {split}", unit="scan"):
+                row = table.loc[sid]
+                mask, affine = predictor.segment(row["image"])
+                label_img = nib.load(row["label"])
+                label = np.asarray(label_img.dataobj).reshape(mask.shape) > 0
+                spacing = label_img.header.get_zooms()[:3]
+                metrics = evaluate_case(mask, label, spacing)
+                if save_masks:
+                    folder = out / "predictions" / info.model / f"fold{info.fold}"
+                    folder.mkdir(parents=True, exist_ok=True)
+                    nib.save(nib.Nifti1Image(mask, affine), folder / f"{sid}.nii.gz")
+                rows.append({"subject_id": sid, "sex": row["sex"], "fold": info.fold, "model": info.model,
+                             "split": split, "cohort": info.cohort, "image": row["image"], "label": row["label"],
+                             **metrics})
+    per_subject = pd.DataFrame(rows)
+    per_subject.to_csv(out / "per_subject.csv", index=False)
+    summary = summarize(per_subject)
+    summary.to_csv(out / "summary.csv", index=False)
+    (out / "summary.md").write_text(summary_markdown(summary, per_subject))
+    if figures:
+        box_plots(per_subject, PAPER_METRICS, out / "boxplots.png")
+        for model, part in per_subject.groupby("model"):
+            ranked = part.sort_values("dice").reset_index(drop=True)
+            picks = {"worst": 0, "median": len(ranked) // 2, "best": len(ranked) - 1}
+            for tag, i in picks.items():
+                r = ranked.iloc[i]
+                pred = out / "predictions" / model / f"fold{r['fold']}" / f"{r['subject_id']}.nii.gz"
+                if pred.is_file():
+                    overlay_png(r["image"], r["label"], pred,
+                                out / f"overlay_{model}_{tag}_{r['subject_id']}.png",
+                                title=f"{model} {tag}: {r['subject_id']} (Dice {r['dice']:.3f}, HD {r['hd']:.1f} mm)")
+    return per_subject
+
+
+def summarize(per_subject: pd.DataFrame) -> pd.DataFrame:
+    """Mean, sd and n per model x split x cohort for every metric, plus paired Wilcoxon p-values."""
+    records = []
+    for (model, split), part in per_subject.groupby(["model", "split"], sort=False):
+        for cohort, code in COHORT_CODES.items():
+            sub = part if code is None else part[part["sex"] == code]
+            if sub.empty:
+                continue
+            rec = {"model": model, "split": split, "cohort": cohort, "n": len(sub)}
+            for m in METRIC_KEYS:
+                rec[f"{m}_mean"] = float(sub[m].mean())
+                rec[f"{m}_sd"] = float(sub[m].std(ddof=1)) if len(sub) > 1 else 0.0
+            records.append(rec)
+    summary = pd.DataFrame(records)
+    for pair in paired_tests(per_subject).itertuples():
+        mask = (summary["split"] == pair.split) & (summary["cohort"] == pair.cohort) & (summary["model"] == pair.model_b)
+        summary.loc[mask, f"{pair.metric}_p_vs_{pair.model_a}"] = pair.p_value
+    return summary
+
+
+def paired_tests(per_subject: pd.DataFrame) -> pd.DataFrame:
+    """Wilcoxon signed-rank test per metric for every pair of models scored on the same (fold, subject)s."""
+    rows = []
+    models = list(dict.fromkeys(per_subject["model"]))
+    for a, b in itertools.combinations(models, 2):
+        for split in per_subject["split"].unique():
+            for cohort, code in COHORT_CODES.items():
+                part = per_subject[per_subject["split"] == split]
+                if code is not None:
+                    part = part[part["sex"] == code]
+                key = ["subject_id", "fold"] if split == "val" else ["subject_id"]
+                left = part[part["model"] == a].groupby(key)[list(PAPER_METRICS)].mean()
+                right = part[part["model"] == b].groupby(key)[list(PAPER_METRICS)].mean()
+                both = left.join(right, lsuffix="_a", rsuffix="_b", how="inner")
+                if len(both) < 2:
+                    continue
+                for m in PAPER_METRICS:
+                    diff = both[f"{m}_b"] - both[f"{m}_a"]
+                    p = 1.0 if np.allclose(diff, 0) else float(stats.wilcoxon(both[f"{m}_a"], both[f"{m}_b"]).pvalue)
+                    rows.append({"model_a": a, "model_b": b, "split": split, "cohort": cohort, "metric": m,
+                                 "n_pairs": len(both), "median_diff": float(diff.median()), "p_value": p})
+    return pd.DataFrame(rows, columns=["model_a", "model_b", "split", "cohort", "metric", "n_pairs", "median_diff", "p_value"])
+
+
+def summary_markdown(summary: pd.DataFrame, per_subject: pd.DataFrame) -> str:
+    """The paper-style table: mean ± sd of DSC, sensitivity, specificity, HD (mm) and ASD (mm)."""
+    heads = {"dice": "DSC", "sensitivity": "Sensitivity", "specificity": "Specificity", "hd": "HD (mm)", "assd": "ASSD (mm)"}
+    lines = ["# Segmentation of the left proximal femur", "",
+             "Mean ± sd over subjects; distances in mm in each scan's own grid (definitions: `stvnet.metrics`).", ""]
+    for split, part in summary.groupby("split", sort=False):
+        lines += [f"## {split} set", "", "| model | cohort | n | " + " | ".join(heads.values()) + " |",
+                  "|---|---|---|" + "---|" * len(heads)]
+        for r in part.itertuples():
+            cells = []
+            for m in heads:
+                digits = 4 if m in ("dice", "sensitivity", "specificity") else 2
+                cell = f"{getattr(r, m + '_mean'):.{digits}f} ± {getattr(r, m + '_sd'):.{digits}f}"
+                pcols = [c for c in summary.columns if c.startswith(f"{m}_p_vs_")]
+                for c in pcols:
+                    val = summary.loc[r.Index, c]
+                    if pd.notna(val):
+                        cell += f" (p={val:.3g} vs {c.split('_p_vs_')[1]})"
+                cells.append(cell)
+            lines.append(f"| {r.model} | {r.cohort} | {r.n} | " + " | ".join(cells) + " |")
+        lines.append("")
+    tests = paired_tests(per_subject)
+    if not tests.empty:
+        lines += ["p-values: paired Wilcoxon signed-rank tests on the same subjects (two-sided).", ""]
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""Inference: a checkpoint alone segments a scan in its own grid.
+
+The checkpoint carries the network (with its shape prior) and the datamodule's hyperparameters, so the
+exact training preprocessing (orientation, HU window, spacing, ROI) is rebuilt from it. Probabilities are
+computed on the preprocessed ROI (by sliding window with TorchIO's ``GridSampler``/``GridAggregator`` when
+the volume is larger than the network's input), then resampled into the input scan's own voxel grid and
+thresholded, so the mask lines up with the scan whatever its orientation and spacing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchio as tio
+
+from data_modules.transforms import preprocessing
+from stvnet.lightning_module import FemurSegmenter
+
+
+def find_checkpoint(run: str | Path) -> Path:
+    """The checkpoint to use for a run folder (its best, else its last) or the path itself if a file."""
+    run = Path(run)
+    if run.is_file():
+        return run
+    folder = run / "checkpoints"
+    best = sorted(folder.glob("best-*.ckpt"))
+    if best:
+        return best[-1]
+    if (folder / "last.ckpt").is_file():
+        return folder / "last.ckpt"
+    raise FileNotFoundError(f"{run}: no checkpoint found (expected {folder}/best-*.ckpt or last.ckpt)")
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class Predictor:
+    """A trained model plus the preprocessing it was trained with."""
+
+    model: FemurSegmenter
+    data_hparams: dict[str, Any]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    overlap: int = 8
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str = "auto") -> "Predictor":
+        """Load a model and its preprocessing from a Lightning checkpoint written by ``stvnet train``."""
+        path = Path(path)
+        dev = pick_device(device)
+        model = FemurSegmenter.load_from_checkpoint(path, map_location=dev)
+        model.eval().to(dev)
+        return cls(model=model, data_hparams=cls.read_data_hparams(path), device=dev)
+
+    @staticmethod
+    def read_data_hparams(path: str | Path) -> dict[str, Any]:
+        """The datamodule settings a checkpoint was trained with (preprocessing, fold, cohort, manifest)."""
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        return dict(ckpt.get("datamodule_hyper_parameters") or {})
+
+    @property
+    def transform(self) -> tio.Compose:
+        h = self.data_hparams
+        return preprocessing(h.get("target_spacing", (2.0, 2.0, 2.0)), h.get("roi_size", (64, 64, 64)),
+                             h.get("roi_center"), h.get("hu_window", (-200.0, 1800.0)))
+
+    @property
+    def patch_size(self) -> tuple[int, int, int] | None:
+        """The network input size used in training (patch or ROI), for sliding-window inference."""
+        h = self.data_hparams
+        size = h.get("patch_size") or h.get("roi_size")
+        return tuple(int(s) for s in size) if size else None
+
+    @torch.inference_mode()
+    def probabilities(self, image: tio.ScalarImage) -> tio.ScalarImage:
+        """Femur probabilities on the preprocessed grid of ``image`` (a float image with that grid's affine)."""
+        subject = self.transform(tio.Subject(image=image))
+        data = subject["image"].data.float()
+        patch = self.patch_size
+        if patch is None or all(s <= p for s, p in zip(data.shape[1:], patch)):
+            prob = self.model.predict_proba(data[None].to(self.device))[0].cpu()
+        else:
+            sampler = tio.GridSampler(subject, patch, patch_overlap=self.overlap)
+            aggregator = tio.GridAggregator(sampler, overlap_mode="hann")
+            loader = tio.SubjectsLoader(sampler, batch_size=1)
+            for batch in loader:
+                x = batch["image"][tio.DATA].float().to(self.device)
+                aggregator.add_batch(self.model.predict_proba(x).cpu(), batch[tio.LOCATION])
+            prob = aggregator.get_output_tensor()
+        return tio.ScalarImage(tensor=prob.float(), affine=subject["image"].affine)
+
+    def segment(self, image_path: str | Path, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Binary mask (uint8) in the input scan's own grid, and that grid's affine."""
+        original = tio.ScalarImage(image_path)
+        prob = self.probabilities(original)
+        # resample the probabilities (linear) into the original grid, then threshold
+        back = tio.Resample(original, image_interpolation="linear")(prob)  # outside the ROI: 0
+        thr = self.model.threshold if threshold is None else threshold
+        mask = (back.data[0].numpy() > thr).astype(np.uint8)
+        return mask, original.affine

@@ -1,0 +1,81 @@
+"""Figures for reports: metric box plots and tri-planar overlays of ground truth and prediction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+LABELS = {"dice": "DSC", "sensitivity": "Sensitivity", "specificity": "Specificity", "hd": "HD (mm)",
+          "hd95": "HD95 (mm)", "assd": "ASSD (mm)", "jaccard": "Jaccard", "precision": "Precision", "rvd": "RVD"}
+
+
+def box_plots(per_subject: pd.DataFrame, metrics: Sequence[str], path: str | Path) -> Path:
+    """One panel per metric, one box per model (points overlaid), split by sex in colour."""
+    models = list(dict.fromkeys(per_subject["model"]))
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6))
+    for ax, m in zip(np.atleast_1d(axes), metrics):
+        data = [per_subject.loc[per_subject["model"] == mod, m].dropna().to_numpy() for mod in models]
+        ax.boxplot(data, showfliers=False)
+        ax.set_xticks(range(1, len(models) + 1), models, rotation=20)
+        for i, mod in enumerate(models, start=1):
+            part = per_subject[per_subject["model"] == mod]
+            jitter = np.linspace(-0.12, 0.12, max(len(part), 1))
+            colours = np.where(part["sex"] == "M", "tab:blue", "tab:red")
+            ax.scatter(i + jitter[: len(part)], part[m], s=10, c=colours, alpha=0.7, zorder=3)
+        ax.set_title(LABELS.get(m, m))
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Per-subject metrics (blue: men, red: women)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def _canonical(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    img = nib.as_closest_canonical(nib.load(str(path)))
+    return np.asarray(img.dataobj), np.asarray(img.header.get_zooms()[:3], dtype=float)
+
+
+def femoral_head_center(label: np.ndarray, spacing: np.ndarray) -> tuple[int, int, int]:
+    """Voxel near the femoral head's centre (RAS array): centroid of the label's top 35 mm."""
+    idx = np.argwhere(label > 0)
+    if len(idx) == 0:
+        return tuple(int(s // 2) for s in label.shape)
+    top = idx[:, 2].max()
+    head = idx[idx[:, 2] >= top - 35.0 / spacing[2]]
+    return tuple(int(v) for v in np.round(head.mean(0)))
+
+
+def overlay_png(image: str | Path, label: str | Path, prediction: str | Path, path: str | Path, title: str = "") -> Path:
+    """Axial, coronal and sagittal slices through the femoral head; ground truth green, prediction red."""
+    img, spacing = _canonical(image)
+    gt, _ = _canonical(label)
+    pred, _ = _canonical(prediction)
+    c = femoral_head_center(gt, spacing)
+    views = [
+        ("axial", img[:, :, c[2]], gt[:, :, c[2]], pred[:, :, c[2]], spacing[1] / spacing[0]),
+        ("coronal", img[:, c[1], :], gt[:, c[1], :], pred[:, c[1], :], spacing[2] / spacing[0]),
+        ("sagittal", img[c[0], :, :], gt[c[0], :, :], pred[c[0], :, :], spacing[2] / spacing[1]),
+    ]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
+    for ax, (name, im, g, p, aspect) in zip(axes, views):
+        ax.imshow(im.T, cmap="gray", origin="lower", vmin=-200, vmax=1600, aspect=aspect)
+        if g.any():
+            ax.contour(g.T, levels=[0.5], colors="lime", linewidths=1.2)
+        if p.any():
+            ax.contour(p.T, levels=[0.5], colors="red", linewidths=1.0, linestyles="--")
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(f"{title}\nground truth: green, prediction: red dashed")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
