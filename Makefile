@@ -24,12 +24,14 @@ ifneq ($(strip $(MAX_EPOCHS)),)
 TRAIN_ARGS += --trainer.max_epochs $(MAX_EPOCHS)
 endif
 
-.PHONY: install train test synth clean help
+.PHONY: install train test synth bench evaluate clean help
 
 help:
 	@echo "make train   train EXPERIMENT (default $(EXPERIMENT)) on fold FOLD of DATA (default: synthetic cohort)"
 	@echo "make test    run the test suite"
 	@echo "make synth   write the synthetic cohort to data/synthetic"
+	@echo "make bench   benchmark against MONAI (ratios), table in bench_results/bench.md"
+	@echo "make evaluate RUNS=\"run1 run2\"   paper-style evaluation of trained runs"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -45,6 +47,13 @@ train: $(STAMP)
 
 synth: $(STAMP)
 	$(BIN)/stvnet synth --out data/synthetic
+
+bench: $(STAMP)
+	$(BIN)/stvnet bench --out bench_results/bench.md $(ARGS)
+
+# make evaluate RUNS="runs/vnet/all/fold0/<time> runs/stvnet/all/fold0/<time>"
+evaluate: $(STAMP)
+	$(BIN)/stvnet evaluate $(RUNS) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

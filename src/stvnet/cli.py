@@ -9,6 +9,7 @@ SUBCOMMANDS = {
     "train": "train a model (LightningCLI: stvnet train --config experiments/vnet.yaml --data.fold 3 ...)",
     "synth": "write the synthetic QCT femur cohort (NIfTI + manifest.csv)",
     "evaluate": "score trained runs on held-out subjects: per-subject CSV, paper-style table, plots",
+    "bench": "time training, inference, metrics and loading against MONAI (ratios from one run)",
 }
 
 
@@ -76,6 +77,27 @@ def _evaluate(argv: list[str]) -> int:
     return 0
 
 
+def _bench(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="stvnet bench",
+        description="Benchmark our V-Net, inference, metrics and data loading against MONAI in the same run; "
+        "prints a Markdown table of medians and ratios.",
+    )
+    parser.add_argument("--out", default="bench_results/bench.md", help="Markdown file to write (default: %(default)s)")
+    parser.add_argument("--sections", nargs="+", default=["training", "inference", "metrics", "loader", "memory"],
+                        choices=["training", "inference", "metrics", "loader", "memory"])
+    parser.add_argument("--manifest", help="cohort for the loader benchmark (default: the synthetic cohort)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
+    parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (used by the tests)")
+    args = parser.parse_args(argv)
+    from stvnet.bench import BenchConfig, run_bench
+
+    cfg = BenchConfig.tiny() if args.tiny else BenchConfig()
+    cfg.device = args.device
+    print(run_bench(cfg, out=args.out, manifest=args.manifest, sections=tuple(args.sections)))
+    return 0
+
+
 def _train(argv: list[str]) -> int:
     from stvnet.training import main as train_main
 
@@ -93,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: stvnet <subcommand> [options]\n\nsubcommands:\n{lines}\n\nRun 'stvnet <subcommand> --help' for options.")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": _train, "synth": _synth, "evaluate": _evaluate}
+    handlers = {"train": _train, "synth": _synth, "evaluate": _evaluate, "bench": _bench}
     if command not in handlers:
         print(f"stvnet: unknown subcommand '{command}'; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2

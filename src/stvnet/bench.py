@@ -1,0 +1,289 @@
+"""``stvnet bench``: speed of the framework as ratios against the peers a user would pick instead.
+
+Every figure is the median of several repeats after a warm-up, measured in the same process run as its
+reference (MONAI), so ratios hold on a shared machine where absolute times drift. Sections:
+
+* training step (forward + backward + AdamW) of our V-Net vs MONAI's ``VNet`` at Milletari's configuration,
+  and ST-V-Net's step relative to V-Net's (the cost of the shape prior);
+* inference on one ROI and on a whole scan by sliding window: TorchIO grid sampling vs MONAI's
+  ``sliding_window_inference`` with the same model and overlap;
+* metrics: our full per-case set vs MONAI's Dice + Hausdorff (HD, HD95) + surface distance, by volume size;
+* data pipeline: training samples/s delivered by the datamodule vs the model's consumption rate;
+* peak resident memory of training and of inference (each measured in a fresh subprocess).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stvnet.metrics import evaluate_case
+from stvnet.models import STVNet, VNet
+
+
+@dataclass
+class BenchConfig:
+    """Sizes of one benchmark run (``tiny`` keeps it to seconds for the test suite)."""
+
+    step_sizes: tuple[int, ...] = (64, 96)
+    metric_shapes: tuple[tuple[int, int, int], ...] = ((64, 64, 64), (128, 128, 128), (256, 256, 128), (512, 512, 200))
+    repeats: int = 3
+    full_width: bool = True
+    roi: int = 64
+    scan_shape: tuple[int, int, int] = (160, 96, 96)
+    loader_batches: int = 12
+    device: str = "cpu"
+
+    @classmethod
+    def tiny(cls) -> "BenchConfig":
+        return cls(step_sizes=(32,), metric_shapes=((24, 24, 24),), repeats=1, full_width=False, roi=32,
+                   scan_shape=(48, 40, 40), loader_batches=2)
+
+
+def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cpu") -> float:
+    """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _train_step_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        out = model(x)
+        logits = out["logits"] if isinstance(out, dict) else out
+        loss = torch.sigmoid(logits).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def our_full_vnet() -> VNet:
+    """Our V-Net at Milletari's configuration (width 16, four levels, 5^3 kernels), as MONAI's."""
+    return VNet(base_channels=16, depth=4, convs_per_stage=(1, 2, 3, 2), kernel_size=5)
+
+
+def bench_training(cfg: BenchConfig) -> list[dict]:
+    from monai.networks.nets import VNet as MonaiVNet
+
+    rows = []
+    dev = torch.device(cfg.device)
+    for size in cfg.step_sizes:
+        x = torch.randn(1, 1, size, size, size, device=dev)
+        if cfg.full_width:
+            ours, theirs = our_full_vnet(), MonaiVNet(spatial_dims=3, in_channels=1, out_channels=1)
+        else:
+            ours, theirs = VNet(base_channels=4, depth=2, kernel_size=3), MonaiVNet(spatial_dims=3, in_channels=1, out_channels=1)
+        t_ours = timeit(_train_step_fn(ours.to(dev), x), cfg.repeats, device=cfg.device)
+        t_monai = timeit(_train_step_fn(theirs.to(dev), x), cfg.repeats, device=cfg.device)
+        rows.append({"what": f"V-Net train step 1x1x{size}^3", "ours": 1 / t_ours, "reference": 1 / t_monai,
+                     "unit": "volumes/s", "ratio": t_monai / t_ours, "reference_name": "MONAI VNet"})
+    # what the shape prior costs: ST-V-Net vs its own V-Net at the CPU training configuration
+    size = cfg.roi
+    x = torch.randn(2, 1, size, size, size, device=dev)
+    width = dict(base_channels=8, depth=3, convs_per_stage=(2, 2, 2), kernel_size=3) if cfg.full_width else dict(base_channels=4, depth=2, kernel_size=3)
+    vnet = VNet(**width).to(dev)
+    st = STVNet(VNet(**width)).to(dev)
+    st.set_prior(torch.rand(1, size, size, size))
+    t_v = timeit(_train_step_fn(vnet, x), cfg.repeats, device=cfg.device)
+    t_s = timeit(_train_step_fn(st, x), cfg.repeats, device=cfg.device)
+    rows.append({"what": f"ST-V-Net vs V-Net train step 2x1x{size}^3", "ours": 2 / t_s, "reference": 2 / t_v,
+                 "unit": "volumes/s", "ratio": t_v / t_s, "reference_name": "our V-Net"})
+    return rows
+
+
+def bench_inference(cfg: BenchConfig) -> list[dict]:
+    import torchio as tio
+    from monai.inferers import sliding_window_inference
+
+    dev = torch.device(cfg.device)
+    width = dict(base_channels=8, depth=3, convs_per_stage=(2, 2, 2), kernel_size=3) if cfg.full_width else dict(base_channels=4, depth=2, kernel_size=3)
+    model = VNet(**width).to(dev).eval()
+    roi = torch.randn(1, 1, cfg.roi, cfg.roi, cfg.roi, device=dev)
+    rows = []
+    with torch.inference_mode():
+        t_ours = timeit(lambda: torch.sigmoid(model(roi)), cfg.repeats, device=cfg.device)
+        t_monai = timeit(lambda: sliding_window_inference(roi, (cfg.roi,) * 3, 1, lambda t: torch.sigmoid(model(t))),
+                         cfg.repeats, device=cfg.device)
+    rows.append({"what": f"inference one ROI {cfg.roi}^3", "ours": t_ours, "reference": t_monai, "unit": "s",
+                 "ratio": t_monai / t_ours, "reference_name": "MONAI sliding_window_inference"})
+    scan = torch.randn(1, *cfg.scan_shape)
+    overlap = cfg.roi // 4
+    patch = (cfg.roi,) * 3
+
+    def ours_scan() -> torch.Tensor:
+        subject = tio.Subject(image=tio.ScalarImage(tensor=scan))
+        sampler = tio.GridSampler(subject, patch, patch_overlap=overlap)
+        aggregator = tio.GridAggregator(sampler, overlap_mode="average")
+        for batch in tio.SubjectsLoader(sampler, batch_size=4):
+            with torch.inference_mode():
+                aggregator.add_batch(torch.sigmoid(model(batch["image"][tio.DATA].to(dev))).cpu(), batch[tio.LOCATION])
+        return aggregator.get_output_tensor()
+
+    def monai_scan() -> torch.Tensor:
+        with torch.inference_mode():
+            return sliding_window_inference(scan[None].to(dev), patch, 4, lambda t: torch.sigmoid(model(t)),
+                                            overlap=overlap / cfg.roi)
+
+    t_ours = timeit(ours_scan, cfg.repeats, device=cfg.device)
+    t_monai = timeit(monai_scan, cfg.repeats, device=cfg.device)
+    rows.append({"what": f"sliding window scan {'x'.join(map(str, cfg.scan_shape))}", "ours": t_ours, "reference": t_monai,
+                 "unit": "s", "ratio": t_monai / t_ours, "reference_name": "MONAI sliding_window_inference"})
+    return rows
+
+
+def _femur_like_pair(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A prediction/target pair the size of a femur in a CT of ``shape`` (prediction slightly shifted)."""
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    c = [n * 0.4 for n in shape]
+    r = [n * 0.12 for n in shape]
+    target = sum(((g - ci) / ri) ** 2 for g, ci, ri in zip(grids, c, r)) <= 1.0
+    shaft = sum(((g - ci) / ri) ** 2 for g, ci, ri in zip(grids[:2], [c[0] + r[0] * 0.3, c[1]], [r[0] * 0.4, r[1] * 0.4])) <= 1.0
+    target = target | (shaft & (grids[2] < c[2]) & (grids[2] > c[2] * 0.2))
+    pred = np.roll(target, 2, axis=0) | np.roll(target, 1, axis=2)
+    return pred, target
+
+
+def bench_metrics(cfg: BenchConfig) -> list[dict]:
+    from monai.metrics import DiceMetric, HausdorffDistanceMetric, SurfaceDistanceMetric
+
+    rows = []
+    spacing = (0.7, 0.7, 2.5)
+    for shape in cfg.metric_shapes:
+        pred, target = _femur_like_pair(shape)
+
+        def monai_set() -> None:
+            p = torch.from_numpy(pred)[None, None]
+            t = torch.from_numpy(target)[None, None]
+            DiceMetric()(p, t)
+            HausdorffDistanceMetric()(p, t, spacing=spacing)
+            HausdorffDistanceMetric(percentile=95)(p, t, spacing=spacing)
+            SurfaceDistanceMetric(symmetric=True)(p, t, spacing=spacing)
+
+        repeats = cfg.repeats if np.prod(shape) < 2e7 else max(1, cfg.repeats - 1)
+        t_ours = timeit(lambda: evaluate_case(pred, target, spacing), repeats)
+        t_monai = timeit(monai_set, repeats)
+        rows.append({"what": f"metric set {'x'.join(map(str, shape))}", "ours": t_ours, "reference": t_monai, "unit": "s",
+                     "ratio": t_monai / t_ours, "reference_name": "MONAI Dice+HD+HD95+ASSD"})
+    return rows
+
+
+def bench_loader(cfg: BenchConfig, manifest: str | None) -> list[dict]:
+    """Samples/s from the training loader (default workers, augmentation on) vs the model's consumption."""
+    from data_modules.datamodule import FemurDataModule
+
+    kwargs = dict(splits_dir=tempfile.mkdtemp(prefix="stvnet-bench-splits-"))
+    if manifest:
+        kwargs["manifest"] = manifest
+    if not cfg.full_width:
+        kwargs.update(roi_size=(cfg.roi,) * 3, target_spacing=(4.0, 4.0, 4.0), n_folds=2, num_workers=0)
+    dm = FemurDataModule(**kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    loader = dm.train_dataloader()  # preprocesses (a one-off, cached cost) before the clock starts
+    n, t0 = 0, None
+    for i, batch in enumerate(loader):
+        if i == 0:
+            t0 = time.perf_counter()  # skip worker start-up
+            continue
+        n += batch["image"]["data"].shape[0]
+        if i >= cfg.loader_batches:
+            break
+    loader_rate = n / (time.perf_counter() - t0) if n else float("nan")
+    width = dict(base_channels=8, depth=3, convs_per_stage=(2, 2, 2), kernel_size=3) if cfg.full_width else dict(base_channels=4, depth=2, kernel_size=3)
+    x = torch.randn(dm.batch_size, 1, *dm.hparams.roi_size)
+    t_step = timeit(_train_step_fn(VNet(**width), x), cfg.repeats)
+    model_rate = dm.batch_size / t_step
+    return [{"what": f"loader vs model (batch {dm.batch_size}, {dm.num_workers} workers)", "ours": loader_rate,
+             "reference": model_rate, "unit": "samples/s", "ratio": loader_rate / model_rate,
+             "reference_name": "model consumption"}]
+
+
+def _peak_rss_child(kind: str, cfg: BenchConfig, queue: mp.Queue) -> None:
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    width = dict(base_channels=8, depth=3, convs_per_stage=(2, 2, 2), kernel_size=3) if cfg.full_width else dict(base_channels=4, depth=2, kernel_size=3)
+    model = VNet(**width)
+    x = torch.randn(2, 1, cfg.roi, cfg.roi, cfg.roi)
+    if kind == "train":
+        step = _train_step_fn(model, x)
+        for _ in range(2):
+            step()
+    else:
+        with torch.inference_mode():
+            model.eval()(x[:1])
+    queue.put(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0)
+
+
+def bench_memory(cfg: BenchConfig) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    rows = []
+    for kind in ("train", "inference"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_peak_rss_child, args=(kind, cfg, queue))
+        proc.start()
+        peak = queue.get(timeout=600)
+        proc.join()
+        rows.append({"what": f"peak RSS {kind} (CPU config, {cfg.roi}^3)", "ours": peak, "reference": float("nan"),
+                     "unit": "MiB", "ratio": float("nan"), "reference_name": "-"})
+    return rows
+
+
+def machine_header(cfg: BenchConfig) -> str:
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} torch threads, GPU: {gpu}, device benchmarked: {cfg.device}")
+
+
+def to_markdown(rows: list[dict], header: str) -> str:
+    lines = ["# stvnet bench", "", header, "",
+             "| benchmark | ours | reference | unit | ratio (>1: ours better) | reference is |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = "-" if np.isnan(r["reference"]) else f"{r['reference']:.4g}"
+        ratio = "-" if np.isnan(r["ratio"]) else f"{r['ratio']:.2f}x"
+        lines.append(f"| {r['what']} | {r['ours']:.4g} | {ref} | {r['unit']} | {ratio} | {r['reference_name']} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_bench(cfg: BenchConfig, out: str | Path | None = None, manifest: str | None = None,
+              sections: tuple[str, ...] = ("training", "inference", "metrics", "loader", "memory")) -> str:
+    """Run the chosen sections, print and optionally save the Markdown table; returns it."""
+    torch.manual_seed(0)
+    header = machine_header(cfg)
+    print(header, flush=True)
+    rows: list[dict] = []
+    funcs = {"training": bench_training, "inference": bench_inference, "metrics": bench_metrics,
+             "loader": lambda c: bench_loader(c, manifest), "memory": bench_memory}
+    for name in sections:
+        t0 = time.perf_counter()
+        section = funcs[name](cfg)
+        rows.extend(section)
+        print(f"[{name}: {time.perf_counter() - t0:.0f} s]", flush=True)
+        print(to_markdown(section, "").split("\n", 4)[-1], flush=True)
+    table = to_markdown(rows, header)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(table)
+    return table
