@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 SUBCOMMANDS = {
     "train": "train a model (LightningCLI: stvnet train --config experiments/vnet.yaml --data.fold 3 ...)",
@@ -101,7 +102,8 @@ def _bench(argv: list[str]) -> int:
 def _train(argv: list[str]) -> int:
     from stvnet.training import main as train_main
 
-    sys.argv = ["stvnet train"]  # LightningCLI reads its arguments from `argv`, not from the process's
+    # sys.argv stays intact: Lightning's DDP launcher re-runs this very command line for the other ranks
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python.*")
     train_main(argv)
     return 0
 
