@@ -71,7 +71,7 @@ class FemurDataModule(L.LightningDataModule):
         split_seed: int = 0,
         strata: list[str] | None = None,
         splits_dir: str = "runs/splits",
-        target_spacing: tuple[float, float, float] | None = (2.0, 2.0, 2.0),
+        target_spacing: tuple[float, float, float] | None = (2.3, 2.3, 2.3),
         roi_size: tuple[int, int, int] | None = (64, 64, 64),
         roi_center: tuple[float, float, float] | None = ROI_CENTER_FRACTION,
         hu_window: tuple[float, float] = (-200.0, 1800.0),

@@ -3,7 +3,7 @@
 Each subject is a hip CT in Hounsfield units with the *left* proximal femur labelled, built from
 signed distance fields (SDFs) of simple primitives joined by smooth unions:
 
-* left femur (labelled down to a cut 25 mm below the lesser trochanter): spherical head, neck at a neck-shaft angle of 125-135 deg with 5-20 deg anteversion,
+* left femur (labelled down to a cut 10 mm below the lesser trochanter's centre): spherical head, neck at a neck-shaft angle of 125-135 deg with 5-20 deg anteversion,
   greater and lesser trochanter, shaft; cortical shell (1000-1800 HU) around trabecular bone
   (150-400 HU, textured) and a fatty marrow canal in the shaft;
 * distractors with the same intensities: both acetabula and the pelvis (ilium, pubis, ischium) with a
@@ -35,7 +35,7 @@ from scipy import ndimage
 FOV_MM = ((-190.0, 120.0), (-85.0, 85.0), (-135.0, 50.0))
 #: ROI centre as fractions of the canonical (RAS) field of view: the "middle-right" box of the paper
 #: (patient's left hip) that contains the left proximal femur and the left acetabulum.
-ROI_CENTER_FRACTION = (0.25, 0.5, 0.6)
+ROI_CENTER_FRACTION = (0.242, 0.5, 0.55)
 
 
 @dataclass(frozen=True)
@@ -82,8 +82,8 @@ def sample_params(index: int, sex: str, rng: np.random.Generator) -> SubjectPara
         trabecular_hu=float(np.clip(rng.normal(300.0 if male else 230.0, 35.0), 150.0, 400.0)),
         joint_space=float(rng.uniform(1.5, 3.0)),
         rotation_deg=tuple(float(v) for v in rng.uniform(-5.0, 5.0, size=3)),
-        shift_mm=tuple(float(v) for v in rng.uniform(-8.0, 8.0, size=3)),
-        fov_jitter_mm=tuple(float(v) for v in rng.uniform(-5.0, 5.0, size=3)),
+        shift_mm=tuple(float(v) for v in rng.uniform(-5.0, 5.0, size=3)),
+        fov_jitter_mm=tuple(float(v) for v in rng.uniform(-3.0, 3.0, size=3)),
         noise_hu=float(rng.uniform(20.0, 40.0)),
         seed=int(rng.integers(0, 2**31 - 1)),
     )
@@ -139,7 +139,7 @@ def _rotation(deg: tuple[float, float, float]) -> np.ndarray:
 def _femur_sdf(p: Points, prm: SubjectParams, side: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SDFs of one femur, of its medullary canal, and of the half-space distal to the proximal-femur cut.
 
-    The proximal femur (what is labelled) ends at a plane across the shaft 25 mm (scaled) below the lesser
+    The proximal femur (what is labelled) ends at a plane across the shaft 10 mm (scaled) below the lesser
     trochanter, as QCT hip analyses define it; the shaft continues in the image beyond that plane.
 
     ``p`` are body coordinates; ``side`` is -1 for the left femur (patient's left is -x in RAS) and +1
@@ -168,7 +168,7 @@ def _femur_sdf(p: Points, prm: SubjectParams, side: float) -> tuple[torch.Tensor
     d = _smooth_union(d, _capsule(p, greater, lesser, 9.0 * s), 6.0)
     canal_top = junction + 55.0 * s * shaft_dir
     canal = _capsule(p, canal_top, shaft_end, prm.shaft_radius - prm.cortical_thickness - 3.0)
-    cut = junction + (42.0 + 25.0) * s * shaft_dir
+    cut = junction + (42.0 + 10.0) * s * shaft_dir
     distal = sum((p[i] - float(cut[i])) * float(shaft_dir[i]) for i in range(3))
     return d, canal, distal
 

@@ -38,7 +38,7 @@ def tiny_train_args(manifest: Path, out: Path, epochs: int = 3, config: str = "v
         "--data.roi_size", "[32, 32, 32]", "--data.target_spacing", "[4.0, 4.0, 4.0]", "--data.augment", "0.0",
         f"{net}.base_channels", "4", f"{net}.depth", "2",
         "--model.lr", "0.01", "--trainer.max_epochs", str(epochs), "--trainer.log_every_n_steps", "1",
-        "--trainer.enable_progress_bar", "false", "--run.out", str(out),
+        "--trainer.enable_progress_bar", "false", "--run.out", str(out), "--run.wandb", "disabled",
     ]
 
 

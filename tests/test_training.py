@@ -62,3 +62,19 @@ def test_train_reports_bad_manifest_by_subject(tiny_cohort, tmp_path):
     table.to_csv(bad, index=False)
     with pytest.raises(ValueError, match=f"{table.loc[2, 'subject_id']}: image file not found"):
         cli_main(["train", *tiny_train_args(bad, tmp_path / "runs", epochs=1)])
+
+
+@pytest.mark.slow
+def test_wandb_offline_run_logs_the_same_metrics(tiny_cohort, tmp_path):
+    from tests.wandb_records import history
+
+    out = tmp_path / "runs"
+    args = [a for a in tiny_train_args(tiny_cohort, out, epochs=2) if a not in ("--run.wandb", "disabled")]
+    assert cli_main(["train", *args, "--run.wandb", "offline", "--run.study", "unit-test"]) == 0
+    run = only_run_dir(out)
+    (wandb_file,) = list(run.glob("wandb/offline-run-*/run-*.wandb"))
+    rows = history(wandb_file)
+    logged = [r["val/dice"] for r in rows if "val/dice" in r]
+    local = pd.read_csv(run / "metrics.csv")["val/dice"].dropna().tolist()
+    assert len(logged) == 2 and logged == pytest.approx(local, abs=1e-6)
+    assert any("lr-AdamW" in r for r in rows)

@@ -10,6 +10,7 @@ SUBCOMMANDS = {
     "train": "train a model (LightningCLI: stvnet train --config experiments/vnet.yaml --data.fold 3 ...)",
     "synth": "write the synthetic QCT femur cohort (NIfTI + manifest.csv)",
     "evaluate": "score trained runs on held-out subjects: per-subject CSV, paper-style table, plots",
+    "predict": "segment new scans (file, folder or manifest) with one or more checkpoints (ensemble)",
     "bench": "time training, inference, metrics and loading against MONAI (ratios from one run)",
 }
 
@@ -78,6 +79,35 @@ def _evaluate(argv: list[str]) -> int:
     return 0
 
 
+def _predict(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="stvnet predict",
+        description="Segment the left proximal femur in new scans of any orientation and spacing. Masks are written "
+        "in each input's own grid and affine as <out>/<name>.nii.gz; inputs are never overwritten.",
+    )
+    parser.add_argument("inputs", nargs="+", help="NIfTI files, folders of them, or manifest CSVs (column 'image')")
+    parser.add_argument("-c", "--checkpoint", action="append", required=True,
+                        help="checkpoint or run folder; repeat to ensemble (probabilities are averaged)")
+    parser.add_argument("-o", "--out", required=True, help="output folder")
+    parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default: %(default)s)")
+    parser.add_argument("--largest-component", action="store_true", help="keep only the largest connected component")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing masks in --out")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
+    args = parser.parse_args(argv)
+    from stvnet.predict import predict
+
+    try:
+        written, errors = predict(args.inputs, args.checkpoint, args.out, threshold=args.threshold,
+                                  keep_largest=args.largest_component, overwrite=args.overwrite, device=args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"stvnet predict: {exc}", file=sys.stderr)
+        return 1
+    print(f"Wrote {len(written)} mask(s) to {args.out}")
+    for line in errors:
+        print(f"stvnet predict: {line}", file=sys.stderr)
+    return 1 if errors else 0
+
+
 def _bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="stvnet bench",
@@ -117,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: stvnet <subcommand> [options]\n\nsubcommands:\n{lines}\n\nRun 'stvnet <subcommand> --help' for options.")
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
-    handlers = {"train": _train, "synth": _synth, "evaluate": _evaluate, "bench": _bench}
+    handlers = {"train": _train, "synth": _synth, "evaluate": _evaluate, "bench": _bench,
+                "predict": _predict}
     if command not in handlers:
         print(f"stvnet: unknown subcommand '{command}'; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2

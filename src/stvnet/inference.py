@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 import torch
 import torchio as tio
 
@@ -69,8 +70,9 @@ class Predictor:
     @property
     def transform(self) -> tio.Compose:
         h = self.data_hparams
-        return preprocessing(h.get("target_spacing", (2.0, 2.0, 2.0)), h.get("roi_size", (64, 64, 64)),
-                             h.get("roi_center"), h.get("hu_window", (-200.0, 1800.0)))
+        if "roi_size" not in h:
+            raise ValueError("the checkpoint records no preprocessing (train it with a FemurDataModule, e.g. via stvnet train)")
+        return preprocessing(h["target_spacing"], h["roi_size"], h["roi_center"], h["hu_window"])
 
     @property
     def patch_size(self) -> tuple[int, int, int] | None:
@@ -97,12 +99,37 @@ class Predictor:
             prob = aggregator.get_output_tensor()
         return tio.ScalarImage(tensor=prob.float(), affine=subject["image"].affine)
 
-    def segment(self, image_path: str | Path, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Binary mask (uint8) in the input scan's own grid, and that grid's affine."""
+    def original_probabilities(self, image_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+        """Femur probabilities resampled (linearly) into the input scan's own grid, and that grid's affine."""
         original = tio.ScalarImage(image_path)
         prob = self.probabilities(original)
-        # resample the probabilities (linear) into the original grid, then threshold
         back = tio.Resample(original, image_interpolation="linear")(prob)  # outside the ROI: 0
+        return back.data[0].numpy().astype(np.float32), original.affine
+
+    def segment(self, image_path: str | Path, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Binary mask (uint8) in the input scan's own grid, and that grid's affine."""
+        prob, affine = self.original_probabilities(image_path)
         thr = self.model.threshold if threshold is None else threshold
-        mask = (back.data[0].numpy() > thr).astype(np.uint8)
-        return mask, original.affine
+        return (prob > thr).astype(np.uint8), affine
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """Keep the largest 26-connected component of a binary mask (removes stray islands)."""
+    labels, n = ndimage.label(mask > 0, structure=np.ones((3, 3, 3), bool))
+    if n <= 1:
+        return (mask > 0).astype(np.uint8)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return (labels == sizes.argmax()).astype(np.uint8)
+
+
+def ensemble_segment(predictors: list[Predictor], image_path: str | Path, threshold: float = 0.5,
+                     keep_largest: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Average the probabilities of several models (e.g. all folds) in the scan's grid, then threshold."""
+    total, affine = None, None
+    for predictor in predictors:
+        prob, affine = predictor.original_probabilities(image_path)
+        total = prob if total is None else total + prob
+    assert total is not None and affine is not None
+    mask = (total / len(predictors) > threshold).astype(np.uint8)
+    return (largest_component(mask) if keep_largest else mask), affine

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from data_modules.datamodule import FemurDataModule
 from stvnet.callbacks import RunFiles
@@ -29,13 +29,20 @@ class RunOptions:
 
     Attributes:
         out: root folder of all runs (splits are shared under ``<out>/splits``).
-        name: experiment name (first level under ``out``).
+        name: experiment name (first level under ``out``; the model's name in comparisons).
         dir: explicit run folder (default: a new timestamped folder).
+        wandb: Weights & Biases mode: ``offline`` (default: files under the run folder, no account or network),
+            ``online`` (after ``wandb login``) or ``disabled``. The ``WANDB_MODE`` environment variable wins.
+        project: W&B project.
+        study: W&B group (the study or experiment the run belongs to; default: ``name``).
     """
 
     out: str = "runs"
     name: str = "experiment"
     dir: str | None = None
+    wandb: str = "offline"
+    project: str = "stvnet"
+    study: str | None = None
 
 
 def new_run_dir(out: str, name: str, cohort: str, fold: int) -> Path:
@@ -64,6 +71,21 @@ def run_dir_for(options: RunOptions, cohort: str, fold: int, ckpt_path: str | No
     return path
 
 
+def make_wandb_logger(options: RunOptions, run_dir: Path, cohort: str, fold: int) -> WandbLogger | None:
+    """A W&B logger named and grouped for comparisons: group = study, job_type = fold, tags = model/cohort/fold."""
+    mode = os.environ.get("WANDB_MODE") or options.wandb
+    if mode not in ("offline", "online", "disabled", "dryrun", "run"):
+        raise ValueError(f"run.wandb must be offline, online or disabled, got '{mode}'")
+    if mode == "disabled":
+        return None
+    os.environ.setdefault("WANDB_SILENT", "true")
+    return WandbLogger(
+        save_dir=str(run_dir), project=options.project, name=f"{options.name}-{cohort}-fold{fold}-{run_dir.name}",
+        group=options.study or options.name, job_type=f"fold{fold}", tags=[options.name, cohort, f"fold{fold}"],
+        log_model=True, mode=mode,
+    )
+
+
 class TrainCLI(LightningCLI):
     """LightningCLI with run folders, shared splits and default loggers."""
 
@@ -80,11 +102,21 @@ class TrainCLI(LightningCLI):
         trainer_cfg = config["trainer"]
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = [CSVLogger(save_dir=str(self.run_dir), name="", version="")]
+            wandb_logger = make_wandb_logger(options, self.run_dir, data.cohort, data.fold)
+            if wandb_logger is not None:
+                kwargs["logger"].append(wandb_logger)
         kwargs["default_root_dir"] = str(self.run_dir)
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(RunFiles(str(self.run_dir)))
         print(f"Run folder: {self.run_dir}", flush=True)
         return trainer
+
+
+    def after_fit(self) -> None:
+        """Close W&B runs so offline files are complete when the command returns."""
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                logger.experiment.finish()
 
 
 def main(args: list[str] | None = None) -> TrainCLI:
