@@ -50,7 +50,9 @@ def trained_runs(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("runs")
     runs = {}
     for name in ("vnet", "vnet_b"):
-        assert cli_main(["train", *tiny_train_args(tiny_cohort, out, epochs=3), "--run.name", name]) == 0
+        args = tiny_train_args(tiny_cohort, out, epochs=8) + ["--run.name", name, "--model.lr", "0.003"]
+        args += ["--model.net.init_args.base_channels", "8", "--model.net.init_args.depth", "3"]
+        assert cli_main(["train", *args]) == 0
         (run,) = (out / name / "all" / "fold0").iterdir()
         runs[name] = run
     return runs

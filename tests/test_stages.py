@@ -160,3 +160,17 @@ def test_com_aligned_prior_is_sharper():
     b[8:12, 8:12, 8:12] = 1
     assert build_shape_prior([a, b], "roi").max() == 0.5
     assert build_shape_prior([a, b], "com").max() == 1.0
+
+
+def test_stage_lengths_scale_to_max_epochs():
+    schedule = StageSchedule([Stage(name="a", epochs=14), Stage(name="b", epochs=4), Stage(name="c", epochs=6)],
+                             scale_to_max_epochs=True)
+    schedule.rescale(6)
+    lengths = [s.epochs for s in schedule.stages]
+    assert sum(lengths) == 6 and min(lengths) >= 1
+    assert all(abs(n - raw) < 1 for n, raw in zip(lengths, (3.5, 1.0, 1.5)))
+    assert schedule.starts == [0, lengths[0], lengths[0] + lengths[1]]
+    schedule.rescale(48)
+    assert [s.epochs for s in schedule.stages] == [28, 8, 12]
+    with pytest.raises(ValueError, match="cannot hold 3 stages"):
+        schedule.rescale(2)

@@ -42,10 +42,15 @@ class Stage:
 
 
 class StageSchedule(Callback):
-    """Switch training stages at epoch boundaries (the last stage continues if training runs longer)."""
+    """Switch training stages at epoch boundaries (the last stage continues if training runs longer).
 
-    def __init__(self, stages: list[Stage]):
+    With ``scale_to_max_epochs`` the stage lengths are proportions: when ``trainer.max_epochs`` differs from
+    their sum they are rescaled (each at least one epoch), so ``--trainer.max_epochs 6`` still runs every stage.
+    """
+
+    def __init__(self, stages: list[Stage], scale_to_max_epochs: bool = False):
         super().__init__()
+        self.scale_to_max_epochs = scale_to_max_epochs
         stages = [s if isinstance(s, Stage) else Stage(**s) for s in stages]
         if not stages:
             raise ValueError("StageSchedule needs at least one stage")
@@ -56,8 +61,31 @@ class StageSchedule(Callback):
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
         self.stages = stages
-        self.starts = [sum(s.epochs for s in stages[:i]) for i in range(len(stages))]
+        self.base_epochs = [s.epochs for s in stages]  # the configured proportions
+        self._set_starts()
         self.current = 0
+
+    def _set_starts(self) -> None:
+        self.starts = [sum(s.epochs for s in self.stages[:i]) for i in range(len(self.stages))]
+
+    def rescale(self, max_epochs: int) -> None:
+        """Scale stage lengths to sum to ``max_epochs`` (largest remainders; every stage keeps >= 1 epoch)."""
+        if max_epochs < len(self.stages):
+            raise ValueError(f"max_epochs={max_epochs} cannot hold {len(self.stages)} stages")
+        total = sum(self.base_epochs)
+        raw = [n * max_epochs / total for n in self.base_epochs]
+        lengths = [max(1, int(r)) for r in raw]
+        order = sorted(range(len(raw)), key=lambda i: raw[i] - int(raw[i]), reverse=True)
+        i = 0
+        while sum(lengths) < max_epochs:
+            lengths[order[i % len(order)]] += 1
+            i += 1
+        while sum(lengths) > max_epochs:
+            j = max(range(len(lengths)), key=lambda k: lengths[k])
+            lengths[j] -= 1
+        for stage, n in zip(self.stages, lengths):
+            stage.epochs = n
+        self._set_starts()
 
     @property
     def total_epochs(self) -> int:
@@ -87,6 +115,9 @@ class StageSchedule(Callback):
             unknown = set(s.train or []) - parts
             if unknown:
                 raise ValueError(f"stage '{s.name}' trains unknown parts {sorted(unknown)}; this network has {sorted(parts)}")
+        if self.scale_to_max_epochs and trainer.max_epochs and trainer.max_epochs > 0 and trainer.max_epochs != self.total_epochs:
+            self.rescale(trainer.max_epochs)
+            rank_zero_info("Stage lengths scaled to max_epochs: " + ", ".join(f"{s.name} x{s.epochs}" for s in self.stages))
         if trainer.max_epochs is not None and 0 < trainer.max_epochs < self.total_epochs:
             rank_zero_warn(
                 f"trainer.max_epochs={trainer.max_epochs} ends training before the last stage "
