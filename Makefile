@@ -24,12 +24,16 @@ ifneq ($(strip $(MAX_EPOCHS)),)
 TRAIN_ARGS += --trainer.max_epochs $(MAX_EPOCHS)
 endif
 
-.PHONY: install train test synth bench evaluate clean help
+ABLATE_FOLDS ?= 0
+ABLATE_EPOCHS ?= 10
+
+.PHONY: install train test synth bench evaluate ablate clean help
 
 help:
 	@echo "make train   train EXPERIMENT (default $(EXPERIMENT)) on fold FOLD of DATA (default: synthetic cohort)"
 	@echo "make test    run the test suite"
 	@echo "make synth   write the synthetic cohort to data/synthetic"
+	@echo "make ablate  V-Net vs ST-V-Net x all/male/female x ABLATE_FOLDS, then evaluate + compare"
 	@echo "make bench   benchmark against MONAI (ratios), table in bench_results/bench.md"
 	@echo "make evaluate RUNS=\"run1 run2\"   paper-style evaluation of trained runs"
 
@@ -54,6 +58,10 @@ bench: $(STAMP)
 # make evaluate RUNS="runs/vnet/all/fold0/<time> runs/stvnet/all/fold0/<time>"
 evaluate: $(STAMP)
 	$(BIN)/stvnet evaluate $(RUNS) $(ARGS)
+
+# the sex-stratified study: {V-Net, ST-V-Net} x {all, male, female} x ABLATE_FOLDS (GPU users: ABLATE_FOLDS="0 1 2 3 4 5 6 7 8 9" ABLATE_EPOCHS=200)
+ablate: $(STAMP)
+	$(BIN)/stvnet ablate --folds $(ABLATE_FOLDS) --out $(OUT)/ablation -- --trainer.max_epochs $(ABLATE_EPOCHS) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q $(ARGS)

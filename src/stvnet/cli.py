@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import sys
 import warnings
 
@@ -11,6 +12,8 @@ SUBCOMMANDS = {
     "synth": "write the synthetic QCT femur cohort (NIfTI + manifest.csv)",
     "evaluate": "score trained runs on held-out subjects: per-subject CSV, paper-style table, plots",
     "predict": "segment new scans (file, folder or manifest) with one or more checkpoints (ensemble)",
+    "compare": "compare models (e.g. V-Net vs ST-V-Net) from run folders: tables, learning curves, Wilcoxon",
+    "ablate": "run the {models} x {all, male, female} x folds matrix, then evaluate and compare",
     "bench": "time training, inference, metrics and loading against MONAI (ratios from one run)",
 }
 
@@ -39,7 +42,6 @@ def _synth(argv: list[str]) -> int:
 
 def _evaluate(argv: list[str]) -> int:
     import os
-    from pathlib import Path
 
     parser = argparse.ArgumentParser(
         prog="stvnet evaluate",
@@ -108,6 +110,51 @@ def _predict(argv: list[str]) -> int:
     return 1 if errors else 0
 
 
+def _compare(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="stvnet compare",
+        description="Compare trained models from local records only (metrics.csv, config.yaml, and optionally an "
+        "evaluation's per_subject.csv): per-cohort tables of mean ± sd over folds, learning curves, epochs to a "
+        "Dice threshold, paired Wilcoxon tests.",
+    )
+    parser.add_argument("runs", nargs="+", help="run folders (e.g. runs/*/all/fold*/*)")
+    parser.add_argument("--evaluation", help="folder written by stvnet evaluate for these runs (test-set table)")
+    parser.add_argument("--threshold", type=float, default=0.9, help="Dice threshold for convergence speed")
+    parser.add_argument("--out", default="runs/comparison", help="output folder (default: %(default)s)")
+    args = parser.parse_args(argv)
+    from stvnet.compare import compare_runs
+
+    compare_runs(args.runs, args.out, evaluation=args.evaluation, threshold=args.threshold)
+    print(Path(args.out, "comparison.md").read_text())
+    return 0
+
+
+def _ablate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="stvnet ablate",
+        description="Train every cell of {configs} x {cohorts} x {folds} in its own process (finished cells are "
+        "skipped on re-runs, a crashed cell does not stop the others), then evaluate on the held-out test sets and "
+        "compare. Arguments after '--' go to every 'stvnet train'.",
+    )
+    parser.add_argument("--configs", nargs="+", default=["experiments/vnet.yaml", "experiments/stvnet.yaml"])
+    parser.add_argument("--cohorts", nargs="+", default=["all", "male", "female"], choices=["all", "male", "female"])
+    parser.add_argument("--folds", nargs="+", type=int, default=list(range(10)))
+    parser.add_argument("--out", default="runs/ablation", help="study folder (default: %(default)s)")
+    parser.add_argument("--no-evaluate", action="store_true", help="only train")
+    argv = list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    from stvnet.ablate import run_ablation
+
+    status = run_ablation(args.configs, args.cohorts, args.folds, args.out, extra_args=extra, evaluate=not args.no_evaluate)
+    failed = [k for k, v in status.items() if v["status"] != "done"]
+    report = Path(args.out) / "report.md"
+    if report.is_file():
+        print(report.read_text())
+    print(f"{len(status) - len(failed)} cell(s) done, {len(failed)} failed; study folder: {args.out}")
+    return 1 if failed else 0
+
+
 def _bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="stvnet bench",
@@ -148,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     handlers = {"train": _train, "synth": _synth, "evaluate": _evaluate, "bench": _bench,
-                "predict": _predict}
+                "predict": _predict, "compare": _compare, "ablate": _ablate}
     if command not in handlers:
         print(f"stvnet: unknown subcommand '{command}'; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2

@@ -45,7 +45,8 @@ class RunInfo:
 
 
 def describe_run(run: str | Path) -> RunInfo:
-    """Locate a run's checkpoint and read its model name (``run.name`` of its config), fold and cohort."""
+    """Locate a run's checkpoint and read its model name (``run.name`` of its config, suffixed with the training
+    cohort when that is ``male`` or ``female``), fold and cohort."""
     ckpt = find_checkpoint(run)
     predictor_hparams = Predictor.read_data_hparams(ckpt)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
@@ -55,8 +56,9 @@ def describe_run(run: str | Path) -> RunInfo:
         name = (yaml.safe_load(config.read_text()).get("run") or {}).get("name")
     if not name:
         name = run_dir.parts[-4] if len(run_dir.parts) >= 4 else ckpt.stem
-    return RunInfo(ckpt, str(name), int(predictor_hparams.get("fold", 0)), str(predictor_hparams.get("cohort", "all")),
-                   predictor_hparams)
+    cohort = str(predictor_hparams.get("cohort", "all"))
+    model = str(name) if cohort == "all" else f"{name}-{cohort}"  # sex-specific models are models of their own
+    return RunInfo(ckpt, model, int(predictor_hparams.get("fold", 0)), cohort, predictor_hparams)
 
 
 def _datamodule(info: RunInfo, manifest: str | None) -> FemurDataModule:

@@ -1,0 +1,75 @@
+"""``stvnet ablate``: the paper's study matrix {models} x {all, male, female} x folds, then evaluate + compare.
+
+Each cell is a separate ``stvnet train`` process, so a crash (or an out-of-memory kill) loses only that cell.
+``status.json`` records every cell (``done`` with its run folder, or ``failed`` with the error's last lines);
+re-running the same command skips finished cells and retries failed ones. At the end the finished runs are
+evaluated on their held-out test sets and compared, and failures are listed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from stvnet.compare import compare_runs
+from stvnet.evaluation import evaluate_runs
+
+
+def cell_key(config: str, cohort: str, fold: int) -> str:
+    return f"{Path(config).stem}/{cohort}/fold{fold}"
+
+
+def _load_status(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save_status(path: Path, status: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(status, indent=2))
+    tmp.replace(path)
+
+
+def run_ablation(configs: list[str], cohorts: list[str], folds: list[int], out: str | Path,
+                 extra_args: list[str] | None = None, evaluate: bool = True) -> dict:
+    """Train every missing cell, then evaluate and compare what finished; returns the status table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    status_path = out / "status.json"
+    status = _load_status(status_path)
+    for config in configs:
+        for cohort in cohorts:
+            for fold in folds:
+                key = cell_key(config, cohort, fold)
+                if status.get(key, {}).get("status") == "done" and Path(status[key]["run"]).is_dir():
+                    print(f"[ablate] {key}: done, skipped", flush=True)
+                    continue
+                run_dir = out / "runs" / key.replace("/", "_") / time.strftime("%Y%m%d-%H%M%S")
+                cmd = [sys.executable, "-m", "stvnet.cli", "train", "--config", config, "--data.cohort", cohort,
+                       "--data.fold", str(fold), "--run.out", str(out / "runs"), "--run.dir", str(run_dir),
+                       "--run.study", "ablation", "--trainer.enable_progress_bar", "false", *(extra_args or [])]
+                print(f"[ablate] {key}: training ...", flush=True)
+                t0 = time.perf_counter()
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                (run_dir.parent).mkdir(parents=True, exist_ok=True)
+                (run_dir.parent / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
+                ok = proc.returncode == 0 and (run_dir / "metrics.csv").is_file()
+                status[key] = {"status": "done" if ok else "failed", "run": str(run_dir),
+                               "seconds": round(time.perf_counter() - t0, 1), "config": config, "cohort": cohort,
+                               "fold": fold}
+                if not ok:
+                    status[key]["error"] = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+                _save_status(status_path, status)
+                print(f"[ablate] {key}: {status[key]['status']} in {status[key]['seconds']} s", flush=True)
+    done = [v["run"] for v in status.values() if v["status"] == "done"]
+    if evaluate and done:
+        evaluate_runs(done, out / "evaluation", overwrite=True)
+        compare_runs(done, out / "comparison", evaluation=out / "evaluation")
+        report = (out / "comparison" / "comparison.md").read_text().replace("](learning_curves.png)", "](comparison/learning_curves.png)")
+        (out / "report.md").write_text(report)
+    failed = {k: v for k, v in status.items() if v["status"] != "done"}
+    for key, info in failed.items():
+        print(f"[ablate] FAILED {key}: {info.get('error', '')}", file=sys.stderr)
+    return status

@@ -1,0 +1,108 @@
+"""``stvnet compare``: V-Net vs ST-V-Net (or any models) from local run records alone.
+
+Reads each run folder's ``metrics.csv`` and ``config.yaml`` (no network, no W&B account) and, when given, the
+``per_subject.csv`` of an evaluation. Writes to one folder:
+
+* ``runs.csv``: one row per run (model, cohort, fold, best epoch, validation metrics at the best epoch,
+  epochs to reach the Dice threshold);
+* ``comparison.md`` / ``comparison.csv``: per cohort, mean ± sd over folds per model, and the test-set table
+  with paired Wilcoxon tests from the evaluation;
+* ``learning_curves.png``: validation Dice vs epoch per model (mean over folds, min-max band), one panel per
+  cohort — the paper claims ST-V-Net converges faster; the epochs-to-threshold column says whether it does here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from stvnet.evaluation import summarize, summary_markdown  # noqa: E402
+
+VAL_METRICS = ("dice", "sensitivity", "specificity", "hd", "hd95", "assd")
+
+
+def read_run(run: str | Path, threshold: float) -> tuple[dict, pd.DataFrame]:
+    """Summary row and per-epoch validation curve of one run folder."""
+    run = Path(run)
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    metrics = pd.read_csv(run / "metrics.csv")
+    if "val/dice" not in metrics:
+        raise ValueError(f"{run}: metrics.csv has no validation Dice (did the run validate?)")
+    val = metrics.dropna(subset=["val/dice"]).groupby("epoch", as_index=False).last()
+    best = val.loc[val["val/dice"].idxmax()]
+    reached = val[val["val/dice"] >= threshold]
+    row = {
+        "model": config["run"]["name"], "cohort": config["data"]["cohort"], "fold": config["data"]["fold"],
+        "run": str(run), "epochs": int(val["epoch"].max()) + 1, "best_epoch": int(best["epoch"]),
+        "epochs_to_threshold": int(reached["epoch"].iloc[0]) + 1 if len(reached) else np.nan,
+    }
+    for m in VAL_METRICS:
+        row[f"val_{m}"] = float(best[f"val/{m}"]) if f"val/{m}" in best else np.nan
+    curve = val[["epoch", "val/dice"]].assign(model=row["model"], cohort=row["cohort"], fold=row["fold"])
+    return row, curve
+
+
+def learning_curves(curves: pd.DataFrame, path: Path, threshold: float) -> None:
+    cohorts = list(dict.fromkeys(curves["cohort"]))
+    fig, axes = plt.subplots(1, len(cohorts), figsize=(5.5 * len(cohorts), 4), squeeze=False)
+    for ax, cohort in zip(axes[0], cohorts):
+        part = curves[curves["cohort"] == cohort]
+        for model, m in part.groupby("model", sort=False):
+            stats = m.groupby("epoch")["val/dice"].agg(["mean", "min", "max"])
+            ax.plot(stats.index + 1, stats["mean"], marker="o", ms=3, label=f"{model} ({m['fold'].nunique()} folds)")
+            ax.fill_between(stats.index + 1, stats["min"], stats["max"], alpha=0.2)
+        ax.axhline(threshold, color="grey", ls=":", lw=1)
+        ax.set_title(f"cohort: {cohort}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation DSC")
+        ax.set_ylim(max(0.0, part["val/dice"].min() - 0.05), 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare_runs(runs: list[str | Path], out: str | Path, evaluation: str | Path | None = None,
+                 threshold: float = 0.9) -> pd.DataFrame:
+    """Build the comparison report; returns the per-run table."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, curves = zip(*(read_run(r, threshold) for r in runs))
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "runs.csv", index=False)
+    learning_curves(pd.concat(curves), out / "learning_curves.png", threshold)
+    agg = []
+    for (cohort, model), part in table.groupby(["cohort", "model"], sort=False):
+        rec = {"cohort": cohort, "model": model, "folds": len(part),
+               "epochs_to_threshold_mean": part["epochs_to_threshold"].mean(),
+               "reached_threshold": int(part["epochs_to_threshold"].notna().sum())}
+        for m in VAL_METRICS:
+            rec[f"val_{m}_mean"] = part[f"val_{m}"].mean()
+            rec[f"val_{m}_sd"] = part[f"val_{m}"].std(ddof=1) if len(part) > 1 else 0.0
+        agg.append(rec)
+    summary = pd.DataFrame(agg)
+    summary.to_csv(out / "comparison.csv", index=False)
+    lines = ["# V-Net vs ST-V-Net", "",
+             f"Validation metrics at each run's best epoch (mean ± sd over folds); epochs to reach validation "
+             f"DSC ≥ {threshold} (mean over the folds that reached it).", "",
+             "| cohort | model | folds | val DSC | val HD95 (mm) | val ASSD (mm) | epochs to DSC ≥ thr |",
+             "|---|---|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        ept = "never" if not r.reached_threshold else f"{r.epochs_to_threshold_mean:.1f} ({r.reached_threshold}/{r.folds})"
+        lines.append(f"| {r.cohort} | {r.model} | {r.folds} | {r.val_dice_mean:.4f} ± {r.val_dice_sd:.4f} | "
+                     f"{r.val_hd95_mean:.2f} ± {r.val_hd95_sd:.2f} | {r.val_assd_mean:.2f} ± {r.val_assd_sd:.2f} | {ept} |")
+    lines.append("")
+    if evaluation:
+        per_subject = pd.read_csv(Path(evaluation) / "per_subject.csv")
+        lines.append(summary_markdown(summarize(per_subject), per_subject).replace("# Segmentation", "## Test set: segmentation", 1))
+    lines += ["", "![learning curves](learning_curves.png)", ""]
+    (out / "comparison.md").write_text("\n".join(lines))
+    return table

@@ -1,0 +1,66 @@
+"""The study tools: `stvnet ablate` survives a crashed cell and resumes; `stvnet compare` reads local records."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from stvnet.cli import main as cli_main
+from stvnet.compare import compare_runs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _tiny_extra(manifest: Path) -> list[str]:
+    return ["--data.manifest", str(manifest), "--data.n_folds", "3", "--data.num_workers", "0",
+            "--data.roi_size", "[32, 32, 32]", "--data.target_spacing", "[4.0, 4.0, 4.0]", "--data.augment", "0.0",
+            "--trainer.max_epochs", "3", "--run.wandb", "disabled"]
+
+
+@pytest.mark.slow
+def test_ablation_matrix_records_failures_resumes_and_reports(tiny_cohort, tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model:\n  net:\n    class_path: stvnet.models.NoSuchNet\n")
+    out = tmp_path / "study"
+    configs = [str(ROOT / "experiments" / "vnet.yaml"), str(ROOT / "experiments" / "stvnet.yaml"), str(broken)]
+    argv = ["ablate", "--configs", *configs, "--cohorts", "all", "female", "--folds", "0", "--out", str(out),
+            "--", *_tiny_extra(tiny_cohort)]
+    assert cli_main(argv) == 1  # the broken cells failed ...
+    status = json.loads((out / "status.json").read_text())
+    assert len(status) == 6
+    assert {k for k, v in status.items() if v["status"] == "done"} == {
+        "vnet/all/fold0", "vnet/female/fold0", "stvnet/all/fold0", "stvnet/female/fold0"}
+    assert "NoSuchNet" in status["broken/all/fold0"]["error"]
+    # ... and the others were evaluated and compared
+    report = (out / "report.md").read_text()
+    for model in ("vnet", "stvnet", "vnet-female", "stvnet-female"):
+        assert f"| {model} |" in report
+    per_subject = pd.read_csv(out / "evaluation" / "per_subject.csv")
+    assert set(per_subject["model"]) == {"vnet", "stvnet", "vnet-female", "stvnet-female"}
+    assert (per_subject.loc[per_subject["model"].str.endswith("female"), "sex"] == "F").all()
+    assert (out / "comparison" / "learning_curves.png").stat().st_size > 10_000
+    capsys.readouterr()
+    # a re-run skips finished cells and retries only the failed ones
+    assert cli_main(argv[:-len(_tiny_extra(tiny_cohort))] + _tiny_extra(tiny_cohort)) == 1
+    printed = capsys.readouterr().out
+    assert printed.count("done, skipped") == 4 and printed.count("broken/") >= 2
+    assert json.loads((out / "status.json").read_text())["vnet/all/fold0"] == status["vnet/all/fold0"]
+
+
+@pytest.mark.slow
+def test_compare_reports_convergence_and_learning_curves(trained_runs, tmp_path):
+    table = compare_runs([trained_runs["vnet"], trained_runs["vnet_b"]], tmp_path / "cmp", threshold=0.05)
+    assert set(table["model"]) == {"vnet", "vnet_b"}
+    metrics = pd.read_csv(trained_runs["vnet"] / "metrics.csv").dropna(subset=["val/dice"])
+    best = metrics["val/dice"].max()
+    assert table.set_index("model").loc["vnet", "val_dice"] == pytest.approx(best)
+    first = metrics.reset_index(drop=True)
+    reached = first.index[first["val/dice"] >= 0.05]
+    expected = int(first.loc[reached[0], "epoch"]) + 1 if len(reached) else None
+    got = table.set_index("model").loc["vnet", "epochs_to_threshold"]
+    assert (pd.isna(got) and expected is None) or got == expected
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert "| all | vnet | 1 |" in md and "learning_curves.png" in md
