@@ -24,16 +24,19 @@ ifneq ($(strip $(MAX_EPOCHS)),)
 TRAIN_ARGS += --trainer.max_epochs $(MAX_EPOCHS)
 endif
 
+SPACE ?= sweeps/vnet.yaml
+TRIALS ?= 4
 ABLATE_FOLDS ?= 0
 ABLATE_EPOCHS ?= 10
 
-.PHONY: install train test synth bench evaluate ablate clean help
+.PHONY: install train test synth bench evaluate ablate sweep clean help
 
 help:
 	@echo "make train   train EXPERIMENT (default $(EXPERIMENT)) on fold FOLD of DATA (default: synthetic cohort)"
 	@echo "make test    run the test suite"
 	@echo "make synth   write the synthetic cohort to data/synthetic"
 	@echo "make ablate  V-Net vs ST-V-Net x all/male/female x ABLATE_FOLDS, then evaluate + compare"
+	@echo "make sweep   Optuna search (SPACE, TRIALS); best.yaml + plots under OUT/sweeps/<study>"
 	@echo "make bench   benchmark against MONAI (ratios), table in bench_results/bench.md"
 	@echo "make evaluate RUNS=\"run1 run2\"   paper-style evaluation of trained runs"
 
@@ -58,6 +61,10 @@ bench: $(STAMP)
 # make evaluate RUNS="runs/vnet/all/fold0/<time> runs/stvnet/all/fold0/<time>"
 evaluate: $(STAMP)
 	$(BIN)/stvnet evaluate $(RUNS) $(ARGS)
+
+# Optuna: make sweep SPACE=sweeps/stvnet.yaml TRIALS=20 [ARGS="--storage postgresql://... --devices 4"]
+sweep: $(STAMP)
+	$(BIN)/stvnet sweep --space $(SPACE) --trials $(TRIALS) --out $(OUT)/sweeps $(ARGS)
 
 # the sex-stratified study: {V-Net, ST-V-Net} x {all, male, female} x ABLATE_FOLDS (GPU users: ABLATE_FOLDS="0 1 2 3 4 5 6 7 8 9" ABLATE_EPOCHS=200)
 ablate: $(STAMP)

@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "predict": "segment new scans (file, folder or manifest) with one or more checkpoints (ensemble)",
     "compare": "compare models (e.g. V-Net vs ST-V-Net) from run folders: tables, learning curves, Wilcoxon",
     "ablate": "run the {models} x {all, male, female} x folds matrix, then evaluate and compare",
+    "sweep": "Optuna hyperparameter search; each trial a full (multi-GPU) training; shared, resumable studies",
     "bench": "time training, inference, metrics and loading against MONAI (ratios from one run)",
 }
 
@@ -155,6 +156,39 @@ def _ablate(argv: list[str]) -> int:
     return 1 if failed else 0
 
 
+def _sweep(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="stvnet sweep",
+        description="Run Optuna trials from a search space (sweeps/*.yaml). Workers started with the same --study and "
+        "--storage share one study; re-running resumes it. Arguments after '--' go to every 'stvnet train'.",
+    )
+    parser.add_argument("--space", required=True, help="search space YAML, e.g. sweeps/stvnet.yaml")
+    parser.add_argument("--trials", type=int, default=8, help="trials in the study, over all workers (default: %(default)s)")
+    parser.add_argument("--study", help="study name (default: the space file's name)")
+    parser.add_argument("--storage", help="journal:<file> (default: <out>/<study>.journal), sqlite:///f.db, postgresql://...")
+    parser.add_argument("--out", default="runs/sweeps", help="trial run folders and results (default: %(default)s)")
+    parser.add_argument("--devices", type=int, help="GPUs per trial (> 1: DDP; parameters are sampled before launch)")
+    parser.add_argument("--worker", type=int, default=0, help="worker index: offsets the sampler seed (default: 0)")
+    argv = list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    from stvnet.sweep import run_sweep
+
+    study = run_sweep(args.space, args.trials, study_name=args.study, storage=args.storage, out=args.out,
+                      devices=args.devices, worker=args.worker, extra_args=extra)
+    states = state_counts(study)
+    print(f"study '{study.study_name}': {states}; results in {Path(args.out) / study.study_name}")
+    return 0
+
+
+def state_counts(study) -> str:
+    """'3 COMPLETE, 1 PRUNED'-style count of a study's trial states."""
+    from collections import Counter
+
+    counts = Counter(t.state.name for t in study.get_trials(deepcopy=False))
+    return ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+
+
 def _bench(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="stvnet bench",
@@ -195,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     handlers = {"train": _train, "synth": _synth, "evaluate": _evaluate, "bench": _bench,
-                "predict": _predict, "compare": _compare, "ablate": _ablate}
+                "predict": _predict, "compare": _compare, "ablate": _ablate,
+                "sweep": _sweep}
     if command not in handlers:
         print(f"stvnet: unknown subcommand '{command}'; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2

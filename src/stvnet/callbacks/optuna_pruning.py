@@ -1,0 +1,52 @@
+"""Report validation scores to an Optuna trial from inside a training process, and prune under DDP.
+
+The sweep worker samples a trial's parameters *before* launching training (so every DDP rank reads the same
+config file) and passes the storage URL, study name and trial number here. Only rank 0 talks to Optuna; its
+pruning decision is broadcast so every rank stops together. A pruned run leaves ``pruned.json`` in its run
+folder for the worker to record the trial as PRUNED.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+
+
+class OptunaPruning(Callback):
+    """Report ``monitor`` after each validation epoch to trial ``trial_number`` of ``study_name``."""
+
+    def __init__(self, storage: str, study_name: str, trial_number: int, run_dir: str, monitor: str = "val/dice",
+                 pruner: dict | None = None):
+        super().__init__()
+        self.pruner = pruner or {"name": "median"}  # storages do not keep the pruner: the sweep passes its spec
+        self.storage = storage
+        self.study_name = study_name
+        self.trial_number = trial_number
+        self.run_dir = Path(run_dir)
+        self.monitor = monitor
+        self._trial = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            from stvnet.sweep import open_trial
+
+            self._trial = open_trial(self.storage, self.study_name, self.trial_number, self.pruner)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        prune = False
+        if trainer.is_global_zero and self._trial is not None:
+            score = trainer.callback_metrics.get(self.monitor)
+            if score is not None:
+                self._trial.report(float(score), step=trainer.current_epoch)
+                prune = self._trial.should_prune()
+        prune = trainer.strategy.broadcast(prune)
+        if prune:
+            trainer.should_stop = True
+            if trainer.is_global_zero:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "pruned.json").write_text(json.dumps({"epoch": trainer.current_epoch}))

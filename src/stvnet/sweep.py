@@ -1,0 +1,229 @@
+"""``stvnet sweep``: Optuna studies whose trials are full (optionally multi-GPU) Lightning trainings.
+
+A search space file (``sweeps/*.yaml``) names a base experiment, fixed overrides, the parameters to tune (dotted
+paths into the experiment YAML; list items by index), the objective, the sampler and the pruner. Each worker:
+
+1. asks the study for a trial and samples its parameters (before any launch, so DDP ranks share them);
+2. writes the trial's complete experiment YAML to ``<out>/<study>/trial_NNNN/config.yaml`` (re-runnable as is);
+3. runs ``stvnet train`` on it in a subprocess (``--devices N`` adds DDP), with :class:`OptunaPruning` reporting
+   validation Dice each epoch from rank 0;
+4. records the trial as COMPLETE (objective: best validation Dice, mean over the objective's folds), PRUNED, or
+   FAIL with the reason (exception, NaN loss, OOM kill) in the trial's ``fail_reason`` attribute, and goes on.
+
+Storage: by default an Optuna journal file (``<out>/<study>.journal``) that several local workers share safely;
+``--storage sqlite:///...`` or ``postgresql://...`` uses Optuna's RDB storage so workers on many hosts join one
+study. Re-running with the same study name resumes it. Each worker finally writes ``best.yaml`` (the best
+trial's config, ready for ``stvnet train --config``) and the study's plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import yaml
+from optuna.trial import TrialState
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+
+
+def make_storage(storage: str | None, out: Path, study: str) -> optuna.storages.BaseStorage | str:
+    """Journal file storage by default (safe for several local processes); any RDB URL otherwise."""
+    if storage is None or storage.startswith("journal:"):
+        path = Path(storage[len("journal:"):]) if storage else out / f"{study}.journal"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
+    return storage
+
+
+def storage_url(storage: str | None, out: Path, study: str) -> str:
+    """The storage as a string that a training subprocess can reopen (``journal:<path>`` for journal files)."""
+    return storage if storage else f"journal:{(out / f'{study}.journal').resolve()}"
+
+
+def open_trial(storage: str, study_name: str, number: int, pruner: dict | None = None) -> optuna.trial.Trial:
+    """Reattach to a running trial from another process (the training run of a sweep trial)."""
+    study = optuna.load_study(study_name=study_name, storage=make_storage(storage, Path("."), study_name),
+                              pruner=make_pruner(pruner or {}))
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+    return optuna.trial.Trial(study, trial_id)
+
+
+def make_sampler(spec: dict, worker: int) -> optuna.samplers.BaseSampler:
+    name = spec.get("name", "tpe")
+    seed = spec.get("seed", 0)
+    seed = None if seed is None else seed + worker  # distinct streams for workers sharing a study
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.get("n_startup_trials", 5))
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"sampler must be tpe or random, got '{name}'")
+
+
+def make_pruner(spec: dict) -> optuna.pruners.BasePruner:
+    name = spec.get("name", "median")
+    args = {k: v for k, v in spec.items() if k != "name"}
+    pruners = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
+               "threshold": optuna.pruners.ThresholdPruner, "none": optuna.pruners.NopPruner}
+    if name not in pruners:
+        raise ValueError(f"pruner must be one of {sorted(pruners)}, got '{name}'")
+    return pruners[name](**args)
+
+
+def set_path(config: dict, dotted: str, value: Any) -> None:
+    """Set ``a.b.0.c`` in a nested dict/list config (list items by index)."""
+    keys = dotted.split(".")
+    node: Any = config
+    for i, key in enumerate(keys[:-1]):
+        nxt = keys[i + 1]
+        if isinstance(node, list):
+            node = node[int(key)]
+        else:
+            if key not in node or node[key] is None:
+                node[key] = [] if nxt.isdigit() else {}
+            node = node[key]
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def suggest(trial: optuna.trial.Trial, name: str, spec: dict) -> Any:
+    kind = spec["type"]
+    if kind == "float":
+        return trial.suggest_float(name, float(spec["low"]), float(spec["high"]), log=spec.get("log", False))
+    if kind == "int":
+        return trial.suggest_int(name, int(spec["low"]), int(spec["high"]), log=spec.get("log", False))
+    if kind == "categorical":
+        return trial.suggest_categorical(name, spec["choices"])
+    raise ValueError(f"parameter {name}: type must be float, int or categorical, got '{kind}'")
+
+
+def trial_config(spec: dict, base: dict, params: dict, storage: str, study: str, number: int, run_dir: Path,
+                 out: Path) -> dict:
+    """The complete experiment config of one trial (base + fixed overrides + sampled values + pruning hook)."""
+    config = copy.deepcopy(base)
+    for path, value in {**spec.get("overrides", {}), **params}.items():
+        set_path(config, path, value)
+    config.setdefault("run", {})
+    config["run"].update(name=study, study=study, dir=str(run_dir), out=str(out))  # splits shared under <out>/splits
+    callbacks = config.setdefault("trainer", {}).setdefault("callbacks", []) or []
+    callbacks.append({"class_path": "stvnet.callbacks.OptunaPruning", "init_args": {
+        "storage": storage, "study_name": study, "trial_number": number, "run_dir": str(run_dir),
+        "monitor": spec.get("objective", {}).get("metric", "val/dice"), "pruner": spec.get("pruner", {})}})
+    config["trainer"]["callbacks"] = callbacks
+    return config
+
+
+def run_trial_training(config_path: Path, fold: int, devices: int | None, extra: list[str], log: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "stvnet.cli", "train", "--config", str(config_path), "--data.fold", str(fold),
+           "--trainer.enable_progress_bar", "false", *extra]
+    if devices and devices > 1:
+        cmd += ["--trainer.devices", str(devices), "--trainer.strategy", "ddp"]
+    env = {k: v for k, v in os.environ.items() if k not in ("LOCAL_RANK", "STVNET_RUN_DIR")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    log.write_text(proc.stdout + proc.stderr)
+    return proc
+
+
+def objective_value(run_dir: Path, metric: str, direction: str) -> float:
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    values = metrics[metric].dropna()
+    if values.empty:
+        raise RuntimeError(f"{run_dir}: no finite '{metric}' was logged")
+    return float(values.max() if direction == "maximize" else values.min())
+
+
+def run_sweep(space: str | Path, n_trials: int, study_name: str | None = None, storage: str | None = None,
+              out: str | Path = "runs/sweeps", devices: int | None = None, worker: int = 0,
+              extra_args: list[str] | None = None) -> optuna.Study:
+    """Run trials until the study holds ``n_trials`` finished or running trials; returns the study."""
+    spec = yaml.safe_load(Path(space).read_text())
+    study_name = study_name or spec.get("study", Path(space).stem)
+    out = Path(out)
+    base = yaml.safe_load(Path(spec["base_config"]).read_text())
+    objective = spec.get("objective", {})
+    metric = objective.get("metric", "val/dice")
+    direction = objective.get("direction", "maximize")
+    folds = objective.get("folds", [0])
+    url = storage_url(storage, out, study_name)
+    study = optuna.create_study(study_name=study_name, storage=make_storage(url, out, study_name),
+                                sampler=make_sampler(spec.get("sampler", {}), worker),
+                                pruner=make_pruner(spec.get("pruner", {})), direction=direction, load_if_exists=True)
+    while len(study.get_trials(deepcopy=False)) < n_trials:
+        trial = study.ask()
+        params = {name: suggest(trial, name, p) for name, p in spec.get("space", {}).items()}
+        trial_dir = out / study_name / f"trial_{trial.number:04d}"
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        scores = []
+        try:
+            for k, fold in enumerate(folds):
+                run_dir = trial_dir / f"fold{fold}"
+                config = trial_config(spec, base, params, url, study_name, trial.number, run_dir, out)
+                if k > 0:  # only the first fold reports to the pruner
+                    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "OptunaPruning" not in c["class_path"]]
+                config_path = trial_dir / ("config.yaml" if k == 0 else f"config_fold{fold}.yaml")
+                config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+                proc = run_trial_training(config_path, fold, devices, extra_args or [], trial_dir / f"fold{fold}.log")
+                if (run_dir / "pruned.json").is_file():
+                    raise optuna.TrialPruned(f"pruned in fold {fold}")
+                if proc.returncode != 0:
+                    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+                    reason = "killed (out of memory?)" if proc.returncode in (-9, 137) else tail
+                    raise RuntimeError(f"fold {fold} exited with {proc.returncode}: {reason}")
+                scores.append(objective_value(run_dir, metric, direction))
+            value = sum(scores) / len(scores)
+            study.tell(trial, value)
+            print(f"[sweep] trial {trial.number}: {metric} = {value:.4f} {params}", flush=True)
+        except optuna.TrialPruned as exc:
+            study.tell(trial, state=TrialState.PRUNED)
+            print(f"[sweep] trial {trial.number}: pruned ({exc})", flush=True)
+        except Exception as exc:  # a crashed trial is recorded and the sweep goes on
+            trial.set_user_attr("fail_reason", str(exc)[-2000:])
+            study.tell(trial, state=TrialState.FAIL)
+            print(f"[sweep] trial {trial.number}: FAILED: {str(exc)[-300:]}", flush=True)
+    write_results(study, out / study_name)
+    return study
+
+
+def write_results(study: optuna.Study, folder: Path) -> None:
+    """Best trial's config as ``best.yaml``, the trials table, and plots (history, parameter importances)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    study.trials_dataframe().to_csv(folder / "trials.csv", index=False)
+    complete = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not complete:
+        return
+    best = study.best_trial
+    config = yaml.safe_load((folder / f"trial_{best.number:04d}" / "config.yaml").read_text())
+    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "OptunaPruning" not in c["class_path"]]
+    config["run"] = {k: v for k, v in config["run"].items() if k not in ("dir",)}
+    config["run"].update(name=f"{study.study_name}-best", out="runs")
+    header = f"# best trial {best.number} of study '{study.study_name}': value {best.value:.4f}, params {best.params}\n"
+    (folder / "best.yaml").write_text(header + yaml.safe_dump(config, sort_keys=False))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    ovm.plot_optimization_history(study)
+    plt.gcf().set_size_inches(7, 4.5)
+    plt.tight_layout()
+    plt.savefig(folder / "history.png", dpi=100)
+    plt.close("all")
+    if len(complete) >= 2 and best.params:
+        try:
+            ovm.plot_param_importances(study)
+            plt.gcf().set_size_inches(7, 4.5)
+            plt.tight_layout()
+            plt.savefig(folder / "importances.png", dpi=100)
+        except (RuntimeError, ValueError) as exc:  # e.g. all trials share one value
+            print(f"[sweep] no importance plot: {exc}", flush=True)
+        plt.close("all")

@@ -1,0 +1,86 @@
+"""Optuna sweeps: shared studies across workers, pruning, failures that do not stop the study, results files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from stvnet.sweep import make_storage, run_sweep, set_path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _space(tmp_path: Path, manifest: Path, name: str, **changes) -> Path:
+    spec = {
+        "base_config": str(ROOT / "experiments" / "vnet.yaml"),
+        "objective": {"metric": "val/dice", "direction": "maximize", "folds": [0]},
+        "sampler": {"name": "tpe", "seed": 0, "n_startup_trials": 2},
+        "pruner": {"name": "none"},
+        "overrides": {
+            "data.manifest": str(manifest), "data.n_folds": 3, "data.num_workers": 0, "data.augment": 0.0,
+            "data.roi_size": [32, 32, 32], "data.target_spacing": [4.0, 4.0, 4.0], "run.wandb": "disabled",
+            "trainer.max_epochs": 2, "model.net.init_args.base_channels": 4, "model.net.init_args.depth": 2,
+        },
+        "space": {"model.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}},
+    }
+    spec.update(changes)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_set_path_reaches_into_lists():
+    config = {"trainer": {"callbacks": [{"a": 1}, {"init_args": {"stages": [{"epochs": 3}]}}]}}
+    set_path(config, "trainer.callbacks.1.init_args.stages.0.epochs", 7)
+    set_path(config, "model.lr", 0.1)
+    assert config["trainer"]["callbacks"][1]["init_args"]["stages"][0]["epochs"] == 7 and config["model"]["lr"] == 0.1
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_journal_study(tiny_cohort, tmp_path):
+    space = _space(tmp_path, tiny_cohort, "shared")
+    out = tmp_path / "sweeps"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "stvnet.cli", "sweep", "--space", str(space), "--trials", "4", "--out", str(out)]
+    workers = [subprocess.Popen(cmd + ["--worker", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for i in range(2)]
+    logs = [w.communicate(timeout=900)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), logs
+    study = optuna.load_study(study_name="shared", storage=make_storage(None, out, "shared"))
+    trials = study.get_trials(deepcopy=False)
+    numbers = [t.number for t in trials]
+    assert len(numbers) == len(set(numbers)) and 4 <= len(trials) <= 5
+    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert all("[sweep] trial" in log for log in logs)  # both workers ran trials
+    # results: best config reproduces the best trial, plots exist
+    best = yaml.safe_load((out / "shared" / "best.yaml").read_text())
+    assert best["model"]["lr"] == pytest.approx(study.best_params["model.lr"])
+    assert not any("OptunaPruning" in c["class_path"] for c in best["trainer"]["callbacks"])
+    assert (out / "shared" / "history.png").is_file() and (out / "shared" / "importances.png").is_file()
+    assert (out / "shared" / f"trial_{study.best_trial.number:04d}" / "fold0" / "metrics.csv").is_file()
+
+
+@pytest.mark.slow
+def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(tiny_cohort, tmp_path):
+    out = tmp_path / "sweeps"
+    pruned = run_sweep(_space(tmp_path, tiny_cohort, "prune", pruner={"name": "threshold", "lower": 0.999}),
+                       n_trials=1, out=out)
+    assert [t.state for t in pruned.trials] == [TrialState.PRUNED]
+    assert (out / "prune" / "trial_0000" / "fold0" / "pruned.json").is_file()
+
+    failing = _space(tmp_path, tiny_cohort, "fail", space={"model.lr": {"type": "float", "low": -2.0, "high": -1.0}})
+    study = run_sweep(failing, n_trials=2, out=out)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
+    assert "Invalid learning rate" in study.trials[0].user_attrs["fail_reason"]
+    # the same study resumes with a working space and completes a trial
+    working = {"model.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}  # same distribution kind as before
+    resumed = run_sweep(_space(tmp_path, tiny_cohort, "fail", space=working), n_trials=3, out=out)
+    assert [t.state for t in resumed.trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
+    assert (out / "fail" / "best.yaml").is_file()
