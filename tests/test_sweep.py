@@ -84,3 +84,24 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(tiny_cohort
     resumed = run_sweep(_space(tmp_path, tiny_cohort, "fail", space=working), n_trials=3, out=out)
     assert [t.state for t in resumed.trials] == [TrialState.FAIL, TrialState.FAIL, TrialState.COMPLETE]
     assert (out / "fail" / "best.yaml").is_file()
+
+
+@pytest.mark.slow
+def test_two_workers_share_a_postgresql_study(tiny_cohort, tmp_path):
+    url = os.environ.get("STVNET_TEST_POSTGRES_URL")
+    if not url:
+        pytest.skip("no PostgreSQL server: run `eval \"$(bash .ci/postgres.sh)\"` (CI does) to enable this test")
+    study_name = f"pg-{os.getpid()}-{tmp_path.name}"
+    space = _space(tmp_path, tiny_cohort, "pg")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "stvnet.cli", "sweep", "--space", str(space), "--trials", "2", "--study", study_name,
+           "--storage", url, "--out", str(tmp_path / "sweeps")]
+    workers = [subprocess.Popen(cmd + ["--worker", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True) for i in range(2)]
+    logs = [w.communicate(timeout=900)[0] for w in workers]
+    assert all(w.returncode == 0 for w in workers), logs
+    study = optuna.load_study(study_name=study_name, storage=url)
+    numbers = [t.number for t in study.trials]
+    assert len(numbers) == len(set(numbers)) and 2 <= len(numbers) <= 3
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    optuna.delete_study(study_name=study_name, storage=url)

@@ -22,6 +22,7 @@ import copy
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -141,6 +142,21 @@ def objective_value(run_dir: Path, metric: str, direction: str) -> float:
     return float(values.max() if direction == "maximize" else values.min())
 
 
+def _create_or_load(name: str, storage, sampler, pruner, direction: str) -> optuna.Study:
+    """Create the study or join it; workers starting together may race to create it, so retry."""
+    from sqlalchemy.exc import IntegrityError
+
+    for attempt in range(5):
+        try:
+            return optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
+                                       direction=direction, load_if_exists=True)
+        except (optuna.exceptions.DuplicatedStudyError, IntegrityError):
+            if attempt == 4:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def run_sweep(space: str | Path, n_trials: int, study_name: str | None = None, storage: str | None = None,
               out: str | Path = "runs/sweeps", devices: int | None = None, worker: int = 0,
               extra_args: list[str] | None = None) -> optuna.Study:
@@ -154,9 +170,8 @@ def run_sweep(space: str | Path, n_trials: int, study_name: str | None = None, s
     direction = objective.get("direction", "maximize")
     folds = objective.get("folds", [0])
     url = storage_url(storage, out, study_name)
-    study = optuna.create_study(study_name=study_name, storage=make_storage(url, out, study_name),
-                                sampler=make_sampler(spec.get("sampler", {}), worker),
-                                pruner=make_pruner(spec.get("pruner", {})), direction=direction, load_if_exists=True)
+    study = _create_or_load(study_name, make_storage(url, out, study_name), make_sampler(spec.get("sampler", {}), worker),
+                            make_pruner(spec.get("pruner", {})), direction)
     while len(study.get_trials(deepcopy=False)) < n_trials:
         trial = study.ask()
         params = {name: suggest(trial, name, p) for name, p in spec.get("space", {}).items()}
