@@ -116,6 +116,14 @@ def _copy_cohort(src: Path, dst: Path) -> Path:
     return dst / src.name
 
 
+def _replace_with_box(path: Path) -> None:
+    """Overwrite a label file with a small cube on the same grid."""
+    img = nib.load(path)
+    box = np.zeros(img.shape, np.uint8)
+    box[5:15, 5:15, 5:15] = 1
+    nib.save(nib.Nifti1Image(box, img.affine), path)
+
+
 def test_prior_uses_only_training_labels(tiny_cohort, tmp_path):
     args = tiny_data_args(tiny_cohort, tmp_path / "splits")
     dm = FemurDataModule(**args)
@@ -130,11 +138,7 @@ def test_prior_uses_only_training_labels(tiny_cohort, tmp_path):
     table = pd.read_csv(copy)
     held_out = set(dm.subject_ids("val")) | set(dm.subject_ids("test"))
     for _, row in table[table["subject_id"].isin(held_out)].iterrows():
-        path = copy.parent / row["label"]
-        img = nib.load(path)
-        box = np.zeros(img.shape, np.uint8)
-        box[5:15, 5:15, 5:15] = 1
-        nib.save(nib.Nifti1Image(box, img.affine), path)
+        _replace_with_box(copy.parent / row["label"])
     dm2 = FemurDataModule(**dict(args, manifest=str(copy), splits_dir=str(tmp_path / "splits2")))
     dm2.prepare_data()
     assert dm2.subject_ids("train") == dm.subject_ids("train")
@@ -142,12 +146,7 @@ def test_prior_uses_only_training_labels(tiny_cohort, tmp_path):
 
     # while changing one training label does move it
     first_train = dm.subject_ids("train")[0]
-    row = table[table["subject_id"] == first_train].iloc[0]
-    path = copy.parent / row["label"]
-    img = nib.load(path)
-    box = np.zeros(img.shape, np.uint8)
-    box[5:15, 5:15, 5:15] = 1
-    nib.save(nib.Nifti1Image(box, img.affine), path)
+    _replace_with_box(copy.parent / table[table["subject_id"] == first_train].iloc[0]["label"])
     dm3 = FemurDataModule(**dict(args, manifest=str(copy), splits_dir=str(tmp_path / "splits3")))
     dm3.prepare_data()
     assert not torch.equal(dm3.shape_prior(), prior)

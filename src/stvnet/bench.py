@@ -81,6 +81,13 @@ def _train_step_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None
     return step
 
 
+def cpu_width(cfg: BenchConfig) -> dict:
+    """V-Net arguments of the CPU experiment configs (narrower still in tiny runs)."""
+    if cfg.full_width:
+        return dict(base_channels=8, depth=3, convs_per_stage=(2, 2, 2), kernel_size=3)
+    return dict(base_channels=4, depth=2, kernel_size=3)
+
+
 def our_full_vnet() -> VNet:
     """Our V-Net at Milletari's configuration (width 16, four levels, 5^3 kernels), as MONAI's."""
     return VNet(base_channels=16, depth=4, convs_per_stage=(1, 2, 3, 2), kernel_size=5)
@@ -104,7 +111,7 @@ def bench_training(cfg: BenchConfig) -> list[dict]:
     # what the shape prior costs: ST-V-Net vs its own V-Net at the CPU training configuration
     size = cfg.roi
     x = torch.randn(2, 1, size, size, size, device=dev)
-    width = dict(base_channels=8, depth=3, convs_per_stage=(2, 2, 2), kernel_size=3) if cfg.full_width else dict(base_channels=4, depth=2, kernel_size=3)
+    width = cpu_width(cfg)
     vnet = VNet(**width).to(dev)
     st = STVNet(VNet(**width)).to(dev)
     st.set_prior(torch.rand(1, size, size, size))
@@ -120,7 +127,7 @@ def bench_inference(cfg: BenchConfig) -> list[dict]:
     from monai.inferers import sliding_window_inference
 
     dev = torch.device(cfg.device)
-    width = dict(base_channels=8, depth=3, convs_per_stage=(2, 2, 2), kernel_size=3) if cfg.full_width else dict(base_channels=4, depth=2, kernel_size=3)
+    width = cpu_width(cfg)
     model = VNet(**width).to(dev).eval()
     roi = torch.randn(1, 1, cfg.roi, cfg.roi, cfg.roi, device=dev)
     rows = []
@@ -213,7 +220,7 @@ def bench_loader(cfg: BenchConfig, manifest: str | None) -> list[dict]:
         if i >= cfg.loader_batches:
             break
     loader_rate = n / (time.perf_counter() - t0) if n else float("nan")
-    width = dict(base_channels=8, depth=3, convs_per_stage=(2, 2, 2), kernel_size=3) if cfg.full_width else dict(base_channels=4, depth=2, kernel_size=3)
+    width = cpu_width(cfg)
     x = torch.randn(dm.batch_size, 1, *dm.hparams.roi_size)
     t_step = timeit(_train_step_fn(VNet(**width), x), cfg.repeats)
     model_rate = dm.batch_size / t_step
@@ -224,7 +231,7 @@ def bench_loader(cfg: BenchConfig, manifest: str | None) -> list[dict]:
 
 def _peak_rss_child(kind: str, cfg: BenchConfig, queue: mp.Queue) -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    width = dict(base_channels=8, depth=3, convs_per_stage=(2, 2, 2), kernel_size=3) if cfg.full_width else dict(base_channels=4, depth=2, kernel_size=3)
+    width = cpu_width(cfg)
     model = VNet(**width)
     x = torch.randn(2, 1, cfg.roi, cfg.roi, cfg.roi)
     if kind == "train":
