@@ -36,7 +36,8 @@ class FemurSegmenter(L.LightningModule):
         weight_decay: AdamW weight decay.
         loss: ``dice`` (paper) or ``dice_bce`` for the segmentation terms.
         loss_weights: weights of the loss terms ``seg``, ``vnet``, ``prior`` (default: ``seg`` only).
-        scheduler: ``cosine`` (annealed over the run, or over each stage) or ``none``.
+        scheduler: ``cosine`` (per step, annealed over the run or over each stage, after the stage's
+            ``warmup_epochs`` of linear warm-up) or ``none``.
         threshold: probability above which a voxel is femur.
         prior_alignment: how the ST-V-Net shape prior is built from training labels (``roi`` or ``com``).
         surface_metrics: also compute HD95 and ASSD during validation (cheap on ROIs).
@@ -149,14 +150,21 @@ class FemurSegmenter(L.LightningModule):
             raise ValueError(f"scheduler must be 'cosine' or 'none', got '{self.scheduler_kind}'")
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 100
         epochs = self.stage.get("epochs") or max_epochs
+        total_steps = self.trainer.estimated_stepping_batches
+        per_epoch = max(1, int(total_steps // max_epochs)) if math.isfinite(total_steps) else 100
+        total = epochs * per_epoch
+        warmup = int(round(float(self.stage.get("warmup_epochs") or 0.0) * per_epoch))
 
-        def factor(epoch: int) -> float:
-            # epoch counts scheduler steps since this optimiser was built; on resume Lightning restores it
-            progress = min(max(epoch, 0) / max(epochs, 1), 1.0)
+        def factor(step: int) -> float:
+            # linear warm-up (a stage starts with fresh AdamW moments), then cosine down to 2% over the stage;
+            # ``step`` counts from this optimiser's creation and is restored on resume
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
             return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ shape prior
     def setup(self, stage: str) -> None:

@@ -31,6 +31,8 @@ class Stage:
         lr_scale: multiplier of the module's base learning rate when ``lr`` is not given.
         loss_weights: weights of the loss terms ``seg`` (final output), ``vnet`` (V-Net branch) and
             ``prior`` (warped shape prior vs ground truth).
+        warmup_epochs: linear learning-rate warm-up at the start of the stage; the optimiser is rebuilt with
+            fresh moments at each switch, and a warm-up keeps its first steps from undoing trained weights.
     """
 
     name: str
@@ -39,6 +41,7 @@ class Stage:
     lr: float | None = None
     lr_scale: float = 1.0
     loss_weights: dict[str, float] = field(default_factory=lambda: {"seg": 1.0})
+    warmup_epochs: float = 0.0
 
 
 class StageSchedule(Callback):
@@ -105,7 +108,7 @@ class StageSchedule(Callback):
         s = self.stages[index]
         lr = s.lr if s.lr is not None else base_lr * s.lr_scale
         return {"index": index, "name": s.name, "train": s.train, "lr": lr, "loss_weights": dict(s.loss_weights),
-                "start_epoch": self.starts[index], "epochs": s.epochs}
+                "start_epoch": self.starts[index], "epochs": s.epochs, "warmup_epochs": s.warmup_epochs}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
