@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -232,10 +231,3 @@ class FemurDataModule(L.LightningDataModule):
         payload = dict(self.splits or {}, fold=self.fold, cohort=self.cohort, manifest=str(self.manifest_path))
         out.write_text(json.dumps(payload, indent=2))
         return out
-
-    @staticmethod
-    def batch_spacing(batch: dict) -> Sequence[float]:
-        """Voxel spacing (mm) of the first subject in a collated TorchIO batch."""
-        affine = batch["image"][tio.AFFINE][0]
-        affine = torch.as_tensor(affine, dtype=torch.float64)
-        return torch.linalg.norm(affine[:3, :3], dim=0).tolist()

@@ -7,7 +7,6 @@ site, ...) is kept as a covariate. ``label`` may be empty for prediction-only ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -26,17 +25,6 @@ class ManifestError(ValueError):
         self.problems = problems
         lines = "\n".join(f"  - {p}" for p in problems)
         super().__init__(f"{manifest}: {len(problems)} problem(s):\n{lines}")
-
-
-@dataclass(frozen=True)
-class CohortRecord:
-    """One subject of a cohort."""
-
-    subject_id: str
-    image: Path
-    label: Path | None
-    sex: str
-    covariates: dict[str, object]
 
 
 def read_manifest(path: str | Path, require_labels: bool = True) -> pd.DataFrame:
@@ -137,18 +125,3 @@ def filter_cohort(table: pd.DataFrame, cohort: str) -> pd.DataFrame:
         return table.reset_index(drop=True)
     code = "M" if cohort == "male" else "F"
     return table[table["sex"] == code].reset_index(drop=True)
-
-
-def records(table: pd.DataFrame) -> list[CohortRecord]:
-    """Turn a manifest table into typed records."""
-    extra = [c for c in table.columns if c not in REQUIRED_COLUMNS]
-    return [
-        CohortRecord(
-            subject_id=row["subject_id"],
-            image=Path(row["image"]),
-            label=Path(row["label"]) if row["label"] is not None else None,
-            sex=row["sex"],
-            covariates={c: row[c] for c in extra},
-        )
-        for _, row in table.iterrows()
-    ]

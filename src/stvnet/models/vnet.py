@@ -92,8 +92,9 @@ class VNet(nn.Module):
         out_channels: foreground logit channels (1: binary femur mask, read with a sigmoid).
         base_channels: width of the first stage (Milletari: 16); doubled at each down-sampling.
         depth: number of down-/up-sampling steps (paper: 3).
-        convs_per_stage: convolutions in each encoder stage below the input stage (Milletari: 2, 3, 3, 3),
-            mirrored in the decoder; shorter lists are padded with their last value.
+        convs_per_stage: convolutions in each encoder stage below the input stage (Milletari: 2, 3, 3, 3);
+            shorter lists are padded with their last value.
+        decoder_convs: convolutions in each decoder stage, from the deepest up (default: the encoder's, mirrored).
         kernel_size: convolution kernel (Milletari: 5).
         norm: ``none`` (original), ``batch`` or ``instance`` normalisation inside the residual blocks.
         dropout: channel dropout before the deep stages (0 disables it).
@@ -106,6 +107,7 @@ class VNet(nn.Module):
         base_channels: int = 16,
         depth: int = 3,
         convs_per_stage: Sequence[int] = (2, 3, 3),
+        decoder_convs: Sequence[int] | None = None,
         kernel_size: int = 5,
         norm: str = "none",
         dropout: float = 0.0,
@@ -119,6 +121,8 @@ class VNet(nn.Module):
             raise ValueError(f"norm must be none, batch or instance, got '{norm}'")
         convs = list(convs_per_stage) or [2]
         convs = (convs + [convs[-1]] * depth)[:depth]
+        up_convs = list(decoder_convs) if decoder_convs else convs[::-1]
+        up_convs = (up_convs + [up_convs[-1]] * depth)[:depth]
         self.depth = depth
         self.input_stage = InputStage(in_channels, base_channels, kernel_size, norm)
         self.down = nn.ModuleList()
@@ -128,9 +132,9 @@ class VNet(nn.Module):
             channels.append(channels[-1] * 2)
         self.up = nn.ModuleList()
         current = channels[-1]
-        for i in reversed(range(depth)):
+        for k, i in enumerate(reversed(range(depth))):
             skip = channels[i]
-            stage = UpStage(current, skip, convs[i], kernel_size, norm, dropout if i >= depth - 2 else 0.0)
+            stage = UpStage(current, skip, up_convs[k], kernel_size, norm, dropout if i >= depth - 2 else 0.0)
             self.up.append(stage)
             current = 2 * skip
         self.head = nn.Conv3d(current, out_channels, kernel_size=1)
