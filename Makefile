@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 # CPU wheel here; GPU users: make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" or use environment.yml
 TORCH_SPEC ?= torch==2.13.0
-EXPERIMENT ?= experiments/vnet.yaml
+EXPERIMENT ?= experiments/stvnet.yaml
 DATA ?=
 FOLD ?= 0
 COHORT ?= all
