@@ -173,3 +173,17 @@ def test_stage_lengths_scale_to_max_epochs():
     assert [s.epochs for s in schedule.stages] == [28, 8, 12]
     with pytest.raises(ValueError, match="cannot hold 3 stages"):
         schedule.rescale(2)
+
+
+def test_st_vnet_starts_from_a_trained_vnet_checkpoint(tmp_path):
+    vnet_module = FemurSegmenter(VNet(base_channels=4, depth=2, kernel_size=3))
+    with torch.no_grad():
+        for p in vnet_module.net.parameters():
+            p.add_(torch.randn_like(p))  # "trained" weights, different from any fresh init
+    path = tmp_path / "vnet.ckpt"
+    torch.save({"state_dict": vnet_module.state_dict()}, path)
+    st = FemurSegmenter(STVNet(VNet(base_channels=4, depth=2, kernel_size=3), stn_features=(4,)), init_weights=str(path))
+    for name, p in vnet_module.net.state_dict().items():
+        assert torch.equal(st.net.vnet.state_dict()[name], p), name
+    with pytest.raises(ValueError, match="no weights match"):
+        FemurSegmenter(VNet(base_channels=8, depth=3, kernel_size=5), init_weights=str(path))

@@ -95,15 +95,21 @@ class FemurSegmenter(L.LightningModule):
         state = torch.load(path, map_location="cpu", weights_only=False)
         state = state.get("state_dict", state)
         own = self.net.state_dict()
+        source = {k[4:] if k.startswith("net.") else k: v for k, v in state.items()}
+        if any(k.startswith("vnet.") for k in source):  # an ST-V-Net checkpoint: its V-Net part must land
+            required = {k for k in source if k.startswith("vnet.")}
+        else:
+            required = set(source)
         picked = {}
-        for key, value in state.items():
-            name = key[4:] if key.startswith("net.") else key
+        for name, value in source.items():
             for candidate in (name, "vnet." + name, name.removeprefix("vnet.")):
                 if candidate in own and own[candidate].shape == value.shape:
                     picked[candidate] = value
                     break
-        if not picked:
-            raise ValueError(f"{path}: no weights match this network")
+        landed = {n for n in required if any(c in picked for c in (n, "vnet." + n, n.removeprefix("vnet.")))}
+        if not picked or landed != required:
+            raise ValueError(f"{path}: no weights match this network for {len(required - landed)} of {len(required)} "
+                             "V-Net tensors (different width, depth or kernel size?)")
         self.net.load_state_dict(picked, strict=False)
         rank_zero_info(f"Initialised {len(picked)}/{len(own)} tensors of the network from {path}")
 
@@ -264,7 +270,6 @@ class FemurSegmenter(L.LightningModule):
             part = table[table["sex"] == sex]
             if len(part):
                 self.log(f"val/dice_{name}", float(part["dice"].mean()), sync_dist=False)
-        self.last_validation = table
         if not self.trainer.sanity_checking:
             extra = f", HD95 {table['hd95'].mean():.2f} mm" if "hd95" in table else ""
             rank_zero_info(
