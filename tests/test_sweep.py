@@ -76,9 +76,12 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(tiny_cohort
     assert (out / "prune" / "trial_0000" / "fold0" / "pruned.json").is_file()
 
     failing = _space(tmp_path, tiny_cohort, "fail", space={"model.lr": {"type": "float", "low": -2.0, "high": -1.0}})
-    study = run_sweep(failing, n_trials=2, out=out)
+    run_sweep(failing, n_trials=1, out=out)
+    study = run_sweep(failing, n_trials=2, out=out)  # resumed: one more trial
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
     assert "Invalid learning rate" in study.trials[0].user_attrs["fail_reason"]
+    # a resumed study samples new values rather than replaying the first session's seeded stream
+    assert study.trials[0].params != study.trials[1].params
     # the same study resumes with a working space and completes a trial
     working = {"model.lr": {"type": "float", "low": 1e-3, "high": 1e-2}}  # same distribution kind as before
     resumed = run_sweep(_space(tmp_path, tiny_cohort, "fail", space=working), n_trials=3, out=out)

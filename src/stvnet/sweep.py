@@ -172,6 +172,8 @@ def run_sweep(space: str | Path, n_trials: int, study_name: str | None = None, s
     url = storage_url(storage, out, study_name)
     study = _create_or_load(study_name, make_storage(url, out, study_name), make_sampler(spec.get("sampler", {}), worker),
                             make_pruner(spec.get("pruner", {})), direction)
+    # a resumed study must not replay the seeded stream of the first session: offset by the trials already there
+    study.sampler = make_sampler(spec.get("sampler", {}), worker + 1000 * len(study.get_trials(deepcopy=False)))
     while len(study.get_trials(deepcopy=False)) < n_trials:
         trial = study.ask()
         params = {name: suggest(trial, name, p) for name, p in spec.get("space", {}).items()}
