@@ -19,6 +19,15 @@ SUBCOMMANDS = {
 }
 
 
+def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Split ``[own args] -- [args for every stvnet train]``."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    i = argv.index("--")
+    return argv[:i], argv[i + 1:]
+
+
 def _synth(argv: list[str]) -> int:
     from data_modules.synthetic import make_cohort
 
@@ -142,9 +151,8 @@ def _ablate(argv: list[str]) -> int:
     parser.add_argument("--folds", nargs="+", type=int, default=list(range(10)))
     parser.add_argument("--out", default="runs/ablation", help="study folder (default: %(default)s)")
     parser.add_argument("--no-evaluate", action="store_true", help="only train")
-    argv = list(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    own, extra = _split_passthrough(argv)
+    args = parser.parse_args(own)
     from stvnet.ablate import run_ablation
 
     status = run_ablation(args.configs, args.cohorts, args.folds, args.out, extra_args=extra, evaluate=not args.no_evaluate)
@@ -169,9 +177,8 @@ def _sweep(argv: list[str]) -> int:
     parser.add_argument("--out", default="runs/sweeps", help="trial run folders and results (default: %(default)s)")
     parser.add_argument("--devices", type=int, help="GPUs per trial (> 1: DDP; parameters are sampled before launch)")
     parser.add_argument("--worker", type=int, default=0, help="worker index: offsets the sampler seed (default: 0)")
-    argv = list(argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    args = parser.parse_args(argv[: argv.index("--")] if "--" in argv else argv)
+    own, extra = _split_passthrough(argv)
+    args = parser.parse_args(own)
     from stvnet.sweep import run_sweep
 
     study = run_sweep(args.space, args.trials, study_name=args.study, storage=args.storage, out=args.out,

@@ -77,7 +77,7 @@ class FemurSegmenter(L.LightningModule):
         if unknown:
             raise ValueError(f"unknown loss terms {sorted(unknown)}; use {LOSS_TERMS}")
         self.stage: dict[str, Any] = {"index": 0, "name": "single", "train": None, "lr": lr,
-                                      "loss_weights": weights, "start_epoch": 0, "epochs": None}
+                                      "loss_weights": weights, "epochs": None}
         if init_weights:
             self.load_net_weights(init_weights)
         self._val_rows: list[dict[str, Any]] = []

@@ -66,7 +66,6 @@ class StageSchedule(Callback):
         self.stages = stages
         self.base_epochs = [s.epochs for s in stages]  # the configured proportions
         self._set_starts()
-        self.current = 0
 
     def _set_starts(self) -> None:
         self.starts = [sum(s.epochs for s in self.stages[:i]) for i in range(len(self.stages))]
@@ -108,7 +107,7 @@ class StageSchedule(Callback):
         s = self.stages[index]
         lr = s.lr if s.lr is not None else base_lr * s.lr_scale
         return {"index": index, "name": s.name, "train": s.train, "lr": lr, "loss_weights": dict(s.loss_weights),
-                "start_epoch": self.starts[index], "epochs": s.epochs, "warmup_epochs": s.warmup_epochs}
+                "epochs": s.epochs, "warmup_epochs": s.warmup_epochs}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -128,7 +127,6 @@ class StageSchedule(Callback):
             )
         # stage 0 unless a checkpoint being resumed restores another one (restored after setup)
         pl_module.set_stage(self.stage_setup(0, pl_module.lr))
-        self.current = 0
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         s = pl_module.stage
@@ -141,11 +139,9 @@ class StageSchedule(Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         index = self.index_for_epoch(trainer.current_epoch)
         if index == pl_module.stage.get("index"):
-            self.current = index
             return
         pl_module.set_stage(self.stage_setup(index, pl_module.lr))
         trainer.strategy.setup_optimizers(trainer)  # new trainable set, fresh optimiser state and schedule
-        self.current = index
         s = pl_module.stage
         rank_zero_info(
             f"==> epoch {trainer.current_epoch}: stage switch to {index} '{s['name']}' (train {s['train'] or 'all'}, "
@@ -153,7 +149,5 @@ class StageSchedule(Callback):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"current": self.current, "stages": [asdict(s) for s in self.stages]}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.current = int(state_dict.get("current", 0))
+        # the active stage lives in the LightningModule's checkpoint; this records the schedule it came from
+        return {"stages": [asdict(s) for s in self.stages]}
