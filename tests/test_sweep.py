@@ -93,7 +93,7 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(tiny_cohort
 def test_two_workers_share_a_postgresql_study(tiny_cohort, tmp_path):
     url = os.environ.get("STVNET_TEST_POSTGRES_URL")
     if not url:
-        pytest.skip("no PostgreSQL server: run `eval \"$(bash .ci/postgres.sh)\"` (CI does) to enable this test")
+        pytest.skip("no PostgreSQL server: run `export STVNET_TEST_POSTGRES_URL=$(bash .ci/postgres.sh)` (CI does) to enable this test")
     study_name = f"pg-{os.getpid()}-{tmp_path.name}"
     space = _space(tmp_path, tiny_cohort, "pg")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
