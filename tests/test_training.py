@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
 from stvnet.cli import main as cli_main
@@ -33,7 +34,8 @@ def test_cli_training_lowers_loss_and_writes_a_complete_run_folder(tiny_cohort, 
     assert config["data"]["manifest"] == str(tiny_cohort) and config["trainer"]["max_epochs"] == 5
     splits = json.loads((run / "splits.json").read_text())
     assert splits["fold"] == 0 and len(splits["folds"]) == 3 and splits["test"]
-    assert (run / "checkpoints" / "last.ckpt").is_file()
+    # last.ckpt is the final epoch (the resume point), not the best one
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 4
     assert list((run / "checkpoints").glob("best-epoch*.ckpt"))
     # the shared splits file lives under <out>/splits and is what the run used
     shared = list((out / "splits").glob("*.json"))
@@ -41,6 +43,14 @@ def test_cli_training_lowers_loss_and_writes_a_complete_run_folder(tiny_cohort, 
     # a checkpoint alone rebuilds the model
     model = FemurSegmenter.load_from_checkpoint(run / "checkpoints" / "last.ckpt", map_location="cpu")
     assert type(model.net).__name__ == "VNet"
+    # resuming continues in the same folder and metrics.csv keeps the epochs before the checkpoint
+    last = run / "checkpoints" / "last.ckpt"
+    assert cli_main(["train", *tiny_train_args(tiny_cohort, out, epochs=7), "--ckpt_path", str(last)]) == 0
+    assert only_run_dir(out) == run
+    resumed = pd.read_csv(run / "metrics.csv")
+    val = resumed.dropna(subset=["val/dice"])
+    assert val["epoch"].tolist() == list(range(7))
+    assert val["val/dice"].iloc[:5].tolist() == pytest.approx(metrics["val/dice"].dropna().tolist())
     # a second run never overwrites the first
     assert cli_main(["train", *tiny_train_args(tiny_cohort, out, epochs=1)]) == 0
     assert len(list((out / "vnet" / "all" / "fold0").iterdir())) == 2
@@ -78,3 +88,45 @@ def test_wandb_offline_run_logs_the_same_metrics(tiny_cohort, tmp_path):
     local = pd.read_csv(run / "metrics.csv")["val/dice"].dropna().tolist()
     assert len(logged) == 2 and logged == pytest.approx(local, abs=1e-6)
     assert any("lr-AdamW" in r for r in rows)
+
+
+def test_ranks_of_an_external_launch_share_one_run_folder(tmp_path, monkeypatch):
+    """torchrun and srun start every rank separately: they must still agree on one run folder."""
+    from stvnet.training import RUN_DIR_ENV, RunOptions, run_dir_for
+
+    options = RunOptions(out=str(tmp_path), name="stvnet")
+
+    def rank_sees(**env: str) -> Path:
+        monkeypatch.setenv(RUN_DIR_ENV, "")  # each rank is a fresh process
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        return run_dir_for(options, "all", 1, None)
+
+    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    torchrun = [rank_sees(TORCHELASTIC_RUN_ID="3f2a", WORLD_SIZE="2", RANK=str(r)) for r in range(2)]
+    assert torchrun[0] == torchrun[1] == tmp_path / "stvnet" / "all" / "fold1" / "torchrun-3f2a"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    slurm = [rank_sees(SLURM_JOB_ID="4711", SLURM_NTASKS="8", SLURM_STEP_ID="0") for _ in range(2)]
+    assert slurm[0] == slurm[1] == tmp_path / "stvnet" / "all" / "fold1" / "slurm-4711-0"
+    monkeypatch.delenv("SLURM_JOB_ID")
+    with pytest.raises(ValueError, match="--run.dir"):
+        rank_sees(TORCHELASTIC_RUN_ID="none", WORLD_SIZE="2")
+    options.dir = str(tmp_path / "mine")
+    assert rank_sees(WORLD_SIZE="2") == tmp_path / "mine"
+
+
+def test_resumed_online_run_continues_its_wandb_run(tmp_path, monkeypatch):
+    """Online, resuming a run folder reuses its W&B run id; offline, W&B cannot resume, so a new id is used."""
+    from stvnet.training import RunOptions, make_wandb_logger
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+
+    run = tmp_path / "run"
+    (run / "wandb" / "run-20261124_101010-abc123xy").mkdir(parents=True)
+    online = make_wandb_logger(RunOptions(wandb="online"), run, "all", 0)
+    assert online.version == "abc123xy"
+    offline = make_wandb_logger(RunOptions(wandb="offline"), run, "all", 0)
+    assert offline.version != "abc123xy"
+    fresh = make_wandb_logger(RunOptions(wandb="online"), tmp_path / "new", "all", 0)
+    assert fresh.version != "abc123xy"

@@ -3,7 +3,7 @@
 Every config key can be overridden on the command line (``--data.fold 3 --trainer.max_epochs 5``). Each run
 writes to a new folder ``<run.out>/<run.name>/<cohort>/fold<k>/<timestamp>`` holding the resolved config,
 the splits, checkpoints and ``metrics.csv``; resuming with ``--ckpt_path <run>/checkpoints/last.ckpt``
-continues in that run's folder.
+continues in that run's folder, appending to its ``metrics.csv``.
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 
 from data_modules.datamodule import FemurDataModule
 from stvnet.callbacks import RunFiles
 from stvnet.lightning_module import FemurSegmenter
+from stvnet.loggers import ResumableCSVLogger
 
 RUN_DIR_ENV = "STVNET_RUN_DIR"
 
@@ -56,14 +57,30 @@ def new_run_dir(out: str, name: str, cohort: str, fold: int) -> Path:
     return candidate
 
 
+def launch_id() -> str | None:
+    """An id that every process of one external multi-process launch shares: SLURM's job and step
+    (``srun`` with several tasks) or torchrun's rendezvous id (``--standalone`` or ``--rdzv-id``)."""
+    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '0')}"
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    return None if run_id == "none" else f"torchrun-{run_id}"
+
+
 def run_dir_for(options: RunOptions, cohort: str, fold: int, ckpt_path: str | None) -> Path:
-    """The run folder: inherited by DDP workers, a resumed run's own, an explicit one, or a new one."""
+    """The run folder: inherited by DDP workers, an explicit one, a resumed run's own, one named after an
+    external launch (all its ranks agree on it), or a new timestamped one."""
     if os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
     if options.dir:
         path = Path(options.dir)
     elif ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
         path = Path(ckpt_path).parent.parent
+    elif launch_id():
+        path = Path(options.out) / options.name / cohort / f"fold{fold}" / launch_id()
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("this process is one of several launched together (WORLD_SIZE > 1) but they share no run "
+                         "id: pass the same --run.dir to every process, or launch with torchrun --rdzv-id/--standalone "
+                         "or srun")
     else:
         path = new_run_dir(options.out, options.name, cohort, fold)
     path.mkdir(parents=True, exist_ok=True)
@@ -71,18 +88,31 @@ def run_dir_for(options: RunOptions, cohort: str, fold: int, ckpt_path: str | No
     return path
 
 
+def previous_wandb_id(run_dir: Path) -> str | None:
+    """The id of the newest W&B run already in this run folder (there is one when a run is resumed)."""
+    runs = sorted((run_dir / "wandb").glob("*run-*-*"), key=lambda p: p.stat().st_mtime)
+    return runs[-1].name.rsplit("-", 1)[-1] if runs else None
+
+
 def make_wandb_logger(options: RunOptions, run_dir: Path, cohort: str, fold: int) -> WandbLogger | None:
-    """A W&B logger named and grouped for comparisons: group = study, job_type = fold, tags = model/cohort/fold."""
+    """A W&B logger named and grouped for comparisons: group = study, job_type = fold, tags = model/cohort/fold.
+
+    Online, a resumed run continues its W&B run (same id). Offline it starts a new offline run in the same folder:
+    W&B cannot resume offline runs, and syncing two offline runs under one id would keep only the last.
+    """
     mode = os.environ.get("WANDB_MODE") or options.wandb
     if mode not in ("offline", "online", "disabled", "dryrun", "run"):
         raise ValueError(f"run.wandb must be offline, online or disabled, got '{mode}'")
     if mode == "disabled":
         return None
     os.environ.setdefault("WANDB_SILENT", "true")
+    resume = {}
+    if mode in ("online", "run") and (run_id := previous_wandb_id(run_dir)):
+        resume = {"id": run_id, "resume": "allow"}
     return WandbLogger(
         save_dir=str(run_dir), project=options.project, name=f"{options.name}-{cohort}-fold{fold}-{run_dir.name}",
         group=options.study or options.name, job_type=f"fold{fold}", tags=[options.name, cohort, f"fold{fold}"],
-        log_model=True, mode=mode,
+        log_model=True, mode=mode, **resume,
     )
 
 
@@ -101,7 +131,7 @@ class TrainCLI(LightningCLI):
         self.run_dir = run_dir_for(options, data.cohort, data.fold, config.get("ckpt_path"))
         trainer_cfg = config["trainer"]
         if trainer_cfg.get("logger") in (None, True):
-            kwargs["logger"] = [CSVLogger(save_dir=str(self.run_dir), name="", version="")]
+            kwargs["logger"] = [ResumableCSVLogger(save_dir=str(self.run_dir), name="", version="")]
             wandb_logger = make_wandb_logger(options, self.run_dir, data.cohort, data.fold)
             if wandb_logger is not None:
                 kwargs["logger"].append(wandb_logger)
