@@ -8,7 +8,6 @@ run on whole ROIs, one subject per batch. Preprocessed subjects are cached in me
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import lightning as L
@@ -23,8 +22,6 @@ from data_modules.shape_prior import build_shape_prior
 from data_modules.synthetic import ROI_CENTER_FRACTION, make_cohort
 from data_modules.transforms import augmentation, preprocessing, sampler
 
-log = logging.getLogger(__name__)
-
 DEFAULT_SYNTHETIC_DIR = "data/synthetic"
 
 
@@ -32,7 +29,6 @@ def default_manifest(synthetic_dir: str | Path = DEFAULT_SYNTHETIC_DIR, n_subjec
     """The embedded synthetic cohort's manifest, generated on first use."""
     manifest = Path(synthetic_dir) / "manifest.csv"
     if not manifest.is_file():
-        log.warning("Generating the synthetic QCT cohort (%d subjects) in %s ...", n_subjects, synthetic_dir)
         print(f"Generating the synthetic QCT cohort ({n_subjects} subjects) in {synthetic_dir} ...", flush=True)
         make_cohort(synthetic_dir, n_subjects=n_subjects, seed=seed)
     return manifest

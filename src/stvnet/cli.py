@@ -68,6 +68,8 @@ def _evaluate(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default: %(default)s)")
     parser.add_argument("--no-masks", action="store_true", help="do not save predicted masks (no overlays either)")
+    parser.add_argument("--largest-component", action="store_true",
+                        help="score masks after keeping their largest connected component (as predict can)")
     args = parser.parse_args(argv)
     from stvnet.evaluation import describe_run, evaluate_runs
 
@@ -82,7 +84,8 @@ def _evaluate(argv: list[str]) -> int:
     splits = ("test", "val") if args.split == "both" else (args.split,)
     try:
         evaluate_runs(args.runs, out, manifest=args.manifest, splits=splits, overwrite=args.overwrite,
-                      device=args.device, save_masks=not args.no_masks, figures=not args.no_masks)
+                      device=args.device, save_masks=not args.no_masks, figures=not args.no_masks,
+                      keep_largest=args.largest_component)
     except (FileExistsError, FileNotFoundError) as exc:
         print(f"stvnet evaluate: {exc}", file=sys.stderr)
         return 1
@@ -222,6 +225,10 @@ def _train(argv: list[str]) -> int:
 
     # sys.argv stays intact: Lightning's DDP launcher re-runs this very command line for the other ranks
     warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python.*")
+    # Frozen stages are put in eval mode on purpose (StageSchedule); Lightning 2.6 warns about it at fit start.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    # Lightning 2.6's pytree helper on torch >= 2.10; harmless and not ours to fix.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     train_main(argv)
     return 0
 
