@@ -8,7 +8,14 @@ import pandas as pd
 import pytest
 
 from stvnet.cli import main as cli_main
-from stvnet.evaluation import evaluate_runs, paired_tests, summarize
+from stvnet.evaluation import (
+    architecture_pairs,
+    evaluate_runs,
+    paired_tests,
+    summarize,
+    summary_markdown,
+    training_cohort_pairs,
+)
 from stvnet.metrics import METRIC_KEYS
 
 
@@ -70,3 +77,48 @@ def test_summary_statistics_and_paired_wilcoxon():
     dice_all = tests[(tests["metric"] == "dice") & (tests["cohort"] == "all")].iloc[0]
     # b beats a on every subject: the exact two-sided signed-rank p for n=12 is 2 / 2**12
     assert dice_all["n_pairs"] == 12 and dice_all["p_value"] == pytest.approx(2 / 2**12)
+
+
+def test_paired_tests_compare_like_with_like():
+    """V-Net vs ST-V-Net within a training cohort; sex-specific vs pooled only within one architecture."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for model, cohort, shift in (("vnet", "all", 0.0), ("stvnet", "all", 0.01),
+                                 ("vnet-female", "female", 0.02), ("stvnet-female", "female", 0.03)):
+        for i in range(10):
+            sex = "F" if i < 6 else "M"
+            if cohort == "female" and sex == "M":
+                continue
+            metrics = {m: 0.0 for m in METRIC_KEYS}
+            metrics.update(dice=0.9 + shift + rng.normal(0, 0.001), hd=5.0 - shift * 10 + rng.normal(0, 0.01))
+            rows.append({"subject_id": f"s{i}", "sex": sex, "fold": 0, "model": model, "cohort": cohort,
+                         "split": "test", **metrics})
+    table = pd.DataFrame(rows)
+    assert architecture_pairs(table) == [("vnet", "stvnet"), ("vnet-female", "stvnet-female")]
+    assert training_cohort_pairs(table) == [("vnet", "vnet-female"), ("stvnet", "stvnet-female")]
+    summary = summarize(table)
+    p_columns = {c.split("_p_vs_")[1] for c in summary.columns if "_p_vs_" in c}
+    assert p_columns == {"vnet", "vnet-female"}  # never a sex-specific model tested against a pooled one
+    stv_f = summary[(summary["model"] == "stvnet-female") & (summary["cohort"] == "female")].iloc[0]
+    assert stv_f["dice_p_vs_vnet-female"] == pytest.approx(2 / 2**6)  # better on all 6 women
+    cross = paired_tests(table, training_cohort_pairs(table))
+    assert set(cross["cohort"]) == {"all", "female"} and (cross["n_pairs"] == 6).all()
+    dice = cross[(cross["model_b"] == "stvnet-female") & (cross["metric"] == "dice")]
+    assert dice["median_diff"].iloc[0] == pytest.approx(0.02, abs=0.003)
+    md = summary_markdown(summary, table)
+    assert "## Sex-specific vs pooled training" in md
+    assert "| test | stvnet-female vs stvnet | female | 6 | +0.0" in md
+
+
+def test_evaluate_can_score_largest_component_masks(trained_runs, tmp_path):
+    from scipy import ndimage
+
+    raw = evaluate_runs([trained_runs["vnet"]], tmp_path / "raw", figures=False)
+    post = evaluate_runs([trained_runs["vnet"]], tmp_path / "lcc", figures=False, keep_largest=True)
+    masks = list((tmp_path / "lcc" / "predictions").rglob("*.nii.gz"))
+    assert len(masks) == len(post) > 0
+    for path in masks:
+        _, n = ndimage.label(np.asarray(nib.load(path).dataobj), structure=np.ones((3, 3, 3)))
+        assert n <= 1
+    # removing voxels never adds true positives
+    assert (post["sensitivity"].to_numpy() <= raw["sensitivity"].to_numpy() + 1e-12).all()

@@ -43,11 +43,19 @@ def test_ablation_matrix_records_failures_resumes_and_reports(tiny_cohort, tmp_p
     assert (per_subject.loc[per_subject["model"].str.endswith("female"), "sex"] == "F").all()
     assert (out / "comparison" / "learning_curves.png").stat().st_size > 10_000
     capsys.readouterr()
-    # a re-run skips finished cells and retries only the failed ones
-    assert cli_main(argv[:-len(_tiny_extra(tiny_cohort))] + _tiny_extra(tiny_cohort)) == 1
+    # a cell interrupted mid-run (the ablation was killed) resumes from its last checkpoint in its own folder
+    interrupted = dict(status)
+    interrupted["vnet/all/fold0"] = {**status["vnet/all/fold0"], "status": "running"}
+    (out / "status.json").write_text(json.dumps(interrupted))
+    # a re-run skips finished cells and retries only the others
+    assert cli_main(argv + ["--trainer.max_epochs", "4"]) == 1
     printed = capsys.readouterr().out
-    assert printed.count("done, skipped") == 4 and printed.count("broken/") >= 2
-    assert json.loads((out / "status.json").read_text())["vnet/all/fold0"] == status["vnet/all/fold0"]
+    assert printed.count("done, skipped") == 3 and printed.count("broken/") >= 2
+    after = json.loads((out / "status.json").read_text())
+    assert after["stvnet/all/fold0"] == status["stvnet/all/fold0"]
+    assert after["vnet/all/fold0"]["status"] == "done" and after["vnet/all/fold0"]["run"] == status["vnet/all/fold0"]["run"]
+    curve = pd.read_csv(Path(after["vnet/all/fold0"]["run"]) / "metrics.csv").dropna(subset=["val/dice"])
+    assert curve["epoch"].tolist() == [0, 1, 2, 3]
 
 
 @pytest.mark.slow

@@ -1,8 +1,9 @@
 """``stvnet ablate``: the paper's study matrix {models} x {all, male, female} x folds, then evaluate + compare.
 
 Each cell is a separate ``stvnet train`` process, so a crash (or an out-of-memory kill) loses only that cell.
-``status.json`` records every cell (``done`` with its run folder, or ``failed`` with the error's last lines);
-re-running the same command skips finished cells and retries failed ones. At the end the finished runs are
+``status.json`` records every cell (``running``, ``done`` with its run folder, or ``failed`` with the error's
+last lines); re-running the same command skips finished cells and retries the others, resuming each from its
+``last.ckpt`` when the interrupted attempt wrote one. At the end the finished runs are
 evaluated on their held-out test sets and compared, and failures are listed.
 """
 
@@ -43,22 +44,30 @@ def run_ablation(configs: list[str], cohorts: list[str], folds: list[int], out: 
         for cohort in cohorts:
             for fold in folds:
                 key = cell_key(config, cohort, fold)
-                if status.get(key, {}).get("status") == "done" and Path(status[key]["run"]).is_dir():
+                previous = status.get(key, {})
+                if previous.get("status") == "done" and Path(previous["run"]).is_dir():
                     print(f"[ablate] {key}: done, skipped", flush=True)
                     continue
-                run_dir = out / "runs" / key.replace("/", "_") / time.strftime("%Y%m%d-%H%M%S")
+                last = Path(previous["run"]) / "checkpoints" / "last.ckpt" if previous.get("run") else None
+                if last is not None and last.is_file():  # an interrupted cell continues from its last epoch
+                    run_dir, resume = last.parent.parent, ["--ckpt_path", str(last)]
+                else:
+                    run_dir, resume = out / "runs" / key.replace("/", "_") / time.strftime("%Y%m%d-%H%M%S"), []
                 cmd = [sys.executable, "-m", "stvnet.cli", "train", "--config", config, "--data.cohort", cohort,
                        "--data.fold", str(fold), "--run.out", str(out / "runs"), "--run.dir", str(run_dir),
-                       "--run.study", "ablation", "--trainer.enable_progress_bar", "false", *(extra_args or [])]
+                       "--run.study", "ablation", "--trainer.enable_progress_bar", "false", *(extra_args or []),
+                       *resume]
+                status[key] = {"status": "running", "run": str(run_dir), "config": config, "cohort": cohort,
+                               "fold": fold}
+                _save_status(status_path, status)  # a killed ablation still knows where this cell's run is
                 print(f"[ablate] {key}: training ...", flush=True)
                 t0 = time.perf_counter()
                 proc = subprocess.run(cmd, capture_output=True, text=True)
-                (run_dir.parent).mkdir(parents=True, exist_ok=True)
-                (run_dir.parent / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
+                run_dir.parent.mkdir(parents=True, exist_ok=True)
+                with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
+                    log.write(proc.stdout + proc.stderr)
                 ok = proc.returncode == 0 and (run_dir / "metrics.csv").is_file()
-                status[key] = {"status": "done" if ok else "failed", "run": str(run_dir),
-                               "seconds": round(time.perf_counter() - t0, 1), "config": config, "cohort": cohort,
-                               "fold": fold}
+                status[key].update(status="done" if ok else "failed", seconds=round(time.perf_counter() - t0, 1))
                 if not ok:
                     status[key]["error"] = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
                 _save_status(status_path, status)

@@ -6,7 +6,9 @@ against the original labels. Outputs, in one folder:
 
 * ``per_subject.csv``: subject, sex, fold, model, split and every metric;
 * ``summary.csv`` / ``summary.md``: mean ± sd per model x cohort (all/male/female), like the paper's tables,
-  with paired Wilcoxon signed-rank p-values when two models were scored on the same subjects;
+  with paired Wilcoxon signed-rank p-values between models trained on the same cohort (V-Net vs ST-V-Net),
+  and a table of sex-specific vs pooled training of each architecture when both were evaluated;
+* ``paired_tests.csv``: every paired test (metric, cohort, n, median difference, p);
 * ``boxplots.png`` and ``overlay_<model>_<best|median|worst>_<subject>.png``.
 """
 
@@ -24,7 +26,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from data_modules.datamodule import FemurDataModule
-from stvnet.inference import Predictor, find_checkpoint
+from stvnet.inference import Predictor, find_checkpoint, largest_component
 from stvnet.metrics import METRIC_KEYS, evaluate_case
 from stvnet.report import box_plots, overlay_png
 
@@ -79,8 +81,12 @@ def evaluate_runs(
     device: str = "auto",
     save_masks: bool = True,
     figures: bool = True,
+    keep_largest: bool = False,
 ) -> pd.DataFrame:
-    """Evaluate runs and write the report; returns the per-subject table."""
+    """Evaluate runs and write the report; returns the per-subject table.
+
+    ``keep_largest`` scores the masks after keeping their largest connected component (as ``stvnet predict
+    --largest-component`` writes them); the default scores the network's raw thresholded output."""
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
@@ -96,6 +102,8 @@ def evaluate_runs(
             for sid in tqdm(ids, desc=f"{info.model} fold {info.fold} {split}", unit="scan"):
                 row = table.loc[sid]
                 mask, affine = predictor.segment(row["image"])
+                if keep_largest:
+                    mask = largest_component(mask)
                 label_img = nib.load(row["label"])
                 label = np.asarray(label_img.dataobj).reshape(mask.shape) > 0
                 spacing = label_img.header.get_zooms()[:3]
@@ -112,6 +120,9 @@ def evaluate_runs(
     summary = summarize(per_subject)
     summary.to_csv(out / "summary.csv", index=False)
     (out / "summary.md").write_text(summary_markdown(summary, per_subject))
+    tests = pd.concat([paired_tests(per_subject).assign(comparison="architecture"),
+                       paired_tests(per_subject, training_cohort_pairs(per_subject)).assign(comparison="training cohort")])
+    tests.to_csv(out / "paired_tests.csv", index=False)
     if figures:
         box_plots(per_subject, PAPER_METRICS, out / "boxplots.png")
         for model, part in per_subject.groupby("model"):
@@ -147,11 +158,32 @@ def summarize(per_subject: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-def paired_tests(per_subject: pd.DataFrame) -> pd.DataFrame:
-    """Wilcoxon signed-rank test per metric for every pair of models scored on the same (fold, subject)s."""
+def _training_cohorts(per_subject: pd.DataFrame) -> pd.Series:
+    """Each model's training cohort (``all`` when the table does not say)."""
+    if "cohort" not in per_subject:
+        return pd.Series("all", index=list(dict.fromkeys(per_subject["model"])))
+    return per_subject.groupby("model", sort=False)["cohort"].first()
+
+
+def architecture_pairs(per_subject: pd.DataFrame) -> list[tuple[str, str]]:
+    """Pairs of models trained on the same cohort (e.g. V-Net vs ST-V-Net): the like-for-like comparisons."""
+    cohorts = _training_cohorts(per_subject)
+    return [(a, b) for a, b in itertools.combinations(cohorts.index, 2) if cohorts[a] == cohorts[b]]
+
+
+def training_cohort_pairs(per_subject: pd.DataFrame) -> list[tuple[str, str]]:
+    """(pooled, sex-specific) pairs of one architecture, e.g. ``stvnet`` vs ``stvnet-female``: does training on
+    one sex help that sex? (Sex-specific models are named ``<name>-<cohort>``.)"""
+    cohorts = _training_cohorts(per_subject)
+    return [(pooled, model) for model, cohort in cohorts.items() if cohort != "all"
+            for pooled in cohorts.index if cohorts[pooled] == "all" and model == f"{pooled}-{cohort}"]
+
+
+def paired_tests(per_subject: pd.DataFrame, pairs: list[tuple[str, str]] | None = None) -> pd.DataFrame:
+    """Wilcoxon signed-rank test per metric for each pair of models (default: :func:`architecture_pairs`)
+    on the (fold, subject)s both scored, per split and test cohort."""
     rows = []
-    models = list(dict.fromkeys(per_subject["model"]))
-    for a, b in itertools.combinations(models, 2):
+    for a, b in architecture_pairs(per_subject) if pairs is None else pairs:
         for split in per_subject["split"].unique():
             for cohort, code in COHORT_CODES.items():
                 part = per_subject[per_subject["split"] == split]
@@ -169,6 +201,24 @@ def paired_tests(per_subject: pd.DataFrame) -> pd.DataFrame:
                     rows.append({"model_a": a, "model_b": b, "split": split, "cohort": cohort, "metric": m,
                                  "n_pairs": len(both), "median_diff": float(diff.median()), "p_value": p})
     return pd.DataFrame(rows, columns=["model_a", "model_b", "split", "cohort", "metric", "n_pairs", "median_diff", "p_value"])
+
+
+def _sex_specific_markdown(per_subject: pd.DataFrame) -> list[str]:
+    """Pooled vs sex-specific training of each architecture, on the subjects of that sex."""
+    pairs = training_cohort_pairs(per_subject)
+    tests = paired_tests(per_subject, pairs)
+    if tests.empty:
+        return []
+    tests = tests[tests["cohort"] != "all"]  # a sex-specific model only sees its own sex
+    lines = ["## Sex-specific vs pooled training", "",
+             "Median paired difference (sex-specific − pooled model) on the same test subjects, Wilcoxon p.", "",
+             "| split | architecture | subjects | n | " + " | ".join(PAPER_METRICS) + " |",
+             "|---|---|---|---|" + "---|" * len(PAPER_METRICS)]
+    for (split, a, b, cohort), part in tests.groupby(["split", "model_a", "model_b", "cohort"], sort=False):
+        by_metric = part.set_index("metric")
+        cells = [f"{by_metric.loc[m, 'median_diff']:+.3g} (p={by_metric.loc[m, 'p_value']:.3g})" for m in PAPER_METRICS]
+        lines.append(f"| {split} | {b} vs {a} | {cohort} | {int(part['n_pairs'].iloc[0])} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def summary_markdown(summary: pd.DataFrame, per_subject: pd.DataFrame) -> str:
@@ -192,7 +242,8 @@ def summary_markdown(summary: pd.DataFrame, per_subject: pd.DataFrame) -> str:
                 cells.append(cell)
             lines.append(f"| {r.model} | {r.cohort} | {r.n} | " + " | ".join(cells) + " |")
         lines.append("")
-    tests = paired_tests(per_subject)
-    if not tests.empty:
-        lines += ["p-values: paired Wilcoxon signed-rank tests on the same subjects (two-sided).", ""]
+    if not paired_tests(per_subject).empty:
+        lines += ["p-values: paired Wilcoxon signed-rank tests (two-sided) against a model trained on the same "
+                  "cohort, on the same subjects.", ""]
+    lines += _sex_specific_markdown(per_subject)
     return "\n".join(lines)
