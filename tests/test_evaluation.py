@@ -99,6 +99,7 @@ def test_paired_tests_compare_like_with_like():
     summary = summarize(table)
     p_columns = {c.split("_p_vs_")[1] for c in summary.columns if "_p_vs_" in c}
     assert p_columns == {"vnet", "vnet-female"}  # never a sex-specific model tested against a pooled one
+    assert summary[summary["model"] == "stvnet-female"]["cohort"].tolist() == ["female"]
     stv_f = summary[(summary["model"] == "stvnet-female") & (summary["cohort"] == "female")].iloc[0]
     assert stv_f["dice_p_vs_vnet-female"] == pytest.approx(2 / 2**6)  # better on all 6 women
     cross = paired_tests(table, training_cohort_pairs(table))

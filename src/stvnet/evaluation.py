@@ -141,8 +141,11 @@ def evaluate_runs(
 def summarize(per_subject: pd.DataFrame) -> pd.DataFrame:
     """Mean, sd and n per model x split x cohort for every metric, plus paired Wilcoxon p-values."""
     records = []
+    trained_on = _training_cohorts(per_subject)
     for (model, split), part in per_subject.groupby(["model", "split"], sort=False):
         for cohort, code in COHORT_CODES.items():
+            if trained_on[model] not in ("all", cohort):
+                continue  # a sex-specific model has one row: its own sex
             sub = part if code is None else part[part["sex"] == code]
             if sub.empty:
                 continue
@@ -206,18 +209,22 @@ def paired_tests(per_subject: pd.DataFrame, pairs: list[tuple[str, str]] | None 
 def _sex_specific_markdown(per_subject: pd.DataFrame) -> list[str]:
     """Pooled vs sex-specific training of each architecture, on the subjects of that sex."""
     pairs = training_cohort_pairs(per_subject)
-    tests = paired_tests(per_subject, pairs)
-    if tests.empty:
+    if not pairs:
         return []
+    tests = paired_tests(per_subject, pairs)
     tests = tests[tests["cohort"] != "all"]  # a sex-specific model only sees its own sex
     lines = ["## Sex-specific vs pooled training", "",
-             "Median paired difference (sex-specific − pooled model) on the same test subjects, Wilcoxon p.", "",
+             "Median paired difference (sex-specific − pooled model) on the subjects both models held out (sex-specific "
+             "splits are drawn within one sex, so the overlap can be small), Wilcoxon p.", "",
              "| split | architecture | subjects | n | " + " | ".join(PAPER_METRICS) + " |",
              "|---|---|---|---|" + "---|" * len(PAPER_METRICS)]
     for (split, a, b, cohort), part in tests.groupby(["split", "model_a", "model_b", "cohort"], sort=False):
         by_metric = part.set_index("metric")
         cells = [f"{by_metric.loc[m, 'median_diff']:+.3g} (p={by_metric.loc[m, 'p_value']:.3g})" for m in PAPER_METRICS]
         lines.append(f"| {split} | {b} vs {a} | {cohort} | {int(part['n_pairs'].iloc[0])} | " + " | ".join(cells) + " |")
+    untested = [f"{b} vs {a}" for a, b in pairs if not ((tests["model_a"] == a) & (tests["model_b"] == b)).any()]
+    if untested:
+        lines += ["", f"Not tested (fewer than 2 shared subjects): {', '.join(untested)}."]
     return lines + [""]
 
 
