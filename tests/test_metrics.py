@@ -124,3 +124,30 @@ def test_agrees_with_monai_on_random_shapes(seed):
     # ... and our float64 value differs only by MONAI's float32 interpolation rounding
     assert abs(ours["hd95"] - hd95) <= 2e-5
     assert abs(ours["assd"] - assd) <= 1e-3
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_surface_distances_equal_a_distance_transform_and_ignore_empty_margins(seed):
+    """KD-tree distances match scipy's EDT on the full array, and padding with background changes nothing."""
+    rng = np.random.default_rng(100 + seed)
+    shape = (30, 26, 22)
+    spacing = tuple(float(v) for v in rng.uniform(0.4, 3.0, size=3))
+    a = ndimage.gaussian_filter(rng.standard_normal(shape), 2.0) > 0.1
+    b = ndimage.gaussian_filter(rng.standard_normal(shape), 2.0) > 0.1
+    surface_a = a & ~ndimage.binary_erosion(a, border_value=0)
+    surface_b = b & ~ndimage.binary_erosion(b, border_value=0)
+    edt_to_b = ndimage.distance_transform_edt(~surface_b, sampling=spacing)[surface_a]
+    edt_to_a = ndimage.distance_transform_edt(~surface_a, sampling=spacing)[surface_b]
+    d_ab, d_ba = directed_surface_distances(a, b, spacing)
+    assert np.sort(d_ab) == pytest.approx(np.sort(edt_to_b), abs=1e-9)
+    assert np.sort(d_ba) == pytest.approx(np.sort(edt_to_a), abs=1e-9)
+    # the same masks placed off-centre in a much larger scan: only specificity (more background) may change
+    pad = ((7, 40), (3, 50), (25, 2))
+    big = evaluate_case(np.pad(a, pad), np.pad(b, pad), spacing)
+    small = evaluate_case(a, b, spacing)
+    for key in METRIC_KEYS:
+        if key != "specificity":
+            assert big[key] == pytest.approx(small[key], abs=1e-12), key
+    size = np.pad(a, pad).size
+    fp, tn = np.count_nonzero(a & ~b), size - np.count_nonzero(a | b)
+    assert big["specificity"] == pytest.approx(tn / (tn + fp), abs=1e-12)

@@ -8,8 +8,8 @@ Tools disagree on surface metrics, so ours are defined here (and in the README):
 * **surface** of a mask: its voxels with at least one of their six face-neighbours outside the mask; voxels on
   the array border count as surface (outside the array is background).
 * **distances**: between voxel centres, scaled by the voxel ``spacing`` (mm, array-axis order), from every
-  surface voxel of one mask to the nearest surface voxel of the other (Euclidean distance transform with
-  ``sampling=spacing``).
+  surface voxel of one mask to the nearest surface voxel of the other (exact Euclidean nearest neighbours,
+  found with a KD-tree; identical to a distance transform with ``sampling=spacing``).
 * ``hd``: Hausdorff distance, the larger of the two directed maxima; ``hd95``: the larger of the two directed
   95th percentiles (linear interpolation, as NumPy and MONAI); ``assd``: the mean of all surface distances
   pooled over both directions (MONAI's symmetric mean surface distance).
@@ -22,8 +22,8 @@ Empty masks, returned the same way every time:
   distance, finite so that means stay usable); ``rvd`` is ``-1`` for an empty prediction and ``nan`` for an
   empty target (a relative change from zero is undefined).
 
-Distances are computed inside the bounding box of both masks (plus one voxel), which gives the exact result
-while touching a small fraction of a CT volume.
+Everything after one pass over the full arrays is computed inside the bounding box of both masks (plus one
+voxel), which gives the exact result while touching a small fraction of a CT volume.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from scipy import ndimage
+from scipy.spatial import cKDTree
 
 METRIC_KEYS = ("dice", "jaccard", "sensitivity", "specificity", "precision", "hd", "hd95", "assd", "rvd")
 _FACE_NEIGHBOURS = ndimage.generate_binary_structure(3, 1)
@@ -60,14 +61,25 @@ def surface(mask: np.ndarray) -> np.ndarray:
     return mask & ~ndimage.binary_erosion(mask, structure=_FACE_NEIGHBOURS, border_value=0)
 
 
-def _crop_box(a: np.ndarray, b: np.ndarray, margin: int = 1) -> tuple[slice, ...]:
-    union = a | b
-    box = []
-    for axis in range(union.ndim):
-        other = tuple(i for i in range(union.ndim) if i != axis)
-        hit = np.flatnonzero(union.any(axis=other))
-        box.append(slice(max(hit[0] - margin, 0), min(hit[-1] + 1 + margin, union.shape[axis])))
-    return tuple(box)
+def _span(hit: np.ndarray, margin: int) -> slice:
+    idx = np.flatnonzero(hit)
+    return slice(max(int(idx[0]) - margin, 0), min(int(idx[-1]) + 1 + margin, hit.size))
+
+
+def _crop_box(a: np.ndarray, b: np.ndarray, margin: int = 1) -> tuple[slice, ...] | None:
+    """Bounding box of ``a | b`` grown by ``margin`` voxels (``None`` when both are empty).
+
+    One pass over the full arrays (a projection along the first axis); the first axis's extent is then read
+    from the much smaller block the projection leaves.
+    """
+    projection = np.logical_or(a.any(axis=0), b.any(axis=0))
+    if not projection.any():
+        return None
+    rest = tuple(_span(projection.any(axis=tuple(j for j in range(projection.ndim) if j != i)), margin)
+                 for i in range(projection.ndim))
+    block = (slice(None), *rest)
+    first = np.logical_or(a[block].any(axis=tuple(range(1, a.ndim))), b[block].any(axis=tuple(range(1, b.ndim))))
+    return (_span(first, margin), *rest)
 
 
 def directed_surface_distances(
@@ -75,15 +87,19 @@ def directed_surface_distances(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distances (mm) from each surface voxel of ``pred`` to ``target``'s surface, and the reverse.
 
-    Both masks must be non-empty boolean arrays of the same shape.
+    Both masks must be non-empty boolean arrays of the same shape. Nearest surface voxels are found exactly with
+    a KD-tree over the voxel centres scaled by ``spacing`` (the same values as a Euclidean distance transform
+    with ``sampling=spacing``, at a fraction of its cost on CT-sized volumes).
     """
     box = _crop_box(pred, target)
     p, t = pred[box], target[box]
     # a crop edge that is not the array's border has a background margin, so surfaces are unchanged
-    sp, st = surface(p), surface(t)
-    dist_to_t = ndimage.distance_transform_edt(~st, sampling=spacing)
-    dist_to_p = ndimage.distance_transform_edt(~sp, sampling=spacing)
-    return dist_to_t[sp], dist_to_p[st]
+    scale = np.asarray(spacing, dtype=np.float64)
+    points_p = np.argwhere(surface(p)) * scale
+    points_t = np.argwhere(surface(t)) * scale
+    dist_to_t, _ = cKDTree(points_t).query(points_p)
+    dist_to_p, _ = cKDTree(points_p).query(points_t)
+    return dist_to_t, dist_to_p
 
 
 def evaluate_case(
@@ -103,10 +119,14 @@ def evaluate_case(
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != p.ndim or min(spacing) <= 0:
         raise ValueError(f"spacing must give {p.ndim} positive values, got {spacing}")
+    shape, size = p.shape, p.size
+    box = _crop_box(p, t)
+    if box is not None:  # every foreground voxel lies in the box: count and measure there
+        p, t = p[box], t[box]
     n_p, n_t = int(np.count_nonzero(p)), int(np.count_nonzero(t))
     tp = int(np.count_nonzero(p & t))
     fp, fn = n_p - tp, n_t - tp
-    tn = p.size - tp - fp - fn
+    tn = size - tp - fp - fn
     out = {
         "dice": _ratio(2 * tp, 2 * tp + fp + fn),
         "jaccard": _ratio(tp, tp + fp + fn),
@@ -121,7 +141,7 @@ def evaluate_case(
     if n_p == 0 and n_t == 0:
         out.update(hd=0.0, hd95=0.0, assd=0.0)
     elif n_p == 0 or n_t == 0:
-        diagonal = float(np.linalg.norm(np.asarray(p.shape) * np.asarray(spacing)))
+        diagonal = float(np.linalg.norm(np.asarray(shape) * np.asarray(spacing)))
         out.update(hd=diagonal, hd95=diagonal, assd=diagonal)
     else:
         d_pt, d_tp = directed_surface_distances(p, t, spacing)
