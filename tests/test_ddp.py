@@ -36,3 +36,23 @@ def test_ddp_validation_equals_single_process(trained_runs, tmp_path):
     assert len(splits["folds"][0]["val"]) % 2 == 1
     for key in ("val/dice", "val/hd95", "val/assd", "val/sensitivity", "val/dice_male", "val/dice_female"):
         assert ddp[key] == pytest.approx(single[key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_torchrun_ranks_train_into_one_run_folder(tiny_cohort, tmp_path):
+    """`torchrun --standalone` starts each rank as its own `stvnet train`: one run folder, one metrics.csv."""
+    from tests.conftest import tiny_train_args
+
+    out = tmp_path / "runs"
+    args = tiny_train_args(tiny_cohort, out, epochs=2) + [
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    env = dict(os.environ, PYTHONPATH=str(SCRIPT.parents[1]), OMP_NUM_THREADS="1")
+    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "STVNET_RUN_DIR"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "stvnet.cli", "train", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list((out / "vnet" / "all" / "fold0").iterdir())
+    assert len(runs) == 1 and runs[0].name.startswith("torchrun-")
+    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
+    assert proc.stdout.count("Run folder:") == 1

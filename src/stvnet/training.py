@@ -138,7 +138,8 @@ class TrainCLI(LightningCLI):
         kwargs["default_root_dir"] = str(self.run_dir)
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(RunFiles(str(self.run_dir)))
-        print(f"Run folder: {self.run_dir}", flush=True)
+        if trainer.is_global_zero:
+            print(f"Run folder: {self.run_dir}", flush=True)
         return trainer
 
 
