@@ -187,3 +187,23 @@ def test_st_vnet_starts_from_a_trained_vnet_checkpoint(tmp_path):
         assert torch.equal(st.net.vnet.state_dict()[name], p), name
     with pytest.raises(ValueError, match="no weights match"):
         FemurSegmenter(VNet(base_channels=8, depth=3, kernel_size=5), init_weights=str(path))
+
+
+def test_checkpoint_of_a_run_started_from_init_weights_loads_without_that_file(tmp_path):
+    """A checkpoint alone is enough to predict, even when training started from another checkpoint."""
+    source = FemurSegmenter(VNet(base_channels=4, depth=2, kernel_size=3))
+    path = tmp_path / "vnet.ckpt"
+    torch.save({"state_dict": source.state_dict()}, path)
+    child = FemurSegmenter(STVNet(VNet(base_channels=4, depth=2, kernel_size=3), stn_features=(4,)), init_weights=str(path))
+    child.net.set_prior(torch.full((1, 1, 16, 16, 16), 0.5))
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.strategy.connect(child)
+    trainer.save_checkpoint(tmp_path / "child.ckpt")
+    path.unlink()
+    net = STVNet(VNet(base_channels=4, depth=2, kernel_size=3), stn_features=(4,))
+    restored = FemurSegmenter.load_from_checkpoint(tmp_path / "child.ckpt", net=net, map_location="cpu")
+    for name, value in child.state_dict().items():
+        assert torch.equal(restored.state_dict()[name], value), name
+    # a fresh training run that names the missing file is told what to do
+    with pytest.raises(FileNotFoundError, match="init_weights"):
+        FemurSegmenter(VNet(base_channels=4, depth=2, kernel_size=3), init_weights=str(path))

@@ -8,6 +8,8 @@ optimiser before Lightning restores the optimiser state.
 from __future__ import annotations
 
 import math
+from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -25,6 +27,8 @@ from stvnet.metrics import evaluate_case
 #: loss terms: ``seg`` on the final output, ``vnet`` on the V-Net branch, ``prior`` on the warped prior
 LOSS_TERMS = ("seg", "vnet", "prior")
 STAGE_KEY = "stvnet_stage"
+#: set while load_from_checkpoint rebuilds a module (its init_weights file is then not needed)
+_RESTORING: ContextVar[bool] = ContextVar("stvnet_restoring", default=False)
 
 
 class FemurSegmenter(L.LightningModule):
@@ -78,9 +82,19 @@ class FemurSegmenter(L.LightningModule):
             raise ValueError(f"unknown loss terms {sorted(unknown)}; use {LOSS_TERMS}")
         self.stage: dict[str, Any] = {"index": 0, "name": "single", "train": None, "lr": lr,
                                       "loss_weights": weights, "epochs": None}
-        if init_weights:
+        if init_weights and not _RESTORING.get():
             self.load_net_weights(init_weights)
         self._val_rows: list[dict[str, Any]] = []
+
+    @classmethod
+    def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> FemurSegmenter:
+        """Lightning's ``load_from_checkpoint``, except that ``init_weights`` is not read: the checkpoint holds the
+        weights, and it must load without the file its run once started from."""
+        token = _RESTORING.set(True)
+        try:
+            return super().load_from_checkpoint(*args, **kwargs)
+        finally:
+            _RESTORING.reset(token)
 
     # ------------------------------------------------------------------ parts and weights
     def parts(self) -> dict[str, nn.Module]:
@@ -92,6 +106,9 @@ class FemurSegmenter(L.LightningModule):
 
     def load_net_weights(self, path: str) -> None:
         """Copy matching ``net.*`` weights from a checkpoint (V-Net <-> ST-V-Net compatible)."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"model.init_weights: checkpoint {path} not found (resuming a run that started "
+                                    "from it? its weights are in the run's own checkpoint: pass --model.init_weights null)")
         state = torch.load(path, map_location="cpu", weights_only=False)
         state = state.get("state_dict", state)
         own = self.net.state_dict()
