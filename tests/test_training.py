@@ -102,7 +102,7 @@ def test_ranks_of_an_external_launch_share_one_run_folder(tmp_path, monkeypatch)
             monkeypatch.setenv(key, value)
         return run_dir_for(options, "all", 1, None)
 
-    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
+    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_ID", "TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
     torchrun = [rank_sees(TORCHELASTIC_RUN_ID="3f2a", WORLD_SIZE="2", RANK=str(r)) for r in range(2)]
     assert torchrun[0] == torchrun[1] == tmp_path / "stvnet" / "all" / "fold1" / "torchrun-3f2a"

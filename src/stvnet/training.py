@@ -59,9 +59,11 @@ def new_run_dir(out: str, name: str, cohort: str, fold: int) -> Path:
 
 def launch_id() -> str | None:
     """An id that every process of one external multi-process launch shares: SLURM's job and step
-    (``srun`` with several tasks) or torchrun's rendezvous id (``--standalone`` or ``--rdzv-id``)."""
-    if os.environ.get("SLURM_JOB_ID") and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_STEP_ID', '0')}"
+    (``srun`` with several tasks; each ``srun`` is a new step, so runs in one job never share a folder) or
+    torchrun's rendezvous id (``--standalone`` or ``--rdzv-id``)."""
+    step = os.environ.get("SLURM_STEP_ID")
+    if os.environ.get("SLURM_JOB_ID") and step and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}-{step}"
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
     return None if run_id == "none" else f"torchrun-{run_id}"
 
