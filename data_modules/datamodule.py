@@ -14,6 +14,7 @@ import lightning as L
 import pandas as pd
 import torch
 import torchio as tio
+from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from data_modules.folds import fold_subjects, load_or_create_splits
@@ -28,9 +29,13 @@ DEFAULT_SYNTHETIC_DIR = "data/synthetic"
 def default_manifest(synthetic_dir: str | Path = DEFAULT_SYNTHETIC_DIR, n_subjects: int = 40, seed: int = 0) -> Path:
     """The embedded synthetic cohort's manifest, generated on first use."""
     manifest = Path(synthetic_dir) / "manifest.csv"
-    if not manifest.is_file():
-        print(f"Generating the synthetic QCT cohort ({n_subjects} subjects) in {synthetic_dir} ...", flush=True)
-        make_cohort(synthetic_dir, n_subjects=n_subjects, seed=seed)
+    if manifest.is_file():
+        return manifest
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(manifest) + ".lock"):  # concurrent first runs: one generates, the others wait for it
+        if not manifest.is_file():
+            print(f"Generating the synthetic QCT cohort ({n_subjects} subjects) in {synthetic_dir} ...", flush=True)
+            make_cohort(synthetic_dir, n_subjects=n_subjects, seed=seed)
     return manifest
 
 

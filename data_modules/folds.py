@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from pathlib import Path
 
 import pandas as pd
+from filelock import FileLock
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
 SPLITS_VERSION = 1
@@ -97,24 +99,29 @@ def load_or_create_splits(
     seed: int = 0,
     strata: list[str] | None = None,
 ) -> dict:
-    """Reuse the splits at ``path`` if they match this cohort, else create and write them."""
+    """Reuse the splits at ``path`` if they match this cohort, else create and write them.
+
+    Concurrent runs (sweep workers, jobs of an array) race to create the same file: a lock next to it makes
+    exactly one of them write it and the others read the finished file.
+    """
     path = Path(path)
     ids = table["subject_id"].astype(str).tolist()
-    if path.is_file():
-        splits = json.loads(path.read_text())
-        if splits.get("subjects_sha256") != subjects_digest(ids):
-            raise ValueError(
-                f"{path}: saved splits were made for a different set of subjects than this manifest; "
-                "delete the file or point splits_file elsewhere to make new ones"
-            )
-        if splits.get("n_folds") != n_folds:
-            raise ValueError(f"{path}: saved splits have {splits.get('n_folds')} folds, config asks for {n_folds}")
-        return splits
-    splits = make_splits(table, n_folds=n_folds, test_fraction=test_fraction, seed=seed, strata=strata)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(splits, indent=2))
-    tmp.replace(path)  # atomic: concurrent runs never read half a file
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            splits = json.loads(path.read_text())
+            if splits.get("subjects_sha256") != subjects_digest(ids):
+                raise ValueError(
+                    f"{path}: saved splits were made for a different set of subjects than this manifest; "
+                    "delete the file or point splits_file elsewhere to make new ones"
+                )
+            if splits.get("n_folds") != n_folds:
+                raise ValueError(f"{path}: saved splits have {splits.get('n_folds')} folds, config asks for {n_folds}")
+            return splits
+        splits = make_splits(table, n_folds=n_folds, test_fraction=test_fraction, seed=seed, strata=strata)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(splits, indent=2))
+        tmp.replace(path)  # atomic: a reader without the lock never sees half a file
     return splits
 
 

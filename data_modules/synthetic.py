@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -328,9 +329,11 @@ def make_cohort(
             rows = list(pool.map(_write_one, jobs))
     else:
         rows = [_write_one(job) for job in jobs]
-    manifest = out / "manifest.csv"
-    pd.DataFrame(rows).to_csv(manifest, index=False)
     pd.DataFrame([asdict(p) for p in params]).to_csv(out / "parameters.csv", index=False)
+    manifest = out / "manifest.csv"
+    tmp = out / f".manifest.{os.getpid()}.tmp"
+    pd.DataFrame(rows).to_csv(tmp, index=False)
+    tmp.replace(manifest)  # last and atomic: a cohort with a manifest is complete, even after an interrupted run
     return manifest
 
 

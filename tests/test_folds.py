@@ -64,3 +64,22 @@ def test_changed_manifest_is_refused(tmp_path):
 def test_too_few_subjects_for_folds():
     with pytest.raises(ValueError, match="too few for 10 folds"):
         make_splits(_cohort(4, 4), n_folds=10)
+
+
+def _create_splits(path: str) -> str:
+    try:
+        return json.dumps(load_or_create_splits(path, _cohort(20, 20), n_folds=3), sort_keys=True)
+    except Exception as exc:  # reported to the parent, which asserts there were none
+        return f"ERROR {exc!r}"
+
+
+def test_concurrent_runs_create_the_splits_once_and_all_read_the_same(tmp_path):
+    """Sweep workers and array jobs start together: none may crash or read a half-written file."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    paths = [str(tmp_path / f"rep{r}" / "splits.json") for r in range(25) for _ in range(4)]
+    with ProcessPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(_create_splits, paths))
+    assert not [r for r in results if r.startswith("ERROR")]
+    assert len(set(results)) == 1  # every process, winner or not, got the one set of splits
+    assert not list(tmp_path.rglob("*.tmp"))

@@ -57,7 +57,7 @@ def test_two_workers_share_one_journal_study(tiny_cohort, tmp_path):
     trials = study.get_trials(deepcopy=False)
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers)) and 4 <= len(trials) <= 5
-    assert all(t.state == TrialState.COMPLETE for t in trials)
+    assert all(t.state == TrialState.COMPLETE for t in trials), [(t.number, t.state, t.user_attrs) for t in trials]
     assert all("[sweep] trial" in log for log in logs)  # both workers ran trials
     # results: best config reproduces the best trial, plots exist
     best = yaml.safe_load((out / "shared" / "best.yaml").read_text())
