@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,8 @@ class _BuildOnly(LightningCLI):
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(EXPERIMENTS)) for c in CONFIGS])
-def test_experiment_builds(config, tmp_path):
+def test_experiment_builds(config, tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["stvnet"])  # pytest's own arguments are not the CLI's
     cli = _BuildOnly(FemurSegmenter, FemurDataModule, run=False,
                      args=["--config", str(config), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
     expected = "STVNet" if "stvnet" in config.name else "VNet"

@@ -106,5 +106,5 @@ def test_two_workers_share_a_postgresql_study(tiny_cohort, tmp_path):
     study = optuna.load_study(study_name=study_name, storage=url)
     numbers = [t.number for t in study.trials]
     assert len(numbers) == len(set(numbers)) and 2 <= len(numbers) <= 3
-    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert all(t.state == TrialState.COMPLETE for t in study.trials), [(t.number, t.state, t.user_attrs) for t in study.trials]
     optuna.delete_study(study_name=study_name, storage=url)
