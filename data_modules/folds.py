@@ -102,26 +102,28 @@ def load_or_create_splits(
     """Reuse the splits at ``path`` if they match this cohort, else create and write them.
 
     Concurrent runs (sweep workers, jobs of an array) race to create the same file: a lock next to it makes
-    exactly one of them write it and the others read the finished file.
+    exactly one of them write it and the others read the finished file. Existing splits are read without the
+    lock (writes are atomic), so a read-only splits folder made by a collaborator works.
     """
     path = Path(path)
     ids = table["subject_id"].astype(str).tolist()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock"):
-        if path.is_file():
-            splits = json.loads(path.read_text())
-            if splits.get("subjects_sha256") != subjects_digest(ids):
-                raise ValueError(
-                    f"{path}: saved splits were made for a different set of subjects than this manifest; "
-                    "delete the file or point splits_file elsewhere to make new ones"
-                )
-            if splits.get("n_folds") != n_folds:
-                raise ValueError(f"{path}: saved splits have {splits.get('n_folds')} folds, config asks for {n_folds}")
-            return splits
-        splits = make_splits(table, n_folds=n_folds, test_fraction=test_fraction, seed=seed, strata=strata)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(splits, indent=2))
-        tmp.replace(path)  # atomic: a reader without the lock never sees half a file
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path) + ".lock"):
+            if not path.is_file():
+                splits = make_splits(table, n_folds=n_folds, test_fraction=test_fraction, seed=seed, strata=strata)
+                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(splits, indent=2))
+                tmp.replace(path)  # atomic: a reader without the lock never sees half a file
+                return splits
+    splits = json.loads(path.read_text())
+    if splits.get("subjects_sha256") != subjects_digest(ids):
+        raise ValueError(
+            f"{path}: saved splits were made for a different set of subjects than this manifest; "
+            "delete the file or set data.splits_dir elsewhere to make new ones"
+        )
+    if splits.get("n_folds") != n_folds:
+        raise ValueError(f"{path}: saved splits have {splits.get('n_folds')} folds, config asks for {n_folds}")
     return splits
 
 

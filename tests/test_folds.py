@@ -83,3 +83,13 @@ def test_concurrent_runs_create_the_splits_once_and_all_read_the_same(tmp_path):
     assert not [r for r in results if r.startswith("ERROR")]
     assert len(set(results)) == 1  # every process, winner or not, got the one set of splits
     assert not list(tmp_path.rglob("*.tmp"))
+
+
+def test_saved_splits_are_read_without_taking_the_lock(tmp_path):
+    """A collaborator's read-only splits folder works: no lock file is needed to reuse existing splits."""
+    path = tmp_path / "shared" / "splits.json"
+    made = load_or_create_splits(path, _cohort(20, 20), n_folds=3)
+    lock = path.parent / "splits.json.lock"
+    lock.unlink(missing_ok=True)
+    lock.mkdir()  # a lock file can no longer be created there (as in a folder we may not write)
+    assert load_or_create_splits(path, _cohort(20, 20), n_folds=3) == made
