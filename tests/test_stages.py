@@ -111,6 +111,22 @@ def test_stage_schedule_validates_config():
     assert [schedule.index_for_epoch(e) for e in range(6)] == [0, 1, 1, 2, 2, 2]
 
 
+def test_part_lr_scale_gives_a_part_its_own_rate():
+    """The fusion can learn faster than the STN in the same stage; every trainable parameter is optimised once."""
+    schedule = StageSchedule([Stage(name="stn", epochs=1, train=["stn", "fusion"], lr=1e-3, part_lr_scale={"fusion": 10})])
+    module = FemurSegmenter(STVNet(VNet(base_channels=4, depth=2, kernel_size=3), stn_features=(4, 8)), scheduler="none")
+    module.set_stage(schedule.stage_setup(0, module.lr))
+    optimizer = module.configure_optimizers()
+    rates = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(rates)
+    assert [rates[id(p)] for p in module.net.fusion.parameters()] == pytest.approx([1e-2, 1e-2])
+    assert set(rates[id(p)] for p in module.net.stn.parameters()) == {1e-3}
+    assert not any(id(p) in rates for p in module.net.vnet.parameters())
+    with pytest.raises(ValueError, match="part_lr_scale names unknown parts"):
+        bad = StageSchedule([Stage(name="a", epochs=1, part_lr_scale={"decoder": 2.0})])
+        bad.setup(L.Trainer(logger=False, enable_progress_bar=False, max_epochs=1), make_module(), "fit")
+
+
 def _copy_cohort(src: Path, dst: Path) -> Path:
     shutil.copytree(src.parent, dst)
     return dst / src.name

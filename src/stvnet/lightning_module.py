@@ -161,12 +161,21 @@ class FemurSegmenter(L.LightningModule):
         if STAGE_KEY in checkpoint:
             self.stage = dict(checkpoint[STAGE_KEY])
 
+    def _param_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters grouped by learning rate (the stage's, times any ``part_lr_scale``)."""
+        scales = self.stage.get("part_lr_scale") or {}
+        groups: dict[float, list[nn.Parameter]] = {}
+        for name, module in self.parts().items():
+            trainable = [p for p in module.parameters() if p.requires_grad]
+            if trainable:
+                groups.setdefault(float(scales.get(name, 1.0)), []).extend(trainable)
+        if not groups:
+            raise ValueError(f"stage '{self.stage.get('name')}' trains no parameters")
+        return [{"params": params, "lr": self.stage["lr"] * scale} for scale, params in groups.items()]
+
     def configure_optimizers(self) -> Any:
         self.apply_trainable()
-        params = [p for p in self.net.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError(f"stage '{self.stage.get('name')}' trains no parameters")
-        optimizer = torch.optim.AdamW(params, lr=self.stage["lr"], weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(self._param_groups(), lr=self.stage["lr"], weight_decay=self.weight_decay)
         if self.scheduler_kind == "none":
             return optimizer
         if self.scheduler_kind != "cosine":

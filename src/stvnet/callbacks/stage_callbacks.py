@@ -33,6 +33,8 @@ class Stage:
             ``prior`` (warped shape prior vs ground truth).
         warmup_epochs: linear learning-rate warm-up at the start of the stage; the optimiser is rebuilt with
             fresh moments at each switch, and a warm-up keeps its first steps from undoing trained weights.
+        part_lr_scale: multipliers of the stage's rate for single parts, e.g. ``{fusion: 10}``: the fusion's three
+            scalars move about ``lr`` per Adam step, too slowly to weigh the prior in within a short stage.
     """
 
     name: str
@@ -42,6 +44,7 @@ class Stage:
     lr_scale: float = 1.0
     loss_weights: dict[str, float] = field(default_factory=lambda: {"seg": 1.0})
     warmup_epochs: float = 0.0
+    part_lr_scale: dict[str, float] = field(default_factory=dict)
 
 
 class StageSchedule(Callback):
@@ -107,7 +110,7 @@ class StageSchedule(Callback):
         s = self.stages[index]
         lr = s.lr if s.lr is not None else base_lr * s.lr_scale
         return {"index": index, "name": s.name, "train": s.train, "lr": lr, "loss_weights": dict(s.loss_weights),
-                "epochs": s.epochs, "warmup_epochs": s.warmup_epochs}
+                "epochs": s.epochs, "warmup_epochs": s.warmup_epochs, "part_lr_scale": dict(s.part_lr_scale)}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -117,6 +120,10 @@ class StageSchedule(Callback):
             unknown = set(s.train or []) - parts
             if unknown:
                 raise ValueError(f"stage '{s.name}' trains unknown parts {sorted(unknown)}; this network has {sorted(parts)}")
+            unknown = set(s.part_lr_scale) - parts
+            if unknown:
+                raise ValueError(f"stage '{s.name}': part_lr_scale names unknown parts {sorted(unknown)}; "
+                                 f"this network has {sorted(parts)}")
         if self.scale_to_max_epochs and trainer.max_epochs and trainer.max_epochs > 0 and trainer.max_epochs != self.total_epochs:
             self.rescale(trainer.max_epochs)
             rank_zero_info("Stage lengths scaled to max_epochs: " + ", ".join(f"{s.name} x{s.epochs}" for s in self.stages))
