@@ -127,6 +127,16 @@ def test_part_lr_scale_gives_a_part_its_own_rate():
         bad.setup(L.Trainer(logger=False, enable_progress_bar=False, max_epochs=1), make_module(), "fit")
 
 
+def test_freezing_an_untrained_vnet_from_the_start_is_refused(tiny_cohort, tmp_path):
+    """stvnet_from_vnet.yaml without init_weights would tune an STN on a random V-Net: say so instead."""
+    stages = [Stage(name="stn", epochs=1, train=["stn", "fusion"], loss_weights={"prior": 1.0, "seg": 1.0})]
+    trainer = L.Trainer(max_epochs=1, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=1,
+                        limit_val_batches=1, callbacks=[StageSchedule(stages)])
+    with pytest.raises(ValueError, match="freezes the V-Net from the first epoch.*init_weights"):
+        trainer.fit(make_module(), datamodule=FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits")))
+
+
 def _copy_cohort(src: Path, dst: Path) -> Path:
     shutil.copytree(src.parent, dst)
     return dst / src.name

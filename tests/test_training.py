@@ -130,3 +130,14 @@ def test_resumed_online_run_continues_its_wandb_run(tmp_path, monkeypatch):
     assert offline.version != "abc123xy"
     fresh = make_wandb_logger(RunOptions(wandb="online"), tmp_path / "new", "all", 0)
     assert fresh.version != "abc123xy"
+
+
+def test_command_line_keys_win_over_the_config_wherever_they_are_written(capsys):
+    """jsonargparse alone would let a later --config silently undo an earlier --data.fold."""
+    config = str(Path(__file__).resolve().parents[1] / "experiments" / "vnet.yaml")
+    with pytest.raises(SystemExit) as done:
+        cli_main(["train", "--data.fold", "2", "--model.lr", "0.005", "--config", config, "--print_config"])
+    assert done.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["data"]["fold"] == 2 and printed["model"]["lr"] == 0.005
+    assert printed["trainer"]["max_epochs"] == yaml.safe_load(Path(config).read_text())["trainer"]["max_epochs"]

@@ -152,6 +152,25 @@ class TrainCLI(LightningCLI):
                 logger.experiment.finish()
 
 
+def configs_first(args: list[str]) -> list[str]:
+    """Move ``--config`` files ahead of the other arguments (keeping their order).
+
+    jsonargparse applies arguments left to right, so ``--data.fold 2 --config x.yaml`` would silently train the
+    config's fold; with the configs first, a key given on the command line always wins, wherever it is written.
+    """
+    configs: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        if args[i] in ("--config", "-c") and i + 1 < len(args):
+            configs += args[i:i + 2]
+            i += 2
+            continue
+        (configs if args[i].startswith("--config=") else rest).append(args[i])
+        i += 1
+    return configs + rest
+
+
 def main(args: list[str] | None = None) -> TrainCLI:
     """Run ``fit`` with the given command-line arguments (``stvnet train ...``)."""
     if "LOCAL_RANK" not in os.environ:  # the launching process never inherits an earlier run's folder
@@ -159,7 +178,7 @@ def main(args: list[str] | None = None) -> TrainCLI:
     return TrainCLI(
         FemurSegmenter,
         FemurDataModule,
-        args=["fit", *(args or [])],
+        args=["fit", *configs_first(list(args or []))],
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"fit": {"default_config_files": []}},
