@@ -141,7 +141,7 @@ class StageSchedule(Callback):
         if fresh and s["train"] is not None and "vnet" not in s["train"] and not pl_module.hparams.get("init_weights"):
             raise ValueError(
                 f"stage '{s['name']}' freezes the V-Net from the first epoch, but it was never trained: pass "
-                "--model.init_weights <a trained V-Net checkpoint> (after --config), or start with a stage that trains vnet"
+                "--model.init_weights <a trained V-Net checkpoint>, or start with a stage that trains vnet"
             )
         rank_zero_info(
             f"==> epoch {trainer.current_epoch}: stage {s['index']} '{s['name']}' (train {s['train'] or 'all'}, "
