@@ -198,7 +198,9 @@ class FemurDataModule(L.LightningDataModule):
         if self.patch_size is None:
             return tio.SubjectsLoader(
                 dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
-                drop_last=len(dataset) > self.batch_size, persistent_workers=self.num_workers > 0,
+                # fresh workers each epoch take their seeds from the per-epoch seeded main process (EpochSeed),
+                # so a resumed run draws the same augmentations as the uninterrupted one
+                drop_last=len(dataset) > self.batch_size, persistent_workers=False,
             )
         queue = tio.Queue(
             dataset, max_length=self.queue_length, samples_per_volume=self.samples_per_volume,

@@ -28,12 +28,14 @@ def tiny_data_args(manifest: Path, splits_dir: Path, **overrides) -> dict:
     return args
 
 
-def tiny_train_args(manifest: Path, out: Path, epochs: int = 3, config: str = "vnet.yaml") -> list[str]:
-    """``stvnet train`` arguments for a few quick epochs of a narrow network on the tiny cohort."""
+def tiny_train_args(manifest: Path, out: Path, epochs: int = 3, config: str | Path = "vnet.yaml") -> list[str]:
+    """``stvnet train`` arguments for a few quick epochs of a narrow network on the tiny cohort (``config``: a file of
+    experiments/ or any path)."""
     root = Path(__file__).resolve().parents[1]
-    net = "--model.net.init_args.vnet.init_args" if config == "stvnet.yaml" else "--model.net.init_args"
+    path = Path(config) if Path(config).is_absolute() else root / "experiments" / config
+    net = "--model.net.init_args.vnet.init_args" if "STVNet" in path.read_text() else "--model.net.init_args"
     return [
-        "--config", str(root / "experiments" / config),
+        "--config", str(path),
         "--data.manifest", str(manifest), "--data.n_folds", "3", "--data.num_workers", "0",
         "--data.roi_size", "[32, 32, 32]", "--data.target_spacing", "[4.0, 4.0, 4.0]", "--data.augment", "0.0",
         f"{net}.base_channels", "4", f"{net}.depth", "2",

@@ -9,10 +9,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+import torch
 
 from stvnet.inference import find_checkpoint
+from tests.conftest import tiny_train_args
 
+ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).with_name("ddp_validate.py")
 
 
@@ -34,25 +38,80 @@ def test_ddp_validation_equals_single_process(trained_runs, tmp_path):
     # the tiny cohort's fold-0 validation set has an odd number of subjects: DDP pads it with a duplicate
     splits = json.loads((trained_runs["vnet"] / "splits.json").read_text())
     assert len(splits["folds"][0]["val"]) % 2 == 1
-    for key in ("val/dice", "val/hd95", "val/assd", "val/sensitivity", "val/dice_male", "val/dice_female"):
+    assert ddp["val/subjects"] == single["val/subjects"] == len(splits["folds"][0]["val"])
+    for key in ("val/dice", "val/loss", "val/hd95", "val/assd", "val/sensitivity", "val/dice_male", "val/dice_female"):
         assert ddp[key] == pytest.approx(single[key], abs=1e-6), key
 
 
 @pytest.mark.slow
 def test_torchrun_ranks_train_into_one_run_folder(tiny_cohort, tmp_path):
-    """`torchrun --standalone` starts each rank as its own `stvnet train`: one run folder, one metrics.csv."""
-    from tests.conftest import tiny_train_args
-
+    """`torchrun` starts each rank as its own `stvnet train`: the ranks of one launch share one run folder, and two
+    launches with the same rendezvous id started together (a job array) never share one."""
     out = tmp_path / "runs"
-    args = tiny_train_args(tiny_cohort, out, epochs=2) + [
+    args = tiny_train_args(tiny_cohort, out, epochs=1) + [
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    env = dict(os.environ, PYTHONPATH=str(SCRIPT.parents[1]), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "STVNET_RUN_DIR"):
         env.pop(var, None)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "stvnet.cli", "train", *args], capture_output=True, text=True, env=env, timeout=600)
+    jobs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+                              "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "array-7",
+                              "-m", "stvnet.cli", "train", *args], env=env, cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for port in (29631, 29632)]
+    logs = [job.communicate(timeout=900) for job in jobs]
+    assert all(job.returncode == 0 for job in jobs), [err[-2000:] for _, err in logs]
+    runs = sorted((out / "vnet" / "all" / "fold0").iterdir())
+    assert len(runs) == 2
+    for run in runs:  # each launch wrote one complete run: its ranks agreed on the folder
+        assert (run / "checkpoints" / "last.ckpt").is_file()
+        assert pd.read_csv(run / "metrics.csv")["val/dice"].dropna().size == 1
+    assert sorted(stdout.split("Run folder: ")[1].split()[0] for stdout, _ in logs) == [str(r) for r in runs]
+
+
+def _train_subprocess(args: list[str], launcher: list[str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
+    """``stvnet train`` in a fresh process running this checkout's code (Lightning's DDP launcher re-runs it)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "STVNET_RUN_DIR"):
+        env.pop(var, None)
+    cmd = [sys.executable, *(launcher or []), "-m", "stvnet.cli", "train", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+@pytest.mark.slow
+def test_staged_stvnet_trains_under_ddp_as_a_user_types_it(tiny_cohort, tmp_path):
+    """2 gloo ranks through all three stages: ranks agree, each stage trains exactly its parts (weights and
+    normalisation statistics), validation counts each subject once, one run folder, logged lr = lr in use."""
+    out, probe = tmp_path / "runs", tmp_path / "probe"
+    args = tiny_train_args(tiny_cohort, out, epochs=3, config="stvnet.yaml") + [
+        "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+        "--model.net.init_args.vnet.init_args.norm", "batch",  # running statistics that a frozen V-Net must keep
+        "--trainer.callbacks+=tests.ddp_probe.StageSnapshots", f"--trainer.callbacks.out={probe}"]
+    proc = _train_subprocess(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    runs = list((out / "vnet" / "all" / "fold0").iterdir())
-    assert len(runs) == 1 and runs[0].name.startswith("torchrun-")
-    assert (runs[0] / "checkpoints" / "last.ckpt").is_file()
+    ranks = [torch.load(probe / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert ranks[0]["stage"] == {0: "vnet", 1: "stn", 2: "finetune"}
+    for epoch in ("init", 0, 1, 2):  # identical parameters and buffers on both ranks after every stage
+        for key, value in ranks[0]["states"][epoch].items():
+            assert torch.equal(value, ranks[1]["states"][epoch][key]), (epoch, key)
+    states = ranks[0]["states"]
+
+    def changed(before, after) -> set[str]:
+        return {k.split(".")[0] for k in states[after] if not torch.equal(states[before][k], states[after][k])}
+
+    assert changed("init", 0) == {"vnet"}  # stage 1: V-Net weights and BatchNorm statistics; STN, fusion untouched
+    assert any("running_mean" in k and not torch.equal(states["init"][k], states[0][k]) for k in states[0])
+    assert changed(0, 1) == {"stn", "fusion"}  # stage 2: the frozen V-Net keeps weights and statistics
+    assert not torch.equal(states[1]["fusion.weight"], states["init"]["fusion.weight"])
+    assert changed(1, 2) == {"vnet", "stn", "fusion"}
+
+    (run,) = list((out / "stvnet" / "all" / "fold0").iterdir())
     assert proc.stdout.count("Run folder:") == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best-epoch002.ckpt", "last.ckpt"]
+    metrics = pd.read_csv(run / "metrics.csv")
+    splits = json.loads((run / "splits.json").read_text())
+    n_val = len(splits["folds"][0]["val"])
+    assert n_val % 2 == 1  # odd: the DistributedSampler pads it with a duplicate, which must not be counted
+    assert metrics["val/subjects"].dropna().tolist() == [n_val] * 3
+    # the learning rate logged at each step is the one the optimiser used, across both stage switches
+    logged = metrics.dropna(subset=["lr-AdamW"]).set_index("step")["lr-AdamW"]
+    used = pd.Series(ranks[0]["lr"])
+    assert len(logged) == len(used) and logged.to_numpy() == pytest.approx(used.loc[logged.index].to_numpy(), rel=1e-6)

@@ -91,7 +91,12 @@ def test_wandb_offline_run_logs_the_same_metrics(tiny_cohort, tmp_path):
 
 
 def test_ranks_of_an_external_launch_share_one_run_folder(tmp_path, monkeypatch):
-    """torchrun and srun start every rank separately: they must still agree on one run folder."""
+    """torchrun and srun start every rank separately: the ranks of one launch agree on one run folder, and two
+    launches never share one, even with the same rendezvous id in the same second."""
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
     from stvnet.training import RUN_DIR_ENV, RunOptions, run_dir_for
 
     options = RunOptions(out=str(tmp_path), name="stvnet")
@@ -102,22 +107,31 @@ def test_ranks_of_an_external_launch_share_one_run_folder(tmp_path, monkeypatch)
             monkeypatch.setenv(key, value)
         return run_dir_for(options, "all", 1, None)
 
-    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_ID", "TORCHELASTIC_RUN_ID", "WORLD_SIZE"):
+    for var in ("SLURM_JOB_ID", "SLURM_NTASKS", "SLURM_STEP_ID", "TORCHELASTIC_RUN_ID", "WORLD_SIZE",
+                "TORCHELASTIC_USE_AGENT_STORE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(var, raising=False)
-    torchrun = [rank_sees(TORCHELASTIC_RUN_ID="3f2a", WORLD_SIZE="2", RANK=str(r)) for r in range(2)]
-    assert torchrun[0] == torchrun[1] == tmp_path / "stvnet" / "all" / "fold1" / "torchrun-3f2a"
-    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    launches = []
+    for _ in range(2):  # two torchrun agents, each with its own store, same run id
+        store = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=30))
+        agent = dict(TORCHELASTIC_RUN_ID="array-7", TORCHELASTIC_USE_AGENT_STORE="True", MASTER_ADDR="127.0.0.1",
+                     MASTER_PORT=str(store.port), WORLD_SIZE="2")
+        launches.append([rank_sees(**agent, RANK=str(r)) for r in range(2)])
+        del store
+    assert launches[0][0] == launches[0][1] and launches[1][0] == launches[1][1]
+    assert launches[0][0] != launches[1][0] and launches[0][0].parent == tmp_path / "stvnet" / "all" / "fold1"
+    for var in ("TORCHELASTIC_USE_AGENT_STORE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(var)
     slurm = [rank_sees(SLURM_JOB_ID="4711", SLURM_NTASKS="8", SLURM_STEP_ID="0") for _ in range(2)]
     assert slurm[0] == slurm[1] == tmp_path / "stvnet" / "all" / "fold1" / "slurm-4711-0"
     monkeypatch.delenv("SLURM_JOB_ID")
     with pytest.raises(ValueError, match="--run.dir"):
-        rank_sees(TORCHELASTIC_RUN_ID="none", WORLD_SIZE="2")
+        rank_sees(WORLD_SIZE="2")
     options.dir = str(tmp_path / "mine")
     assert rank_sees(WORLD_SIZE="2") == tmp_path / "mine"
 
 
 def test_resumed_online_run_continues_its_wandb_run(tmp_path, monkeypatch):
-    """Online, resuming a run folder reuses its W&B run id; offline, W&B cannot resume, so a new id is used."""
+    """Resuming a run folder reuses its W&B run id, online and offline (offline sessions sync into one run)."""
     from stvnet.training import RunOptions, make_wandb_logger
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
@@ -127,7 +141,7 @@ def test_resumed_online_run_continues_its_wandb_run(tmp_path, monkeypatch):
     online = make_wandb_logger(RunOptions(wandb="online"), run, "all", 0)
     assert online.version == "abc123xy"
     offline = make_wandb_logger(RunOptions(wandb="offline"), run, "all", 0)
-    assert offline.version != "abc123xy"
+    assert offline.version == "abc123xy"
     fresh = make_wandb_logger(RunOptions(wandb="online"), tmp_path / "new", "all", 0)
     assert fresh.version != "abc123xy"
 

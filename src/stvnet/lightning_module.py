@@ -254,12 +254,12 @@ class FemurSegmenter(L.LightningModule):
         target = batch["label"][tio.DATA] > 0
         affine = torch.as_tensor(batch["image"][tio.AFFINE][0], dtype=torch.float64)
         spacing = torch.linalg.norm(affine[:3, :3], dim=0).tolist()
-        loss = segmentation_loss(out["logits"], target.float(), self.loss_kind)
-        self.log("val/loss", loss, on_epoch=True, batch_size=1, sync_dist=True)
         pred = (prob > self.threshold).cpu().numpy()
         gt = target.cpu().numpy()
         for i in range(image.shape[0]):
-            row = {"subject_id": batch["subject_id"][i], "sex": batch["sex"][i]}
+            # the loss is a per-subject row like the metrics, so DDP's padded duplicates are dropped before averaging
+            loss = segmentation_loss(out["logits"][i:i + 1], target[i:i + 1].float(), self.loss_kind)
+            row = {"subject_id": batch["subject_id"][i], "sex": batch["sex"][i], "loss": float(loss)}
             if self.surface_metrics:
                 row.update(evaluate_case(pred[i, 0], gt[i, 0], spacing))
             else:
@@ -292,6 +292,8 @@ class FemurSegmenter(L.LightningModule):
         metrics = [c for c in table.columns if c not in ("subject_id", "sex")]
         for m in metrics:
             self.log(f"val/{m}", float(table[m].mean()), prog_bar=m == "dice", sync_dist=False, rank_zero_only=False)
+        self.log("val/stage", float(self.stage["index"]), sync_dist=False)  # which stage each validation row is from
+        self.log("val/subjects", float(len(table)), sync_dist=False)
         for sex, name in (("M", "male"), ("F", "female")):
             part = table[table["sex"] == sex]
             if len(part):

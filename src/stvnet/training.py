@@ -11,13 +11,17 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
+from torch.distributed import TCPStore
 
 from data_modules.datamodule import FemurDataModule
-from stvnet.callbacks import RunFiles
+from stvnet.callbacks import EpochSeed, RunFiles, StageSchedule
 from stvnet.lightning_module import FemurSegmenter
 from stvnet.loggers import ResumableCSVLogger
 
@@ -50,39 +54,65 @@ def new_run_dir(out: str, name: str, cohort: str, fold: int) -> Path:
     """A fresh, never-used run folder (timestamped; suffixed if two runs start in the same second)."""
     base = Path(out) / name / cohort / f"fold{fold}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
+    base.mkdir(parents=True, exist_ok=True)
     candidate, i = base / stamp, 1
-    while candidate.exists():
-        candidate, i = base / f"{stamp}-{i}", i + 1
-    candidate.mkdir(parents=True)
-    return candidate
+    while True:
+        try:
+            candidate.mkdir()  # atomic: of two runs starting in the same second, exactly one gets each name
+            return candidate
+        except FileExistsError:
+            candidate, i = base / f"{stamp}-{i}", i + 1
 
 
-def launch_id() -> str | None:
-    """An id that every process of one external multi-process launch shares: SLURM's job and step
-    (``srun`` with several tasks; each ``srun`` is a new step, so runs in one job never share a folder) or
-    torchrun's rendezvous id (``--standalone`` or ``--rdzv-id``)."""
+def slurm_step_id() -> str | None:
+    """``slurm-<job>-<step>`` for a step launched by ``srun`` with several tasks: every task of the step shares it,
+    and job ids are unique on a cluster (array tasks included), so no other launch does."""
     step = os.environ.get("SLURM_STEP_ID")
     if os.environ.get("SLURM_JOB_ID") and step and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         return f"slurm-{os.environ['SLURM_JOB_ID']}-{step}"
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    return None if run_id == "none" else f"torchrun-{run_id}"
+    return None
+
+
+def torchrun_store() -> TCPStore | None:
+    """The key-value store of the ``torchrun`` agent that started this process, if any.
+
+    Two torchrun jobs may share a rendezvous id (job arrays, a fixed ``--rdzv-id``) or start in the same second, so
+    neither names a run folder safely; the agent's store is private to one launch: rank 0 publishes its fresh
+    folder there and the other ranks read it.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or "MASTER_ADDR" not in os.environ:
+        return None
+    return TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                    timeout=timedelta(minutes=10))
+
+
+def shared_new_run_dir(store: TCPStore, out: str, name: str, cohort: str, fold: int) -> Path:
+    """Rank 0 makes a new run folder and publishes it in ``store``; every other rank waits for it."""
+    key = f"stvnet/run_dir/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    if int(os.environ.get("RANK", "0")) == 0:
+        path = new_run_dir(out, name, cohort, fold)
+        store.set(key, str(path))
+        return path
+    return Path(store.get(key).decode())
 
 
 def run_dir_for(options: RunOptions, cohort: str, fold: int, ckpt_path: str | None) -> Path:
-    """The run folder: inherited by DDP workers, an explicit one, a resumed run's own, one named after an
-    external launch (all its ranks agree on it), or a new timestamped one."""
+    """The run folder: inherited by DDP workers, an explicit one, a resumed run's own, one shared by the ranks of an
+    external launch (srun step; torchrun through its agent's store), or a new timestamped one."""
     if os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
+    store = None
     if options.dir:
         path = Path(options.dir)
     elif ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
         path = Path(ckpt_path).parent.parent
-    elif launch_id():
-        path = Path(options.out) / options.name / cohort / f"fold{fold}" / launch_id()
+    elif slurm_step_id():
+        path = Path(options.out) / options.name / cohort / f"fold{fold}" / slurm_step_id()
+    elif (store := torchrun_store()) is not None:
+        path = shared_new_run_dir(store, options.out, options.name, cohort, fold)
     elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("this process is one of several launched together (WORLD_SIZE > 1) but they share no run "
-                         "id: pass the same --run.dir to every process, or launch with torchrun --rdzv-id/--standalone "
-                         "or srun")
+                         "folder: pass the same --run.dir to every process, or launch with torchrun or srun")
     else:
         path = new_run_dir(options.out, options.name, cohort, fold)
     path.mkdir(parents=True, exist_ok=True)
@@ -99,8 +129,8 @@ def previous_wandb_id(run_dir: Path) -> str | None:
 def make_wandb_logger(options: RunOptions, run_dir: Path, cohort: str, fold: int) -> WandbLogger | None:
     """A W&B logger named and grouped for comparisons: group = study, job_type = fold, tags = model/cohort/fold.
 
-    Online, a resumed run continues its W&B run (same id). Offline it starts a new offline run in the same folder:
-    W&B cannot resume offline runs, and syncing two offline runs under one id would keep only the last.
+    A resumed run continues its W&B run (same id), online and offline: offline, each session writes its own
+    ``offline-run-*-<id>`` folder and ``wandb sync <run>/wandb/offline-run-*`` uploads them in order into one run.
     """
     mode = os.environ.get("WANDB_MODE") or options.wandb
     if mode not in ("offline", "online", "disabled", "dryrun", "run"):
@@ -109,13 +139,41 @@ def make_wandb_logger(options: RunOptions, run_dir: Path, cohort: str, fold: int
         return None
     os.environ.setdefault("WANDB_SILENT", "true")
     resume = {}
-    if mode in ("online", "run") and (run_id := previous_wandb_id(run_dir)):
+    if run_id := previous_wandb_id(run_dir):
         resume = {"id": run_id, "resume": "allow"}
     return WandbLogger(
         save_dir=str(run_dir), project=options.project, name=f"{options.name}-{cohort}-fold{fold}-{run_dir.name}",
         group=options.study or options.name, job_type=f"fold{fold}", tags=[options.name, cohort, f"fold{fold}"],
         log_model=True, mode=mode, **resume,
     )
+
+
+#: DDP strategies that find parameters without gradients, by the name a user types
+FIND_UNUSED = {name: f"{name}_find_unused_parameters_true" for name in ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")}
+
+
+def launches_several_processes(devices: Any, num_nodes: int, accelerator: Any) -> bool:
+    """Whether Lightning's ``strategy: auto`` would start DDP for these settings (or an external launcher did)."""
+    if num_nodes > 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return True
+    if isinstance(devices, (list, tuple)):
+        return len(devices) > 1
+    if str(devices) in ("auto", "-1"):
+        return accelerator not in ("cpu", "mps") and torch.cuda.device_count() > 1
+    if isinstance(devices, str) and "," in devices:
+        return len([d for d in devices.split(",") if d.strip()]) > 1
+    return int(devices) > 1
+
+
+def strategy_for_stages(strategy: Any, devices: Any, num_nodes: int, accelerator: Any) -> Any:
+    """The DDP strategy a staged run needs: frozen parts give parameters without gradients, which plain DDP refuses
+    ("parameters that were not used in producing the loss"), so ``ddp`` becomes ``ddp_find_unused_parameters_true``
+    (its per-step cost is measured in the README). Strategy objects are left as given (StageSchedule checks them)."""
+    if not isinstance(strategy, str):
+        return strategy
+    if strategy == "auto" and launches_several_processes(devices, num_nodes, accelerator):
+        return FIND_UNUSED["ddp"]
+    return FIND_UNUSED.get(strategy, strategy)
 
 
 class TrainCLI(LightningCLI):
@@ -138,8 +196,11 @@ class TrainCLI(LightningCLI):
             if wandb_logger is not None:
                 kwargs["logger"].append(wandb_logger)
         kwargs["default_root_dir"] = str(self.run_dir)
+        if any(isinstance(c, StageSchedule) and c.freezes_parts for c in trainer_cfg.get("callbacks") or []):
+            kwargs["strategy"] = strategy_for_stages(trainer_cfg.get("strategy", "auto"), trainer_cfg.get("devices", "auto"),
+                                                     int(trainer_cfg.get("num_nodes") or 1), trainer_cfg.get("accelerator"))
         trainer = super().instantiate_trainer(**kwargs)
-        trainer.callbacks.append(RunFiles(str(self.run_dir)))
+        trainer.callbacks += [RunFiles(str(self.run_dir)), EpochSeed()]
         if trainer.is_global_zero:
             print(f"Run folder: {self.run_dir}", flush=True)
         return trainer

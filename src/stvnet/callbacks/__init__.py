@@ -1,7 +1,9 @@
 """Training-policy callbacks."""
 
+from stvnet.callbacks.epoch_seed import EpochSeed
+from stvnet.callbacks.final_stage_checkpoint import FinalStageCheckpoint, stage_schedule
 from stvnet.callbacks.optuna_pruning import OptunaPruning
 from stvnet.callbacks.run_files import RunFiles
 from stvnet.callbacks.stage_callbacks import Stage, StageSchedule
 
-__all__ = ["OptunaPruning", "RunFiles", "Stage", "StageSchedule"]
+__all__ = ["EpochSeed", "FinalStageCheckpoint", "OptunaPruning", "RunFiles", "Stage", "StageSchedule", "stage_schedule"]

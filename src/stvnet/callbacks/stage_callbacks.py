@@ -6,7 +6,11 @@ The paper trains ST-V-Net in several stages; the default schedule (``experiments
 at a lower learning rate. Following Lightning's ``BaseFinetuning`` pattern, frozen parts get
 ``requires_grad=False`` (and eval mode, keeping their statistics) via ``BaseFinetuning.freeze``-style
 switching in the LightningModule; on a stage change the optimiser and scheduler are rebuilt for the new
-trainable parameters. The stage index is checkpointed, so a run resumed mid-stage continues that stage.
+trainable parameters. The stage index and the stage lengths in force are checkpointed, so a run resumed
+mid-stage continues that stage even when it is resumed with another ``max_epochs``.
+
+Under DDP, the parameters of frozen parts get no gradient: the strategy must detect unused parameters
+(``stvnet train`` picks ``ddp_find_unused_parameters_true`` for staged runs; see the README for its cost).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass
@@ -69,6 +74,16 @@ class StageSchedule(Callback):
         self.stages = stages
         self.base_epochs = [s.epochs for s in stages]  # the configured proportions
         self._set_starts()
+
+    @property
+    def freezes_parts(self) -> bool:
+        """Whether some stage trains only some parts (then DDP must tolerate parameters without gradients)."""
+        return any(s.train is not None for s in self.stages)
+
+    @property
+    def final_index(self) -> int:
+        """Index of the last stage (the one whose checkpoints are the model being compared)."""
+        return len(self.stages) - 1
 
     def _set_starts(self) -> None:
         self.starts = [sum(s.epochs for s in self.stages[:i]) for i in range(len(self.stages))]
@@ -124,10 +139,11 @@ class StageSchedule(Callback):
             if unknown:
                 raise ValueError(f"stage '{s.name}': part_lr_scale names unknown parts {sorted(unknown)}; "
                                  f"this network has {sorted(parts)}")
-        if self.scale_to_max_epochs and trainer.max_epochs and trainer.max_epochs > 0 and trainer.max_epochs != self.total_epochs:
+        if (self.scale_to_max_epochs and not trainer.fast_dev_run and trainer.max_epochs and trainer.max_epochs > 0
+                and trainer.max_epochs != self.total_epochs):
             self.rescale(trainer.max_epochs)
             rank_zero_info("Stage lengths scaled to max_epochs: " + ", ".join(f"{s.name} x{s.epochs}" for s in self.stages))
-        if trainer.max_epochs is not None and 0 < trainer.max_epochs < self.total_epochs:
+        if not trainer.fast_dev_run and trainer.max_epochs is not None and 0 < trainer.max_epochs < self.total_epochs:
             rank_zero_warn(
                 f"trainer.max_epochs={trainer.max_epochs} ends training before the last stage "
                 f"(the stages need {self.total_epochs} epochs)"
@@ -136,6 +152,13 @@ class StageSchedule(Callback):
         pl_module.set_stage(self.stage_setup(0, pl_module.lr))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        wrapped = trainer.strategy.model
+        if isinstance(wrapped, DistributedDataParallel) and self.freezes_parts and not wrapped.find_unused_parameters:
+            raise ValueError(
+                "the stage schedule freezes parts of the network, whose parameters then get no gradient, but this DDP "
+                "strategy does not look for unused parameters: use --trainer.strategy ddp (stvnet train picks "
+                "ddp_find_unused_parameters_true for staged runs) or DDPStrategy(find_unused_parameters=True)"
+            )
         s = pl_module.stage
         fresh = trainer.current_epoch == 0 and not trainer.ckpt_path
         if fresh and s["train"] is not None and "vnet" not in s["train"] and not pl_module.hparams.get("init_weights"):
@@ -162,5 +185,17 @@ class StageSchedule(Callback):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        # the active stage lives in the LightningModule's checkpoint; this records the schedule it came from
+        # the active stage lives in the LightningModule's checkpoint; this records the schedule in force
         return {"stages": [asdict(s) for s in self.stages]}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume, keep the stage lengths the run was trained with (a new ``max_epochs`` must not move the stage
+        boundaries under a run; epochs beyond the schedule continue its last stage)."""
+        saved = state_dict.get("stages") or []
+        if [s.get("name") for s in saved] != [s.name for s in self.stages]:
+            raise ValueError(f"the checkpoint was trained with stages {[s.get('name') for s in saved]}, this schedule "
+                             f"has {[s.name for s in self.stages]}: resume with the run's own config.yaml")
+        for stage, old in zip(self.stages, saved):
+            stage.epochs = int(old["epochs"])
+        self._set_starts()
+        rank_zero_info("Stage lengths restored from the checkpoint: " + ", ".join(f"{s.name} x{s.epochs}" for s in self.stages))
