@@ -17,7 +17,7 @@ import torchio as tio
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
-from data_modules.folds import fold_subjects, load_or_create_splits
+from data_modules.folds import fold_subjects, key_digest, load_or_create_splits, split_record, splits_key
 from data_modules.manifest import filter_cohort, validate_manifest
 from data_modules.shape_prior import build_shape_prior
 from data_modules.synthetic import ROI_CENTER_FRACTION, make_cohort
@@ -118,12 +118,11 @@ class FemurDataModule(L.LightningDataModule):
             return Path(self.manifest)
         return Path(self.hparams.synthetic_dir) / "manifest.csv"
 
-    @property
-    def splits_path(self) -> Path:
-        """Where this cohort's splits live: one file per manifest, cohort and split protocol."""
+    def splits_path(self, table: pd.DataFrame) -> Path:
+        """Where this cohort's splits live: one file per manifest and splits key (subjects, cohort, protocol)."""
+        key = splits_key(table, self.n_folds, self.test_fraction, self.split_seed, self.strata, self.cohort)
         stem = self.manifest_path.resolve().parent.name + "_" + self.manifest_path.stem
-        name = f"{stem}_{self.cohort}_k{self.n_folds}_seed{self.split_seed}.json"
-        return self.splits_dir / name
+        return self.splits_dir / f"{stem}_{self.cohort}_k{self.n_folds}_seed{self.split_seed}_{key_digest(key)}.json"
 
     def prepare_data(self) -> None:
         """Generate the synthetic cohort if needed, validate the manifest and write the splits (rank 0)."""
@@ -138,8 +137,8 @@ class FemurDataModule(L.LightningDataModule):
         if table.empty:
             raise ValueError(f"{self.manifest_path}: no subjects in cohort '{self.cohort}'")
         self.splits = load_or_create_splits(
-            self.splits_path, table, n_folds=self.n_folds, test_fraction=self.test_fraction,
-            seed=self.split_seed, strata=self.strata,
+            self.splits_path(table), table, n_folds=self.n_folds, test_fraction=self.test_fraction,
+            seed=self.split_seed, strata=self.strata, cohort=self.cohort,
         )
         self.table = table
 
@@ -227,10 +226,24 @@ class FemurDataModule(L.LightningDataModule):
         return build_shape_prior(labels, alignment=alignment)
 
     def save_splits(self, folder: str | Path) -> Path:
-        """Copy the splits JSON (plus the chosen fold and cohort) into a run folder."""
+        """Copy the splits JSON (plus the chosen fold, cohort and absolute manifest path) into a run folder: the
+        run's own record of its subjects, which evaluate and compare read."""
         self._load_table()
         out = Path(folder) / "splits.json"
         out.parent.mkdir(parents=True, exist_ok=True)
-        payload = dict(self.splits or {}, fold=self.fold, cohort=self.cohort, manifest=str(self.manifest_path))
+        payload = dict(self.splits or {}, fold=self.fold, cohort=self.cohort, manifest=str(self.manifest_path.resolve()))
         out.write_text(json.dumps(payload, indent=2))
         return out
+
+    # ------------------------------------------------------------------ checkpoint record
+    def state_dict(self) -> dict:
+        """Saved in every checkpoint: the splits key, fold and subjects the network was trained and validated on."""
+        self._load_table()
+        assert self.splits is not None
+        return split_record(self.splits, self.fold)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """A resumed run must go on with the subjects it started with."""
+        if state_dict.get("subjects") and state_dict != self.state_dict():
+            raise ValueError("the checkpoint was trained on other subjects than this configuration selects (another "
+                             "fold, cohort, manifest or split protocol): resume with the run's own config.yaml")

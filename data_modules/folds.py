@@ -4,6 +4,10 @@
 ``StratifiedKFold`` splits the remaining 90% into ten folds. Splits are written once to JSON and
 reused, so every model and every run of a fold sees the same subjects. The ``folds`` entry has
 nnU-Net's ``splits_final.json`` shape (a list of ``{"train": [...], "val": [...]}``).
+
+Splits are a function of their *key*: the subjects with their stratification values (not the manifest's row order),
+the cohort, ``n_folds``, ``test_fraction``, ``strata`` and ``seed``. The key is stored in the file and checked on
+every read, so saved splits are never reused for another protocol.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import pandas as pd
 from filelock import FileLock
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-SPLITS_VERSION = 1
+SPLITS_VERSION = 2
 
 
 def strata_key(table: pd.DataFrame, strata: list[str]) -> pd.Series:
@@ -31,16 +35,34 @@ def strata_key(table: pd.DataFrame, strata: list[str]) -> pd.Series:
     return table[strata].astype(str).agg("|".join, axis=1)
 
 
+def splits_key(table: pd.DataFrame, n_folds: int = 10, test_fraction: float = 0.1, seed: int = 0,
+               strata: list[str] | None = None, cohort: str = "all") -> dict:
+    """Everything that defines a set of splits; ``subjects`` hashes each subject with its strata, in id order."""
+    strata = ["sex"] if strata is None else list(strata)
+    ordered = table.assign(subject_id=table["subject_id"].astype(str)).sort_values("subject_id", kind="stable")
+    rows = "\n".join(f"{sid}\t{key}" for sid, key in zip(ordered["subject_id"], strata_key(ordered, strata)))
+    return {"subjects": hashlib.sha256(rows.encode()).hexdigest()[:16], "cohort": cohort, "n_folds": int(n_folds),
+            "test_fraction": float(test_fraction), "strata": strata, "seed": int(seed)}
+
+
+def key_digest(key: dict) -> str:
+    """A short name for a splits key (part of the splits file's name)."""
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def make_splits(
     table: pd.DataFrame,
     n_folds: int = 10,
     test_fraction: float = 0.1,
     seed: int = 0,
     strata: list[str] | None = None,
+    cohort: str = "all",
 ) -> dict:
-    """Split subjects into a stratified test set and ``n_folds`` stratified CV folds."""
+    """Split subjects into a stratified test set and ``n_folds`` stratified CV folds (independent of row order)."""
     strata = ["sex"] if strata is None else list(strata)
-    ids = table["subject_id"].astype(str).tolist()
+    key_of_splits = splits_key(table, n_folds, test_fraction, seed, strata, cohort)
+    table = table.assign(subject_id=table["subject_id"].astype(str)).sort_values("subject_id", kind="stable")
+    ids = table["subject_id"].tolist()
     key = strata_key(table, strata).tolist()
     n_test = int(round(len(ids) * test_fraction))
     if n_test > 0:
@@ -72,11 +94,11 @@ def make_splits(
     by_id = dict(zip(ids, key))
     return {
         "version": SPLITS_VERSION,
+        "key": key_of_splits,
         "seed": seed,
         "strata": strata,
         "n_folds": n_folds,
         "test_fraction": test_fraction,
-        "subjects_sha256": subjects_digest(ids),
         "test": sorted(test_ids),
         "folds": folds,
         "counts": {
@@ -86,11 +108,6 @@ def make_splits(
     }
 
 
-def subjects_digest(ids: list[str]) -> str:
-    """A short hash of a set of subject ids, to detect a manifest that changed under saved splits."""
-    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()[:16]
-
-
 def load_or_create_splits(
     path: str | Path,
     table: pd.DataFrame,
@@ -98,33 +115,42 @@ def load_or_create_splits(
     test_fraction: float = 0.1,
     seed: int = 0,
     strata: list[str] | None = None,
+    cohort: str = "all",
 ) -> dict:
-    """Reuse the splits at ``path`` if they match this cohort, else create and write them.
+    """Reuse the splits at ``path`` if their key matches this cohort and protocol, else create and write them.
 
     Concurrent runs (sweep workers, jobs of an array) race to create the same file: a lock next to it makes
     exactly one of them write it and the others read the finished file. Existing splits are read without the
     lock (writes are atomic), so a read-only splits folder made by a collaborator works.
     """
     path = Path(path)
-    ids = table["subject_id"].astype(str).tolist()
+    expected = splits_key(table, n_folds, test_fraction, seed, strata, cohort)
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             if not path.is_file():
-                splits = make_splits(table, n_folds=n_folds, test_fraction=test_fraction, seed=seed, strata=strata)
+                splits = make_splits(table, n_folds=n_folds, test_fraction=test_fraction, seed=seed, strata=strata,
+                                     cohort=cohort)
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
                 tmp.write_text(json.dumps(splits, indent=2))
                 tmp.replace(path)  # atomic: a reader without the lock never sees half a file
                 return splits
     splits = json.loads(path.read_text())
-    if splits.get("subjects_sha256") != subjects_digest(ids):
-        raise ValueError(
-            f"{path}: saved splits were made for a different set of subjects than this manifest; "
-            "delete the file or set data.splits_dir elsewhere to make new ones"
-        )
-    if splits.get("n_folds") != n_folds:
-        raise ValueError(f"{path}: saved splits have {splits.get('n_folds')} folds, config asks for {n_folds}")
+    check_key(path, splits.get("key"), expected)
     return splits
+
+
+def check_key(path: str | Path, saved: dict | None, expected: dict) -> None:
+    """Refuse splits whose key differs from the one this run needs, naming what differs."""
+    if saved is None:
+        raise ValueError(f"{path}: these splits record no key (written by an older version); "
+                         "delete the file or set data.splits_dir elsewhere to make new ones")
+    differ = [k for k in expected if saved.get(k) != expected[k]]
+    if differ:
+        what = "; ".join("the subjects or their strata differ" if k == "subjects" else
+                         f"{k} {saved.get(k)!r} != {expected[k]!r}" for k in differ)
+        raise ValueError(f"{path}: saved splits were made for another cohort or protocol ({what}); "
+                         "delete the file or set data.splits_dir elsewhere to make new ones")
 
 
 def fold_subjects(splits: dict, fold: int) -> dict[str, list[str]]:
@@ -133,3 +159,22 @@ def fold_subjects(splits: dict, fold: int) -> dict[str, list[str]]:
     if not 0 <= fold < n:
         raise ValueError(f"fold must be in 0..{n - 1}, got {fold}")
     return {"train": splits["folds"][fold]["train"], "val": splits["folds"][fold]["val"], "test": splits["test"]}
+
+
+def split_record(splits: dict, fold: int) -> dict:
+    """What a checkpoint records of its data: the splits key, the fold and its subjects."""
+    return {"key": splits.get("key"), "fold": fold, "subjects": fold_subjects(splits, fold)}
+
+
+def check_same_split(source: dict | None, target: dict, origin: str) -> None:
+    """Refuse weights trained on other data than this run's fold: a network trained on another fold, cohort or
+    set of splits has seen this fold's validation or test scans in training."""
+    if not source or "subjects" not in source:
+        raise ValueError(f"{origin}: the checkpoint records no training subjects, so it cannot be shown not to have "
+                         "seen this fold's validation and test scans; train it with this version of stvnet train")
+    seen = set(source["subjects"]["train"]) & (set(target["subjects"]["val"]) | set(target["subjects"]["test"]))
+    if source.get("key") != target.get("key") or source.get("fold") != target.get("fold") or seen:
+        cohort = (source.get("key") or {}).get("cohort")
+        raise ValueError(f"{origin}: trained on fold {source.get('fold')} of other splits or another cohort "
+                         f"('{cohort}'); it saw {len(seen)} of this run's validation/test subjects in training. "
+                         "Start from a network trained on the same fold, cohort and splits")

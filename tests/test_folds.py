@@ -49,16 +49,29 @@ def test_splits_are_identical_across_calls_and_reused_from_disk(tmp_path):
     first = load_or_create_splits(path, table, n_folds=5, seed=1)
     on_disk = json.loads(path.read_text())
     assert on_disk["folds"] == first["folds"] and on_disk["test"] == first["test"]
-    # a different seed does not silently overwrite the saved file: saved splits win
-    assert load_or_create_splits(path, table, n_folds=5, seed=9)["test"] == first["test"]
+    # the file is never reused for another protocol: each part of the key that differs is named
+    for change, message in (({"seed": 9}, "seed 1 != 9"), ({"test_fraction": 0.2}, "test_fraction 0.1 != 0.2"),
+                            ({"strata": []}, "strata"), ({"cohort": "female"}, "cohort 'all' != 'female'")):
+        with pytest.raises(ValueError, match=message):
+            load_or_create_splits(path, table, **{"n_folds": 5, "seed": 1, **change})
 
 
 def test_changed_manifest_is_refused(tmp_path):
     path = tmp_path / "splits.json"
     table = _cohort(30, 25)
     load_or_create_splits(path, table, n_folds=5)
-    with pytest.raises(ValueError, match="different set of subjects"):
+    with pytest.raises(ValueError, match="subjects or their strata differ"):
         load_or_create_splits(path, table.iloc[:-1], n_folds=5)
+    relabelled = table.assign(sex=table["sex"].where(table.index != 3, "M" if table.loc[3, "sex"] == "F" else "F"))
+    with pytest.raises(ValueError, match="subjects or their strata differ"):
+        load_or_create_splits(path, relabelled, n_folds=5)
+
+
+def test_splits_do_not_depend_on_the_manifests_row_order():
+    table = _cohort(40, 33)
+    shuffled = table.sample(frac=1.0, random_state=5).reset_index(drop=True)
+    assert not table["subject_id"].equals(shuffled["subject_id"])
+    assert make_splits(shuffled, n_folds=5, seed=2) == make_splits(table, n_folds=5, seed=2)
 
 
 def test_too_few_subjects_for_folds():

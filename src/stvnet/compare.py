@@ -28,6 +28,25 @@ from stvnet.evaluation import summarize, summary_markdown  # noqa: E402
 VAL_METRICS = ("dice", "sensitivity", "specificity", "hd", "hd95", "assd")
 
 
+def final_stage_index(config: dict) -> int | None:
+    """Index of the last stage of the run's StageSchedule (``None`` without one)."""
+    for callback in (config.get("trainer") or {}).get("callbacks") or []:
+        if str(callback.get("class_path", "")).endswith("StageSchedule"):
+            return len(callback["init_args"]["stages"]) - 1
+    return None
+
+
+def best_epoch_row(val: pd.DataFrame, final_index: int | None) -> pd.Series:
+    """The epoch that stands for a run, by the checkpoint policy: best validation Dice within the final stage (any
+    epoch without a schedule); the last epoch when the run never reached its final stage."""
+    if final_index is not None and "val/stage" in val:
+        final = val[val["val/stage"] == final_index]
+        if final.empty:
+            return val.loc[val["epoch"].idxmax()]
+        val = final
+    return val.loc[val["val/dice"].idxmax()]
+
+
 def read_run(run: str | Path, threshold: float) -> tuple[dict, pd.DataFrame]:
     """Summary row and per-epoch validation curve of one run folder."""
     run = Path(run)
@@ -36,11 +55,12 @@ def read_run(run: str | Path, threshold: float) -> tuple[dict, pd.DataFrame]:
     if "val/dice" not in metrics:
         raise ValueError(f"{run}: metrics.csv has no validation Dice (did the run validate?)")
     val = metrics.dropna(subset=["val/dice"]).groupby("epoch", as_index=False).last()
-    best = val.loc[val["val/dice"].idxmax()]
+    best = best_epoch_row(val, final_stage_index(config))
     reached = val[val["val/dice"] >= threshold]
     row = {
         "model": config["run"]["name"], "cohort": config["data"]["cohort"], "fold": config["data"]["fold"],
         "run": str(run), "epochs": int(val["epoch"].max()) + 1, "best_epoch": int(best["epoch"]),
+        "best_stage": int(best["val/stage"]) if "val/stage" in best and pd.notna(best["val/stage"]) else np.nan,
         "epochs_to_threshold": int(reached["epoch"].iloc[0]) + 1 if len(reached) else np.nan,
     }
     for m in VAL_METRICS:

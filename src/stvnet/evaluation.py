@@ -15,6 +15,7 @@ against the original labels. Outputs, in one folder:
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,9 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from data_modules.datamodule import FemurDataModule
-from stvnet.inference import Predictor, find_checkpoint, largest_component
+from data_modules.folds import fold_subjects
+from data_modules.manifest import filter_cohort, validate_manifest
+from stvnet.inference import CheckpointInfo, Predictor, find_checkpoint, largest_component, read_checkpoint_info
 from stvnet.metrics import METRIC_KEYS, evaluate_case
 from stvnet.report import box_plots, overlay_png
 
@@ -44,13 +47,31 @@ class RunInfo:
     fold: int
     cohort: str
     data_hparams: dict
+    epoch: int
+    stage: str
+    subjects: dict[str, list[str]]  # train / val / test ids the run was trained and validated on
+    manifest: str
+
+
+def run_subjects(run_dir: Path, info: CheckpointInfo) -> tuple[dict[str, list[str]], str]:
+    """A run's own subjects and manifest: its ``splits.json``, else the record in its checkpoint. Never recomputed
+    from a splits folder (a path relative to wherever the command was started)."""
+    record = run_dir / "splits.json"
+    fold = int(info.data_hparams.get("fold", 0))
+    if record.is_file():
+        splits = json.loads(record.read_text())
+        return fold_subjects(splits, int(splits.get("fold", fold))), str(splits.get("manifest") or "")
+    if info.split and "subjects" in info.split:
+        return info.split["subjects"], str(info.data_hparams.get("manifest") or "")
+    raise FileNotFoundError(f"{info.path}: neither {record} nor the checkpoint records the run's subjects; "
+                            "evaluate the run folder written by stvnet train")
 
 
 def describe_run(run: str | Path) -> RunInfo:
     """Locate a run's checkpoint and read its model name (``run.name`` of its config, suffixed with the training
-    cohort when that is ``male`` or ``female``), fold and cohort."""
+    cohort when that is ``male`` or ``female``), fold, cohort, subjects and the epoch and stage evaluated."""
     ckpt = find_checkpoint(run)
-    predictor_hparams = Predictor.read_data_hparams(ckpt)
+    info = read_checkpoint_info(ckpt)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     name = None
     config = run_dir / "config.yaml"
@@ -58,18 +79,25 @@ def describe_run(run: str | Path) -> RunInfo:
         name = (yaml.safe_load(config.read_text()).get("run") or {}).get("name")
     if not name:
         name = run_dir.parts[-4] if len(run_dir.parts) >= 4 else ckpt.stem
-    cohort = str(predictor_hparams.get("cohort", "all"))
+    cohort = str(info.data_hparams.get("cohort", "all"))
     model = str(name) if cohort == "all" else f"{name}-{cohort}"  # sex-specific models are models of their own
-    return RunInfo(ckpt, model, int(predictor_hparams.get("fold", 0)), cohort, predictor_hparams)
+    subjects, manifest = run_subjects(run_dir, info)
+    return RunInfo(ckpt, model, int(info.data_hparams.get("fold", 0)), cohort, info.data_hparams, info.epoch,
+                   info.stage, subjects, manifest)
 
 
-def _datamodule(info: RunInfo, manifest: str | None) -> FemurDataModule:
+def cohort_table(info: RunInfo, manifest: str | None) -> pd.DataFrame:
+    """The validated manifest rows of a run's cohort, indexed by subject id."""
     h = {k: v for k, v in info.data_hparams.items() if not k.startswith("_")}
-    if manifest:
-        h["manifest"] = manifest
-    dm = FemurDataModule(**h)
-    dm.prepare_data()
-    return dm
+    path = manifest or info.manifest or h.get("manifest")
+    if not path:
+        path = FemurDataModule(**h).manifest_path
+    table = filter_cohort(validate_manifest(path), info.cohort)
+    missing = sorted((set(info.subjects["test"]) | set(info.subjects["val"])) - set(table["subject_id"]))
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} subject(s) of run {info.checkpoint} are not in this manifest "
+                         f"(e.g. {missing[0]}); pass the manifest the run was trained on with --manifest")
+    return table.set_index("subject_id")
 
 
 def evaluate_runs(
@@ -95,10 +123,9 @@ def evaluate_runs(
     rows = []
     for info in infos:
         predictor = Predictor.from_checkpoint(info.checkpoint, device=device)
-        dm = _datamodule(info, manifest)
-        table = dm.table.set_index("subject_id")
+        table = cohort_table(info, manifest)
         for split in splits:
-            ids = dm.subject_ids(split)
+            ids = info.subjects[split]
             for sid in tqdm(ids, desc=f"{info.model} fold {info.fold} {split}", unit="scan"):
                 row = table.loc[sid]
                 mask, affine = predictor.segment(row["image"])
@@ -114,7 +141,7 @@ def evaluate_runs(
                     nib.save(nib.Nifti1Image(mask, affine), folder / f"{sid}.nii.gz")
                 rows.append({"subject_id": sid, "sex": row["sex"], "fold": info.fold, "model": info.model,
                              "split": split, "cohort": info.cohort, "image": row["image"], "label": row["label"],
-                             **metrics})
+                             "ckpt_epoch": info.epoch, "ckpt_stage": info.stage, **metrics})
     per_subject = pd.DataFrame(rows)
     per_subject.to_csv(out / "per_subject.csv", index=False)
     summary = summarize(per_subject)
@@ -253,4 +280,17 @@ def summary_markdown(summary: pd.DataFrame, per_subject: pd.DataFrame) -> str:
         lines += ["p-values: paired Wilcoxon signed-rank tests (two-sided) against a model trained on the same "
                   "cohort, on the same subjects.", ""]
     lines += _sex_specific_markdown(per_subject)
+    lines += _checkpoint_markdown(per_subject)
     return "\n".join(lines)
+
+
+def _checkpoint_markdown(per_subject: pd.DataFrame) -> list[str]:
+    """Which checkpoint stood for each model and fold: its stage and epoch (best Dice within the final stage)."""
+    if "ckpt_epoch" not in per_subject:
+        return []
+    used = per_subject.groupby(["model", "fold"], sort=False)[["ckpt_stage", "ckpt_epoch"]].first().reset_index()
+    lines = ["## Checkpoints evaluated", "",
+             "Best validation DSC within each run's final stage (the last epoch if it never reached it).", "",
+             "| model | fold | stage | epoch |", "|---|---|---|---|"]
+    lines += [f"| {r.model} | {r.fold} | {r.ckpt_stage} | {int(r.ckpt_epoch)} |" for r in used.itertuples()]
+    return lines + [""]

@@ -22,13 +22,40 @@ from data_modules.transforms import preprocessing
 from stvnet.lightning_module import FemurSegmenter
 
 
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint says about itself: when it was written and on which data it was trained."""
+
+    path: Path
+    epoch: int
+    stage: str  # stage name ('single' for a run without a stage schedule)
+    final_stage: bool  # written in the last stage of its schedule (always true without one)
+    data_hparams: dict[str, Any]
+    split: dict[str, Any] | None  # splits key, fold and subjects (FemurDataModule record)
+
+
+def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
+    """Read a ``stvnet train`` checkpoint's epoch, stage and data record (without building the model)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    stage = ckpt.get("stvnet_stage") or {}
+    schedule = (ckpt.get("callbacks") or {}).get("StageSchedule")
+    final = schedule is None or stage.get("index") == len(schedule["stages"]) - 1
+    return CheckpointInfo(Path(path), int(ckpt.get("epoch", -1)), str(stage.get("name", "single")), final,
+                          dict(ckpt.get("datamodule_hyper_parameters") or {}), ckpt.get("FemurDataModule"))
+
+
 def find_checkpoint(run: str | Path) -> Path:
-    """The checkpoint to use for a run folder (its best, else its last) or the path itself if a file."""
+    """The checkpoint that stands for a run folder (the path itself if a file).
+
+    Policy, the same for evaluate, compare and predict: the best validation Dice among the epochs of the run's
+    *final* stage (``best-*.ckpt``, see :class:`~stvnet.callbacks.FinalStageCheckpoint`), so an ST-V-Net is never
+    judged by a stage-1 checkpoint (a plain V-Net); else ``last.ckpt`` (e.g. a run that ended before its last stage).
+    """
     run = Path(run)
     if run.is_file():
         return run
     folder = run / "checkpoints"
-    best = sorted(folder.glob("best-*.ckpt"))
+    best = [p for p in sorted(folder.glob("best-*.ckpt")) if read_checkpoint_info(p).final_stage]
     if best:
         return best[-1]
     if (folder / "last.ckpt").is_file():
@@ -64,8 +91,7 @@ class Predictor:
     @staticmethod
     def read_data_hparams(path: str | Path) -> dict[str, Any]:
         """The datamodule settings a checkpoint was trained with (preprocessing, fold, cohort, manifest)."""
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        return dict(ckpt.get("datamodule_hyper_parameters") or {})
+        return read_checkpoint_info(path).data_hparams
 
     @property
     def transform(self) -> tio.Compose:

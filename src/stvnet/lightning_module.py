@@ -21,6 +21,7 @@ from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from data_modules.folds import check_same_split
 from stvnet.losses import segmentation_loss, soft_dice_loss
 from stvnet.metrics import evaluate_case
 
@@ -82,9 +83,10 @@ class FemurSegmenter(L.LightningModule):
             raise ValueError(f"unknown loss terms {sorted(unknown)}; use {LOSS_TERMS}")
         self.stage: dict[str, Any] = {"index": 0, "name": "single", "train": None, "lr": lr,
                                       "loss_weights": weights, "epochs": None}
+        self._val_rows: list[dict[str, Any]] = []
+        self.init_split: dict[str, Any] | None = None
         if init_weights and not _RESTORING.get():
             self.load_net_weights(init_weights)
-        self._val_rows: list[dict[str, Any]] = []
 
     @classmethod
     def load_from_checkpoint(cls, *args: Any, **kwargs: Any) -> FemurSegmenter:
@@ -109,8 +111,10 @@ class FemurSegmenter(L.LightningModule):
         if not Path(path).is_file():
             raise FileNotFoundError(f"model.init_weights: checkpoint {path} not found (resuming a run that started "
                                     "from it? its weights are in the run's own checkpoint: pass --model.init_weights null)")
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        state = state.get("state_dict", state)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        # the data the source was trained on: checked against this run's fold when training starts (setup)
+        self.init_split = {"path": path, "record": checkpoint.get("FemurDataModule")}
+        state = checkpoint.get("state_dict", checkpoint)
         own = self.net.state_dict()
         source = {k[4:] if k.startswith("net.") else k: v for k, v in state.items()}
         if any(k.startswith("vnet.") for k in source):  # an ST-V-Net checkpoint: its V-Net part must land
@@ -200,6 +204,11 @@ class FemurSegmenter(L.LightningModule):
 
     # ------------------------------------------------------------------ shape prior
     def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if stage == "fit" and self.init_split is not None and datamodule is not None:
+            target = datamodule.state_dict()
+            if "subjects" in target:
+                check_same_split(self.init_split["record"], target, f"model.init_weights {self.init_split['path']}")
         if stage == "fit" and getattr(self.net, "has_prior", True) is False:
             datamodule = getattr(self.trainer, "datamodule", None)
             if datamodule is None or not hasattr(datamodule, "shape_prior"):
