@@ -3,8 +3,10 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
-# CPU wheel here; GPU users: make TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126" or use environment.yml
-TORCH_SPEC ?= torch==2.13.0
+# The torch version is pinned once, in pyproject.toml; installed first from the CPU index when there is one.
+# GPU users: environment.yml, or make TORCH_SPEC="$(TORCH_PIN) --index-url https://download.pytorch.org/whl/cu126"
+TORCH_PIN := $(shell sed -n 's/^ *"\(torch==[^"]*\)".*/\1/p' pyproject.toml)
+TORCH_SPEC ?= $(TORCH_PIN)
 EXPERIMENT ?= experiments/stvnet.yaml
 DATA ?=
 FOLD ?= 0
@@ -29,11 +31,12 @@ TRIALS ?= 4
 ABLATE_FOLDS ?= 0
 ABLATE_EPOCHS ?= 10
 
-.PHONY: install train test synth bench evaluate ablate sweep clean help
+.PHONY: install train test test-multiprocess synth bench evaluate ablate sweep clean help
 
 help:
 	@echo "make train   train EXPERIMENT (default $(EXPERIMENT)) on fold FOLD of DATA (default: synthetic cohort)"
-	@echo "make test    run the test suite"
+	@echo "make test    run the test suite (in-process tests, ~3 min on 2 cores)"
+	@echo "make test-multiprocess   tests that launch DDP ranks, torchrun, sweeps and kill/resume (~5 min; CI runs both)"
 	@echo "make synth   write the synthetic cohort to data/synthetic"
 	@echo "make ablate  V-Net vs ST-V-Net x all/male/female x ABLATE_FOLDS, then evaluate + compare"
 	@echo "make sweep   Optuna search (SPACE, TRIALS); best.yaml + plots under OUT/sweeps/<study>"
@@ -71,7 +74,10 @@ ablate: $(STAMP)
 	$(BIN)/stvnet ablate --folds $(ABLATE_FOLDS) --out $(OUT)/ablation -- --trainer.max_epochs $(ABLATE_EPOCHS) $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(BIN)/python -m pytest -q -m "not multiprocess" $(ARGS)
+
+test-multiprocess: $(STAMP)
+	$(BIN)/python -m pytest -q -m multiprocess $(ARGS)
 
 clean:
 	rm -rf runs outputs wandb lightning_logs .pytest_cache

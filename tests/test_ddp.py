@@ -17,6 +17,7 @@ from stvnet.inference import find_checkpoint
 from tests.conftest import tiny_train_args
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.multiprocess  # training subprocesses and DDP ranks: make test-multiprocess
 SCRIPT = Path(__file__).with_name("ddp_validate.py")
 
 
@@ -29,7 +30,6 @@ def _validate(ckpt: Path, out: Path, devices: int) -> dict:
     return json.loads(out.read_text())
 
 
-@pytest.mark.slow
 def test_ddp_validation_equals_single_process(trained_runs, tmp_path):
     ckpt = find_checkpoint(trained_runs["vnet"])
     single = _validate(ckpt, tmp_path / "single.json", 1)
@@ -43,7 +43,6 @@ def test_ddp_validation_equals_single_process(trained_runs, tmp_path):
         assert ddp[key] == pytest.approx(single[key], abs=1e-6), key
 
 
-@pytest.mark.slow
 def test_torchrun_ranks_train_into_one_run_folder(tiny_cohort, tmp_path):
     """`torchrun` starts each rank as its own `stvnet train`: the ranks of one launch share one run folder, and two
     launches with the same rendezvous id started together (a job array) never share one."""
@@ -76,7 +75,6 @@ def _train_subprocess(args: list[str], launcher: list[str] | None = None, timeou
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
 
 
-@pytest.mark.slow
 def test_staged_stvnet_trains_under_ddp_as_a_user_types_it(tiny_cohort, tmp_path):
     """2 gloo ranks through all three stages: ranks agree, each stage trains exactly its parts (weights and
     normalisation statistics), validation counts each subject once, one run folder, logged lr = lr in use."""

@@ -17,6 +17,7 @@ from tests.conftest import tiny_train_args
 from tests.wandb_records import history
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.multiprocess  # training subprocesses and DDP ranks: make test-multiprocess
 
 
 def _experiment(tmp_path: Path) -> Path:
@@ -42,7 +43,6 @@ def _val(run: Path) -> pd.DataFrame:
     return pd.read_csv(run / "metrics.csv").dropna(subset=["val/dice"]).set_index("epoch")
 
 
-@pytest.mark.slow
 def test_kill_9_mid_stage_then_resume_ends_like_the_uninterrupted_run(tiny_cohort, tmp_path):
     config = _experiment(tmp_path)
 

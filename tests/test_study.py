@@ -20,7 +20,7 @@ def _tiny_extra(manifest: Path) -> list[str]:
             "--trainer.max_epochs", "3", "--run.wandb", "disabled"]
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_ablation_matrix_records_failures_resumes_and_reports(tiny_cohort, tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
     broken.write_text("model:\n  net:\n    class_path: stvnet.models.NoSuchNet\n")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import optuna
+import pandas as pd
 import pytest
 import yaml
 from optuna.trial import TrialState
@@ -43,7 +44,7 @@ def test_set_path_reaches_into_lists():
     assert config["trainer"]["callbacks"][1]["init_args"]["stages"][0]["epochs"] == 7 and config["model"]["lr"] == 0.1
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_workers_share_one_journal_study(tiny_cohort, tmp_path):
     space = _space(tmp_path, tiny_cohort, "shared")
     out = tmp_path / "sweeps"
@@ -67,7 +68,7 @@ def test_two_workers_share_one_journal_study(tiny_cohort, tmp_path):
     assert (out / "shared" / f"trial_{study.best_trial.number:04d}" / "fold0" / "metrics.csv").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(tiny_cohort, tmp_path):
     out = tmp_path / "sweeps"
     pruned = run_sweep(_space(tmp_path, tiny_cohort, "prune", pruner={"name": "threshold", "lower": 0.999}),
@@ -89,7 +90,7 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(tiny_cohort
     assert (out / "fail" / "best.yaml").is_file()
 
 
-@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_workers_share_a_postgresql_study(tiny_cohort, tmp_path):
     url = os.environ.get("STVNET_TEST_POSTGRES_URL")
     if not url:
@@ -108,3 +109,31 @@ def test_two_workers_share_a_postgresql_study(tiny_cohort, tmp_path):
     assert len(numbers) == len(set(numbers)) and 2 <= len(numbers) <= 3
     assert all(t.state == TrialState.COMPLETE for t in study.trials), [(t.number, t.state, t.user_attrs) for t in study.trials]
     optuna.delete_study(study_name=study_name, storage=url)
+
+
+@pytest.mark.multiprocess
+def test_two_device_sweep_of_stvnet_trials_completes_and_prunes(tiny_cohort, tmp_path):
+    """`stvnet sweep --devices 2` runs each staged ST-V-Net trial as 2-rank DDP (gloo on CPU): trials complete, and a
+    pruned trial stops both ranks and is recorded as PRUNED."""
+    stvnet = {
+        "data.manifest": str(tiny_cohort), "data.n_folds": 3, "data.num_workers": 0, "data.augment": 0.0,
+        "data.roi_size": [32, 32, 32], "data.target_spacing": [4.0, 4.0, 4.0], "run.wandb": "disabled",
+        "trainer.max_epochs": 3, "trainer.accelerator": "cpu",
+        "model.net.init_args.vnet.init_args.base_channels": 4, "model.net.init_args.vnet.init_args.depth": 2,
+    }
+    out = tmp_path / "sweeps"
+    space = _space(tmp_path, tiny_cohort, "ddp", base_config=str(ROOT / "experiments" / "stvnet.yaml"), overrides=stvnet)
+    study = run_sweep(space, n_trials=2, out=out, devices=2)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2, [t.user_attrs for t in study.trials]
+    for trial in study.trials:
+        folder = out / "ddp" / f"trial_{trial.number:04d}"
+        log = (folder / "fold0.log").read_text()
+        assert "MEMBER: 2/2" in log  # two DDP ranks trained this trial
+        metrics = pd.read_csv(folder / "fold0" / "metrics.csv")
+        assert sorted(set(metrics["val/stage"].dropna())) == [0, 1, 2]  # through every stage
+        assert trial.value == pytest.approx(metrics["val/dice"].max())
+    space = _space(tmp_path, tiny_cohort, "ddp_prune", base_config=str(ROOT / "experiments" / "stvnet.yaml"),
+                   overrides=stvnet, pruner={"name": "threshold", "lower": 0.999})
+    pruned = run_sweep(space, n_trials=1, out=out, devices=2)
+    assert [t.state for t in pruned.trials] == [TrialState.PRUNED]
+    assert (out / "ddp_prune" / "trial_0000" / "fold0" / "pruned.json").is_file()
