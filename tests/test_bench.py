@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from stvnet.bench import BenchConfig, run_bench
+import torch
+from torch import nn
+
+from stvnet.bench import BenchConfig, bench_gpu_memory, run_bench, training_memory
 
 
 def test_tiny_bench_produces_a_table_with_ratios(tiny_cohort, tmp_path):
@@ -12,10 +15,28 @@ def test_tiny_bench_produces_a_table_with_ratios(tiny_cohort, tmp_path):
     lines = [line for line in table.splitlines() if line.startswith("| ") and "benchmark" not in line]
     names = " ".join(lines)
     for what in ("V-Net train step", "ST-V-Net vs V-Net", "inference one ROI", "sliding window", "metric set",
-                 "loader vs model", "peak RSS train", "peak RSS inference"):
+                 "loader vs model", "peak RSS train", "peak RSS inference", "DDP step, 2 gloo ranks"):
         assert what in names
     # every comparison has a finite positive ratio
     for line in lines:
         cells = [c.strip() for c in line.strip("|").split("|")]
         if cells[4] != "-":
             assert float(cells[4].rstrip("x")) > 0
+
+
+def test_training_memory_counts_what_autograd_keeps():
+    """Known answer: a conv keeps its input for the weight gradient, a ReLU its output; Adam adds 3x the weights."""
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU())
+    x = torch.randn(2, 1, 8, 8, 8)
+    parts = training_memory(net, x, dtype=None)
+    weights = sum(p.numel() * 4 for p in net.parameters())
+    assert parts["weights"] == weights and parts["optimizer"] == 3 * weights
+    assert parts["activations"] == x.numel() * 4 + 2 * 4 * 8 ** 3 * 4
+    net[0].requires_grad_(False)  # frozen parts need no gradients or moments
+    assert training_memory(net, x, dtype=None)["optimizer"] == 0
+
+
+def test_gpu_config_memory_grows_with_the_roi():
+    small, large = (bench_gpu_memory(BenchConfig(gpu_roi=roi)) for roi in (24, 32))
+    for a, b in zip(small, large):
+        assert "GPU memory gpu/" in a["what"] and b["ours"] > a["ours"] > 0

@@ -9,24 +9,33 @@ reference (MONAI), so ratios hold on a shared machine where absolute times drift
   ``sliding_window_inference`` with the same model and overlap;
 * metrics: our full per-case set vs MONAI's Dice + Hausdorff (HD, HD95) + surface distance, by volume size;
 * data pipeline: training samples/s delivered by the datamodule vs the model's consumption rate;
-* peak resident memory of training and of inference (each measured in a fresh subprocess).
+* peak resident memory of training and of inference (each measured in a fresh subprocess);
+* DDP: the per-step cost of ``find_unused_parameters=True`` (what staged runs need) against plain DDP, 2 gloo ranks;
+* GPU memory of the ``experiments/gpu`` configs, measured on any device: parameters, gradients and AdamW moments plus
+  the activations autograd saves for the backward pass (bf16 autocast, the configs' batch and ROI).
 """
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing as mp
 import os
 import platform
 import resource
+import socket
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
 
 from stvnet.metrics import evaluate_case
 from stvnet.models import STVNet, VNet
@@ -44,11 +53,13 @@ class BenchConfig:
     scan_shape: tuple[int, int, int] = (160, 96, 96)
     loader_batches: int = 12
     device: str = "cpu"
+    ddp_steps: int = 8
+    gpu_roi: int | None = None  # None: the gpu configs' own ROI
 
     @classmethod
     def tiny(cls) -> "BenchConfig":
         return cls(step_sizes=(32,), metric_shapes=((24, 24, 24),), repeats=1, full_width=False, roi=32,
-                   scan_shape=(48, 40, 40), loader_batches=2)
+                   scan_shape=(48, 40, 40), loader_batches=2, ddp_steps=2, gpu_roi=32)
 
 
 def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cpu") -> float:
@@ -267,6 +278,112 @@ def bench_memory(cfg: BenchConfig) -> list[dict]:
     return rows
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _ddp_rank(rank: int, world: int, port: int, cfg: BenchConfig, queue: mp.Queue) -> None:
+    """One gloo rank: median step time of ST-V-Net under DDP with and without unused-parameter search."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, cfg.roi, cfg.roi, cfg.roi)
+    times = {}
+    for label, find_unused, frozen in (("plain", False, ()), ("find_unused", True, ()),
+                                       ("find_unused, stage 1 (STN and fusion frozen)", True, ("stn", "fusion"))):
+        net = STVNet(VNet(**cpu_width(cfg)))
+        net.set_prior(torch.rand(1, cfg.roi, cfg.roi, cfg.roi))
+        for part in frozen:
+            getattr(net, part).requires_grad_(False)
+        model = DistributedDataParallel(net, find_unused_parameters=find_unused)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step() -> None:
+            out = model(x)
+            loss = torch.sigmoid(out["vnet_logits" if frozen else "logits"]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        dist.barrier()
+        times[label] = timeit(step, max(cfg.ddp_steps, 1))
+    if rank == 0:
+        queue.put(times)
+    dist.destroy_process_group()
+
+
+def bench_ddp(cfg: BenchConfig) -> list[dict]:
+    """What ``find_unused_parameters=True`` costs per DDP step (2 gloo ranks, CPU configuration of ST-V-Net)."""
+    ctx = mp.get_context("spawn")
+    queue, port = ctx.Queue(), _free_port()
+    procs = [ctx.Process(target=_ddp_rank, args=(r, 2, port, cfg, queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    times = queue.get(timeout=1200)
+    for proc in procs:
+        proc.join()
+    plain = times.pop("plain")
+    return [{"what": f"DDP step, 2 gloo ranks, ST-V-Net 2x1x{cfg.roi}^3, {label}", "ours": t, "reference": plain,
+             "unit": "s", "ratio": plain / t, "reference_name": "DDP find_unused_parameters=False, all parts training"}
+            for label, t in times.items()]
+
+
+def _instantiate(spec: Any) -> Any:
+    """Build a ``class_path``/``init_args`` tree from an experiment YAML (nested specs first)."""
+    if isinstance(spec, dict) and "class_path" in spec:
+        module, name = spec["class_path"].rsplit(".", 1)
+        args = {k: _instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
+        return getattr(importlib.import_module(module), name)(**args)
+    return spec
+
+
+def training_memory(net: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> dict[str, float]:
+    """Bytes a training step keeps: parameters, gradients and AdamW's two moments of the trainable parameters (fp32),
+    and the activations autograd saves in the forward pass for the backward (each storage counted once; parameters
+    excluded). Transient buffers of the backward pass come on top."""
+    params = {p.untyped_storage().data_ptr() for p in net.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast(x.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        out = net(x)
+    del out
+    trainable = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
+    return {"weights": sum(p.numel() * p.element_size() for p in net.parameters()), "optimizer": 3 * trainable,
+            "activations": float(sum(saved.values()))}
+
+
+def bench_gpu_memory(cfg: BenchConfig) -> list[dict]:
+    """Memory per GPU of each ``experiments/gpu`` config at its batch size and ROI (``gpu_roi`` overrides the ROI)."""
+    rows = []
+    folder = Path(__file__).resolve().parents[2] / "experiments" / "gpu"
+    for path in sorted(folder.glob("*.yaml")):
+        config = yaml.safe_load(path.read_text())
+        data = config["data"]
+        roi = cfg.gpu_roi or int(data["roi_size"][0])
+        net = _instantiate(config["model"]["net"])
+        if isinstance(net, STVNet):
+            net.set_prior(torch.rand(1, roi, roi, roi))
+        dtype = torch.bfloat16 if "bf16" in str(config["trainer"].get("precision", "")) else None
+        x = torch.randn(int(data["batch_size"]), 1, roi, roi, roi)
+        parts = training_memory(net, x, dtype)
+        total = sum(parts.values()) / 2**30
+        detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
+        rows.append({"what": f"GPU memory {path.parent.name}/{path.name}: batch {x.shape[0]} x {roi}^3 ({detail} GiB)",
+                     "ours": total, "reference": float("nan"), "unit": "GiB", "ratio": float("nan"),
+                     "reference_name": "-"})
+    return rows
+
+
 def machine_header(cfg: BenchConfig) -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return (f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
@@ -284,14 +401,15 @@ def to_markdown(rows: list[dict], header: str) -> str:
 
 
 def run_bench(cfg: BenchConfig, out: str | Path | None = None, manifest: str | None = None,
-              sections: tuple[str, ...] = ("training", "inference", "metrics", "loader", "memory")) -> str:
+              sections: tuple[str, ...] = ("training", "inference", "metrics", "loader", "memory", "ddp")) -> str:
     """Run the chosen sections, print and optionally save the Markdown table; returns it."""
     torch.manual_seed(0)
     header = machine_header(cfg)
     print(header, flush=True)
     rows: list[dict] = []
     funcs = {"training": bench_training, "inference": bench_inference, "metrics": bench_metrics,
-             "loader": lambda c: bench_loader(c, manifest), "memory": bench_memory}
+             "loader": lambda c: bench_loader(c, manifest), "memory": bench_memory, "ddp": bench_ddp,
+             "gpu_memory": bench_gpu_memory}
     for name in sections:
         t0 = time.perf_counter()
         section = funcs[name](cfg)
