@@ -58,3 +58,18 @@ def trained_runs(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) ->
         (run,) = (out / name / "all" / "fold0").iterdir()
         runs[name] = run
     return runs
+
+
+def vnet_checkpoint(config: dict, data: dict, path: Path) -> Path:
+    """An untrained V-Net of an experiment config's V-Net architecture, saved as if trained on fold 0 of ``data``'s
+    splits (what ``--model.init_weights`` of experiments/stvnet_from_vnet.yaml needs)."""
+    import torch
+
+    from data_modules.datamodule import FemurDataModule
+    from stvnet.lightning_module import FemurSegmenter
+    from stvnet.models import VNet
+
+    init = config["model"]["net"]["init_args"]
+    module = FemurSegmenter(VNet(**(init["vnet"]["init_args"] if "vnet" in init else init)))
+    torch.save({"state_dict": module.state_dict(), "FemurDataModule": FemurDataModule(**data).state_dict()}, path)
+    return path

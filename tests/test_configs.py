@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
@@ -17,7 +16,7 @@ from data_modules.datamodule import FemurDataModule
 from stvnet.callbacks import StageSchedule
 from stvnet.lightning_module import FemurSegmenter
 from stvnet.training import RunOptions
-from tests.conftest import tiny_data_args
+from tests.conftest import tiny_data_args, vnet_checkpoint
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 CONFIGS = sorted(EXPERIMENTS.rglob("*.yaml"))
@@ -61,20 +60,6 @@ def test_staged_vnet_control_differs_from_the_baseline_only_in_its_schedule():
     assert [c["class_path"] for c in extra] == ["stvnet.callbacks.StageSchedule"]
 
 
-def _net_args(config: dict) -> dict:
-    init = config["model"]["net"]["init_args"]
-    return init["vnet"]["init_args"] if "vnet" in init else init
-
-
-def _vnet_checkpoint(config: dict, data: dict, path: Path) -> Path:
-    """An (untrained) V-Net of the config's V-Net architecture, recorded as trained on fold 0 of ``data``'s splits."""
-    from stvnet.models import VNet
-
-    module = FemurSegmenter(VNet(**_net_args(config)))
-    torch.save({"state_dict": module.state_dict(), "FemurDataModule": FemurDataModule(**data).state_dict()}, path)
-    return path
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(EXPERIMENTS)) for c in CONFIGS])
 def test_every_experiment_trains_and_validates_through_all_its_stages(config, tiny_cohort, tmp_path):
@@ -94,7 +79,7 @@ def test_every_experiment_trains_and_validates_through_all_its_stages(config, ti
             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
             "--run.out", str(tmp_path / "runs"), "--run.wandb", "disabled"]
     if "init_weights" in resolved["model"]:
-        args += ["--model.init_weights", str(_vnet_checkpoint(resolved, data, tmp_path / "vnet.ckpt"))]
+        args += ["--model.init_weights", str(vnet_checkpoint(resolved, data, tmp_path / "vnet.ckpt"))]
     assert cli_main(["train", *args]) == 0
     (run,) = list((tmp_path / "runs" / resolved["run"]["name"] / "all" / "fold0").iterdir())
     metrics = pd.read_csv(run / "metrics.csv")

@@ -12,9 +12,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from stvnet.inference import find_checkpoint
-from tests.conftest import tiny_train_args
+from tests.conftest import tiny_data_args, tiny_train_args, vnet_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multiprocess  # training subprocesses and DDP ranks: make test-multiprocess
@@ -113,3 +114,28 @@ def test_staged_stvnet_trains_under_ddp_as_a_user_types_it(tiny_cohort, tmp_path
     logged = metrics.dropna(subset=["lr-AdamW"]).set_index("step")["lr-AdamW"]
     used = pd.Series(ranks[0]["lr"])
     assert len(logged) == len(used) and logged.to_numpy() == pytest.approx(used.loc[logged.index].to_numpy(), rel=1e-6)
+
+
+EXPERIMENTS = ROOT / "experiments"
+CONFIGS = sorted(EXPERIMENTS.rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(EXPERIMENTS)) for c in CONFIGS])
+def test_every_experiment_trains_under_ddp_as_typed(config, tiny_cohort, tmp_path):
+    """`--trainer.devices 2 --trainer.strategy ddp` works for every shipped experiment, through all its stages."""
+    resolved = yaml.safe_load(config.read_text())
+    roi = 48 if config.parent.name == "gpu" else 32  # see tests/test_configs.py
+    out = tmp_path / "runs"
+    args = ["--config", str(config), "--data.manifest", str(tiny_cohort), "--data.n_folds", "3",
+            "--data.num_workers", "0", "--data.roi_size", f"[{roi}, {roi}, {roi}]", "--data.target_spacing", "[4.0, 4.0, 4.0]",
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--run.out", str(out), "--run.wandb", "disabled"]
+    if "init_weights" in resolved["model"]:
+        data = tiny_data_args(tiny_cohort, out / "splits")
+        args += ["--model.init_weights", str(vnet_checkpoint(resolved, data, tmp_path / "vnet.ckpt"))]
+    proc = _train_subprocess(args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = list((out / resolved["run"]["name"] / "all" / "fold0").iterdir())
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert metrics["val/dice"].dropna().size == 3 and "MEMBER: 2/2" in proc.stderr + proc.stdout
