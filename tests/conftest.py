@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 from data_modules.synthetic import make_cohort
+
+ROOT = Path(__file__).resolve().parents[1]
+# every subprocess a test starts (training runs, DDP ranks, sweep trials, torchrun) imports this checkout's code,
+# whatever stvnet happens to be installed in the environment
+os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 TINY_SPACING = (3.0, 3.0, 4.0)
 
@@ -73,3 +79,13 @@ def vnet_checkpoint(config: dict, data: dict, path: Path) -> Path:
     module = FemurSegmenter(VNet(**(init["vnet"]["init_args"] if "vnet" in init else init)))
     torch.save({"state_dict": module.state_dict(), "FemurDataModule": FemurDataModule(**data).state_dict()}, path)
     return path
+
+
+def png_colours(path: Path, colours: dict[str, tuple[float, float, float]], tol: float = 0.08) -> tuple[tuple[int, int], dict[str, int]]:
+    """A PNG's (width, height) and how many of its pixels are each named RGB colour (0-1, within ``tol``)."""
+    import matplotlib.image
+    import numpy as np
+
+    rgb = matplotlib.image.imread(str(path))[..., :3]
+    counts = {name: int((np.abs(rgb - np.asarray(c)).max(-1) < tol).sum()) for name, c in colours.items()}
+    return (rgb.shape[1], rgb.shape[0]), counts

@@ -23,7 +23,7 @@ SCRIPT = Path(__file__).with_name("ddp_validate.py")
 
 
 def _validate(ckpt: Path, out: Path, devices: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(SCRIPT.parents[1]))
+    env = dict(os.environ)
     env.pop("LOCAL_RANK", None)
     proc = subprocess.run([sys.executable, str(SCRIPT), str(ckpt), str(out), str(devices)],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -50,7 +50,7 @@ def test_torchrun_ranks_train_into_one_run_folder(tiny_cohort, tmp_path):
     out = tmp_path / "runs"
     args = tiny_train_args(tiny_cohort, out, epochs=1) + [
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "STVNET_RUN_DIR"):
         env.pop(var, None)
     jobs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
@@ -69,7 +69,7 @@ def test_torchrun_ranks_train_into_one_run_folder(tiny_cohort, tmp_path):
 
 def _train_subprocess(args: list[str], launcher: list[str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
     """``stvnet train`` in a fresh process running this checkout's code (Lightning's DDP launcher re-runs it)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "STVNET_RUN_DIR"):
         env.pop(var, None)
     cmd = [sys.executable, *(launcher or []), "-m", "stvnet.cli", "train", *args]

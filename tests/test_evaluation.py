@@ -17,6 +17,17 @@ from stvnet.evaluation import (
     training_cohort_pairs,
 )
 from stvnet.metrics import METRIC_KEYS
+from tests.conftest import png_colours
+
+
+def _colour_count(path, colour, third: int, tol: float = 0.08) -> int:
+    """Pixels of one RGB colour in the left, middle or right third of a PNG (one panel of a tri-planar overlay)."""
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(str(path))[..., :3]
+    width = rgb.shape[1] // 3
+    part = rgb[:, third * width:(third + 1) * width]
+    return int((np.abs(part - np.asarray(colour)).max(-1) < tol).sum())
 
 
 @pytest.mark.slow
@@ -41,10 +52,21 @@ def test_evaluate_two_models_writes_full_report(trained_runs, tiny_cohort, tmp_p
     assert "dice_p_vs_vnet" in summary.columns
     md = (out / "summary.md").read_text()
     assert "| model | cohort | n | DSC |" in md and "p=" in md
-    assert (out / "boxplots.png").stat().st_size > 10_000
+    # box plots: one 3.2 x 3.6 in panel per paper metric at 110 dpi, men's (blue) and women's (red) points on them
+    # (tab:blue and tab:red at alpha 0.7 over white)
+    size, counts = png_colours(out / "boxplots.png", {"M": (0.38, 0.63, 0.80), "F": (0.89, 0.41, 0.41)}, tol=0.06)
+    assert size == (round(3.2 * 5 * 110), round(3.6 * 110))
+    for sex, n in per_subject["sex"].value_counts().items():
+        assert counts[sex] > 10 * n, (sex, n, counts)  # every subject's point, in its sex's colour
     for model in ("vnet", "vnet_b"):
         for tag in ("best", "median", "worst"):
-            assert len(list(out.glob(f"overlay_{model}_{tag}_sub-*.png"))) == 1
+            (overlay,) = list(out.glob(f"overlay_{model}_{tag}_sub-*.png"))
+            # three views at 13 x 4.8 in, 100 dpi, each with the ground truth (lime) and the prediction (red) drawn
+            size, counts = png_colours(overlay, {"truth": (0.0, 1.0, 0.0), "prediction": (1.0, 0.0, 0.0)})
+            assert size == (1300, 480) and counts["truth"] > 50 and counts["prediction"] > 50, (overlay, counts)
+            # every panel (axial, coronal, sagittal thirds) shows both outlines
+            thirds = [_colour_count(overlay, c, third) for c in ((0.0, 1.0, 0.0), (1.0, 0.0, 0.0)) for third in range(3)]
+            assert min(thirds) > 5, (overlay, thirds)
     with pytest.raises(FileExistsError):
         evaluate_runs([trained_runs["vnet"]], out)
 

@@ -32,7 +32,7 @@ def _experiment(tmp_path: Path) -> Path:
 
 
 def _train(args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "STVNET_RUN_DIR", "WANDB_MODE"):
         env.pop(var, None)
     return subprocess.run([sys.executable, "-m", "stvnet.cli", "train", *args], capture_output=True, text=True,

@@ -10,6 +10,7 @@ import pytest
 
 from stvnet.cli import main as cli_main
 from stvnet.compare import compare_runs
+from tests.conftest import png_colours
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,3 +73,6 @@ def test_compare_reports_convergence_and_learning_curves(trained_runs, tmp_path)
     assert (pd.isna(got) and expected is None) or got == expected
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     assert "| all | vnet | 1 |" in md and "learning_curves.png" in md
+    # one 5.5 x 4 in panel per cohort at 110 dpi with both models' curves (matplotlib's first two colours)
+    size, counts = png_colours(tmp_path / "cmp" / "learning_curves.png", {"vnet": (0.12, 0.47, 0.71), "vnet_b": (1.0, 0.5, 0.05)})
+    assert size == (round(5.5 * 110), round(4 * 110)) and counts["vnet"] > 50 and counts["vnet_b"] > 50, counts

@@ -48,7 +48,7 @@ def test_set_path_reaches_into_lists():
 def test_two_workers_share_one_journal_study(tiny_cohort, tmp_path):
     space = _space(tmp_path, tiny_cohort, "shared")
     out = tmp_path / "sweeps"
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     cmd = [sys.executable, "-m", "stvnet.cli", "sweep", "--space", str(space), "--trials", "4", "--out", str(out)]
     workers = [subprocess.Popen(cmd + ["--worker", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True) for i in range(2)]
@@ -97,7 +97,7 @@ def test_two_workers_share_a_postgresql_study(tiny_cohort, tmp_path):
         pytest.skip("no PostgreSQL server: run `export STVNET_TEST_POSTGRES_URL=$(bash .ci/postgres.sh)` (CI does) to enable this test")
     study_name = f"pg-{os.getpid()}-{tmp_path.name}"
     space = _space(tmp_path, tiny_cohort, "pg")
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env = dict(os.environ)
     cmd = [sys.executable, "-m", "stvnet.cli", "sweep", "--space", str(space), "--trials", "2", "--study", study_name,
            "--storage", url, "--out", str(tmp_path / "sweeps")]
     workers = [subprocess.Popen(cmd + ["--worker", str(i)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

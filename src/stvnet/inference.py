@@ -149,13 +149,21 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return (labels == sizes.argmax()).astype(np.uint8)
 
 
-def ensemble_segment(predictors: list[Predictor], image_path: str | Path, threshold: float = 0.5,
-                     keep_largest: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """Average the probabilities of several models (e.g. all folds) in the scan's grid, then threshold."""
+def ensemble_probabilities(predictors: list[Predictor], image_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Mean femur probability of several models (e.g. all folds) in the scan's own grid, and that grid's affine."""
+    if not predictors:
+        raise ValueError("an ensemble needs at least one checkpoint")
     total, affine = None, None
     for predictor in predictors:
         prob, affine = predictor.original_probabilities(image_path)
         total = prob if total is None else total + prob
     assert total is not None and affine is not None
-    mask = (total / len(predictors) > threshold).astype(np.uint8)
+    return total / len(predictors), affine
+
+
+def ensemble_segment(predictors: list[Predictor], image_path: str | Path, threshold: float = 0.5,
+                     keep_largest: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Threshold the ensemble's mean probability in the scan's grid (optionally keeping the largest component)."""
+    prob, affine = ensemble_probabilities(predictors, image_path)
+    mask = (prob > threshold).astype(np.uint8)
     return (largest_component(mask) if keep_largest else mask), affine

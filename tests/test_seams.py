@@ -1,0 +1,192 @@
+"""Unit tests at the seams where a silent bug corrupts a study: exact preprocessing values, ROI bounds, the subjects
+each loader serves, the spacing that reaches every metric call, ensembles, known-answer surface distances, the
+stage a checkpoint restores, and subprocesses that run this checkout's code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torchio as tio
+
+import stvnet.evaluation
+import stvnet.lightning_module
+from data_modules.datamodule import FemurDataModule
+from data_modules.transforms import RoiCrop, preprocessing
+from stvnet.callbacks import Stage, StageSchedule
+from stvnet.inference import ensemble_probabilities, ensemble_segment
+from stvnet.lightning_module import FemurSegmenter
+from stvnet.metrics import evaluate_case
+from stvnet.models import STVNet, VNet
+from tests.conftest import tiny_data_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing
+def test_hu_window_clamps_and_scales_to_exact_values():
+    hu = np.array([-1000.0, -200.0, 300.0, 800.0, 1800.0, 3000.0], dtype=np.float32)
+    image = tio.ScalarImage(tensor=torch.from_numpy(hu).reshape(1, 6, 1, 1), affine=np.eye(4))
+    out = preprocessing(None, None, None, hu_window=(-200.0, 1800.0))(tio.Subject(image=image))
+    assert out["image"].data.flatten().tolist() == [0.0, 0.0, 0.25, 0.5, 1.0, 1.0]
+    other = preprocessing(None, None, None, hu_window=(0.0, 1000.0))(tio.Subject(image=image))
+    assert other["image"].data.flatten().tolist() == pytest.approx([0.0, 0.0, 0.3, 0.8, 1.0, 1.0], abs=1e-7)
+
+
+def test_hu_window_leaves_the_label_untouched():
+    label = tio.LabelMap(tensor=torch.tensor([0, 1, 1, 0], dtype=torch.uint8).reshape(1, 4, 1, 1), affine=np.eye(4))
+    image = tio.ScalarImage(tensor=torch.full((1, 4, 1, 1), 500.0), affine=np.eye(4))
+    out = preprocessing(None, None, None)(tio.Subject(image=image, label=label))
+    assert out["label"].data.flatten().tolist() == [0, 1, 1, 0]
+
+
+def test_roi_bounds_on_a_non_cubic_volume_with_an_asymmetric_centre():
+    crop = RoiCrop((32, 16, 24), (0.2, 0.7, 0.9))
+    pad, cut = crop.bounds((100, 60, 40))
+    # start = round(fraction * n - size / 2): x 4, y 34, z 24 (its end, 48, is 8 past the last slice)
+    assert pad == [0, 0, 0, 0, 0, 8] and cut == [4, 64, 34, 10, 24, 0]
+    assert RoiCrop((10, 10, 10), None).bounds((30, 20, 10)) == ([0, 0, 0, 0, 0, 0], [10, 10, 5, 5, 0, 0])
+
+
+def test_roi_crop_takes_exactly_those_voxels_and_pads_with_the_minimum():
+    shape = (100, 60, 40)
+    coded = np.arange(np.prod(shape), dtype=np.float32).reshape(shape) + 1.0  # every voxel its own value, min 1
+    affine = np.diag([0.7, 0.8, 2.5, 1.0])
+    subject = tio.Subject(image=tio.ScalarImage(tensor=torch.from_numpy(coded)[None], affine=affine))
+    out = RoiCrop((32, 16, 24), (0.2, 0.7, 0.9))(subject)["image"]
+    data = out.data[0].numpy()
+    assert data.shape == (32, 16, 24)
+    assert np.array_equal(data[:, :, :16], coded[4:36, 34:50, 24:40])
+    assert (data[:, :, 16:] == 1.0).all()  # padded beyond the scan with its minimum
+    assert np.allclose(out.affine[:3, 3], [4 * 0.7, 34 * 0.8, 24 * 2.5])  # the ROI knows where it lies
+
+
+# ---------------------------------------------------------------------------------------------- loaders
+def _ids(loader) -> list[str]:
+    return [sid for batch in loader for sid in batch["subject_id"]]
+
+
+def test_each_loader_serves_exactly_its_splits_subjects_for_every_fold(tiny_cohort, tmp_path):
+    for fold in range(3):
+        dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", fold=fold, batch_size=1))
+        dm.prepare_data()
+        dm.setup("fit")
+        record = json.loads(dm.save_splits(tmp_path / f"run{fold}").read_text())  # the run's own splits.json
+        expected = {"train": record["folds"][fold]["train"], "val": record["folds"][fold]["val"], "test": record["test"]}
+        served = {"train": _ids(dm.train_dataloader()), "val": _ids(dm.val_dataloader()), "test": _ids(dm.test_dataloader())}
+        for split in expected:
+            assert sorted(served[split]) == sorted(expected[split]), (fold, split)
+        assert not (set(served["train"]) & set(served["val"])) and not (set(served["train"]) | set(served["val"])) & set(served["test"])
+    assert len({tuple(json.loads((tmp_path / f"run{f}" / "splits.json").read_text())["folds"][f]["val"]) for f in range(3)}) == 3
+
+
+# ---------------------------------------------------------------------------------------------- spacing
+class _SpacingRecorder:
+    def __init__(self, original):
+        self.original, self.spacings = original, []
+
+    def __call__(self, pred, target, spacing):
+        self.spacings.append(tuple(float(s) for s in spacing))
+        return self.original(pred, target, spacing)
+
+
+def test_validation_metrics_get_the_roi_spacing_in_array_order(tiny_cohort, tmp_path, monkeypatch):
+    recorder = _SpacingRecorder(evaluate_case)
+    monkeypatch.setattr(stvnet.lightning_module, "evaluate_case", recorder)
+    dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", target_spacing=(3.0, 4.0, 5.0)))
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
+    trainer.validate(FemurSegmenter(VNet(base_channels=4, depth=2, kernel_size=3)), datamodule=dm)
+    assert recorder.spacings == [pytest.approx((3.0, 4.0, 5.0))] * 2
+
+
+@pytest.mark.slow
+def test_evaluation_scores_in_each_labels_own_spacing(trained_runs, tiny_cohort, tmp_path, monkeypatch):
+    recorder = _SpacingRecorder(evaluate_case)
+    monkeypatch.setattr(stvnet.evaluation, "evaluate_case", recorder)
+    table = stvnet.evaluation.evaluate_runs([trained_runs["vnet"]], tmp_path / "eval", save_masks=False, figures=False)
+    zooms = [tuple(float(z) for z in nib.load(label).header.get_zooms()[:3]) for label in table["label"]]
+    assert recorder.spacings == zooms and len(set(zooms[0])) > 1  # anisotropic, passed in array-axis order
+
+
+# ---------------------------------------------------------------------------------------------- ensembles
+class _Fixed:
+    """A stand-in predictor with a fixed probability map."""
+
+    def __init__(self, prob: np.ndarray):
+        self.prob = prob
+
+    def original_probabilities(self, image_path):
+        return self.prob, np.eye(4)
+
+
+def test_ensemble_probability_is_the_mean_of_its_members():
+    a = np.array([0.9, 0.3, 0.6, 0.0], dtype=np.float32)
+    b = np.array([0.2, 0.3, 0.0, 0.0], dtype=np.float32)
+    c = np.array([0.4, 0.3, 0.9, 0.0], dtype=np.float32)
+    prob, _ = ensemble_probabilities([_Fixed(a), _Fixed(b), _Fixed(c)], "scan.nii.gz")
+    assert prob == pytest.approx((a + b + c) / 3)
+    mask, _ = ensemble_segment([_Fixed(a), _Fixed(b)], "scan.nii.gz", threshold=0.5)
+    assert mask.tolist() == [1, 0, 0, 0]  # means 0.55, 0.3, 0.3, 0: neither the last member alone nor the sum
+
+
+# ---------------------------------------------------------------------------------------------- surface distances
+def _sheet(shape=(12, 12, 12)) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[1:11, 1:11, 3] = True  # a 10 x 10 plate one voxel thick: every voxel is on its surface
+    return mask
+
+
+def test_hd95_and_assd_of_a_shifted_plate_equal_the_shift_in_mm():
+    target = _sheet()
+    pred = np.roll(target, 2, axis=2)
+    m = evaluate_case(pred, target, (0.5, 0.7, 2.5))
+    assert m["hd"] == pytest.approx(5.0) and m["hd95"] == pytest.approx(5.0) and m["assd"] == pytest.approx(5.0)
+
+
+def test_one_outlier_moves_hd_but_not_hd95_and_a_known_share_of_assd():
+    target = _sheet()
+    pred = target.copy()
+    pred[5, 5, 7] = True  # 4 slices (10 mm) from the plate; the other 100 prediction voxels lie on it
+    m = evaluate_case(pred, target, (0.5, 0.7, 2.5))
+    assert m["hd"] == pytest.approx(10.0)
+    assert m["hd95"] == pytest.approx(0.0)
+    assert m["assd"] == pytest.approx(10.0 / 201)  # one distance of 10 mm among 101 + 100 surface voxels
+
+
+# ---------------------------------------------------------------------------------------------- stages
+def test_a_checkpoint_restores_the_stage_it_was_written_in(tmp_path):
+    module = FemurSegmenter(STVNet(VNet(base_channels=4, depth=2, kernel_size=3), stn_features=(4,)))
+    module.net.set_prior(torch.full((1, 1, 8, 8, 8), 0.5))
+    schedule = StageSchedule([Stage(name="vnet", epochs=2, train=["vnet"]), Stage(name="stn", epochs=3, train=["stn"])])
+    module.set_stage(schedule.stage_setup(1, module.lr))
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    net = STVNet(VNet(base_channels=4, depth=2, kernel_size=3), stn_features=(4,))
+    restored = FemurSegmenter.load_from_checkpoint(tmp_path / "mid.ckpt", net=net, map_location="cpu")
+    assert restored.stage == module.stage and restored.stage["name"] == "stn" and restored.stage["train"] == ["stn"]
+    other = StageSchedule([Stage(name="vnet", epochs=14), Stage(name="stn", epochs=4)], scale_to_max_epochs=True)
+    other.load_state_dict(schedule.state_dict())
+    assert [s.epochs for s in other.stages] == [2, 3] and other.starts == [0, 2]
+
+
+# ---------------------------------------------------------------------------------------------- subprocesses
+def test_subprocesses_import_this_checkouts_code(tmp_path):
+    """Even from another folder and with another stvnet first on the path, a test's subprocess runs this checkout."""
+    decoy = tmp_path / "site" / "stvnet"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the installed copy, not the checkout under test')")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(decoy.parent)])
+    code = "import stvnet, data_modules; print(stvnet.__file__); print(data_modules.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
+    for line in out.stdout.split():
+        assert Path(line).resolve().is_relative_to(ROOT), line
