@@ -161,6 +161,18 @@ def test_one_outlier_moves_hd_but_not_hd95_and_a_known_share_of_assd():
     assert m["assd"] == pytest.approx(10.0 / 201)  # one distance of 10 mm among 101 + 100 surface voxels
 
 
+def test_hd95_is_the_95th_percentile_of_a_known_distance_distribution():
+    target = _sheet()
+    pred = target.copy()
+    pred[1, 1:11, 3] = False
+    pred[1, 1:11, 5] = True  # one row of 10 lifted by 2 slices (5 mm); the rest (90) stays on the plate
+    m = evaluate_case(pred, target, (0.5, 0.7, 2.5))
+    # pred -> plate: 90 x 0 and 10 x 5 mm, so its 95th percentile is 5 mm (a 90th would be 0.5 mm);
+    # plate -> pred: 90 x 0 and 10 x 0.5 mm (the neighbouring row)
+    assert m["hd"] == pytest.approx(5.0) and m["hd95"] == pytest.approx(5.0)
+    assert m["assd"] == pytest.approx((10 * 5.0 + 10 * 0.5) / 200)
+
+
 # ---------------------------------------------------------------------------------------------- stages
 def test_a_checkpoint_restores_the_stage_it_was_written_in(tmp_path):
     module = FemurSegmenter(STVNet(VNet(base_channels=4, depth=2, kernel_size=3), stn_features=(4,)))
