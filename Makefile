@@ -31,12 +31,13 @@ TRIALS ?= 4
 ABLATE_FOLDS ?= 0
 ABLATE_EPOCHS ?= 10
 
-.PHONY: install train test test-multiprocess synth bench evaluate ablate sweep clean help
+.PHONY: install train test test-multiprocess mutate synth bench evaluate ablate sweep clean help
 
 help:
 	@echo "make train   train EXPERIMENT (default $(EXPERIMENT)) on fold FOLD of DATA (default: synthetic cohort)"
 	@echo "make test    run the test suite (in-process tests, ~3 min on 2 cores)"
 	@echo "make test-multiprocess   tests that launch DDP ranks, torchrun, sweeps and kill/resume (~5 min; CI runs both)"
+	@echo "make mutate  mutation testing (mutmut) of the modules in [tool.mutmut]; score in mutation/score.md"
 	@echo "make synth   write the synthetic cohort to data/synthetic"
 	@echo "make ablate  V-Net vs ST-V-Net x all/male/female x ABLATE_FOLDS, then evaluate + compare"
 	@echo "make sweep   Optuna search (SPACE, TRIALS); best.yaml + plots under OUT/sweeps/<study>"
@@ -79,5 +80,14 @@ test: $(STAMP)
 test-multiprocess: $(STAMP)
 	$(BIN)/python -m pytest -q -m multiprocess $(ARGS)
 
+# mutation testing ([tool.mutmut] in pyproject.toml names the modules); mutation/survivors.md explains the survivors
+mutate: $(STAMP)
+	$(BIN)/python -m pip install --quiet "mutmut==3.8.1"
+	rm -rf mutants
+	STVNET_TEST_COHORT_CACHE=$(CURDIR)/mutants-cohort $(BIN)/mutmut run --max-children $$(nproc) || true
+	mkdir -p mutation
+	$(BIN)/mutmut results --all true > mutation/results.txt
+	awk -F': ' '{n[$$2]++; t++} END {printf "| mutants | killed | survived | other | score |\n|---|---|---|---|---|\n| %d | %d | %d | %d | %.1f%% |\n", t, n["killed"], n["survived"], t - n["killed"] - n["survived"], 100 * n["killed"] / t}' mutation/results.txt | tee mutation/score.md
+
 clean:
-	rm -rf runs outputs wandb lightning_logs .pytest_cache
+	rm -rf runs outputs wandb lightning_logs .pytest_cache mutants mutants-cohort

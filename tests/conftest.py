@@ -19,7 +19,17 @@ TINY_SPACING = (3.0, 3.0, 4.0)
 
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 14-subject cohort at coarse resolution; returns its manifest."""
+    """A 14-subject cohort at coarse resolution; returns its manifest. With ``STVNET_TEST_COHORT_CACHE`` set (as
+    ``make mutate`` does, which runs the tests once per mutant) it is written there once and reused."""
+    cache = os.environ.get("STVNET_TEST_COHORT_CACHE")
+    if cache:
+        from filelock import FileLock
+
+        Path(cache).mkdir(parents=True, exist_ok=True)
+        with FileLock(str(Path(cache) / ".lock")):
+            manifest = Path(cache) / "manifest.csv"
+            return manifest if manifest.is_file() else make_cohort(cache, n_subjects=14, seed=7, spacing=TINY_SPACING,
+                                                                   workers=1)
     out = tmp_path_factory.mktemp("tiny_cohort")
     return make_cohort(out, n_subjects=14, seed=7, spacing=TINY_SPACING, workers=1)
 

@@ -69,7 +69,8 @@ def test_empty_masks_are_handled_consistently():
     empty = np.zeros((20, 20, 20), bool)
     full = sphere((20, 20, 20), (10, 10, 10), 5)
     both = evaluate_case(empty, empty, (1.0, 1.0, 2.0))
-    assert both["dice"] == 1.0 and both["hd"] == 0.0 and both["assd"] == 0.0 and both["rvd"] == 0.0
+    assert both["dice"] == 1.0 and both["hd"] == 0.0 and both["hd95"] == 0.0 and both["assd"] == 0.0
+    assert both["rvd"] == 0.0
     diag = float(np.linalg.norm([20, 20, 40]))
     missed = evaluate_case(empty, full, (1.0, 1.0, 2.0))
     assert missed["dice"] == 0.0 and missed["sensitivity"] == 0.0 and missed["rvd"] == -1.0
@@ -84,12 +85,17 @@ def test_accepts_torch_and_01_and_rejects_bad_input():
     m_np = evaluate_case(a, a.astype(np.uint8))
     m_t = evaluate_case(torch.from_numpy(a).float(), torch.from_numpy(a))
     assert m_np == m_t
-    with pytest.raises(ValueError, match="binary"):
+    with pytest.raises(ValueError, match=r"pred must be binary .* such as \[2\.5\]"):
         evaluate_case(a * 2.5, a)
+    labels = np.arange(16 ** 3).reshape(16, 16, 16) % 9  # values 0..8: the message shows the first five bad ones
+    with pytest.raises(ValueError, match=r"target must be binary .* such as \[2, 3, 4, 5, 6\]$"):
+        evaluate_case(a, labels)
     with pytest.raises(ValueError, match="differ"):
         evaluate_case(a, a[:-1])
     with pytest.raises(ValueError, match="spacing"):
         evaluate_case(a, a, (1.0, 1.0))
+    with pytest.raises(ValueError, match="spacing"):  # a zero voxel size is no spacing at all
+        evaluate_case(a, a, (1.0, 0.0, 1.0))
 
 
 def test_surface_on_array_border_counts():
