@@ -155,3 +155,21 @@ def test_command_line_keys_win_over_the_config_wherever_they_are_written(capsys)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["fold"] == 2 and printed["model"]["lr"] == 0.005
     assert printed["trainer"]["max_epochs"] == yaml.safe_load(Path(config).read_text())["trainer"]["max_epochs"]
+
+
+def test_staged_runs_get_a_ddp_strategy_that_tolerates_frozen_parts(monkeypatch):
+    """What a user types (`ddp`, or `auto` on several devices) becomes DDP with unused-parameter detection."""
+    from stvnet.training import strategy_for_stages
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    found = "ddp_find_unused_parameters_true"
+    assert strategy_for_stages("ddp", 2, 1, "cpu") == found
+    assert strategy_for_stages("ddp_spawn", 2, 1, "cpu") == "ddp_spawn_find_unused_parameters_true"
+    for devices in (2, [0, 1], "0,1", "2"):
+        assert strategy_for_stages("auto", devices, 1, "gpu") == found, devices
+    assert strategy_for_stages("auto", 1, 2, "gpu") == found  # two nodes
+    for devices in (1, [0], "1", "auto"):
+        assert strategy_for_stages("auto", devices, 1, "cpu") == "auto", devices  # one process: no DDP at all
+    assert strategy_for_stages("fsdp", 2, 1, "gpu") == "fsdp"
+    monkeypatch.setenv("WORLD_SIZE", "4")  # started by torchrun or srun
+    assert strategy_for_stages("auto", 1, 1, "gpu") == found

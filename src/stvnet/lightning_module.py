@@ -210,7 +210,6 @@ class FemurSegmenter(L.LightningModule):
             if "subjects" in target:
                 check_same_split(self.init_split["record"], target, f"model.init_weights {self.init_split['path']}")
         if stage == "fit" and getattr(self.net, "has_prior", True) is False:
-            datamodule = getattr(self.trainer, "datamodule", None)
             if datamodule is None or not hasattr(datamodule, "shape_prior"):
                 raise RuntimeError("ST-V-Net needs a datamodule with shape_prior() to build its prior")
             self.net.set_prior(datamodule.shape_prior(alignment=self.prior_alignment))

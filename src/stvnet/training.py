@@ -101,7 +101,6 @@ def run_dir_for(options: RunOptions, cohort: str, fold: int, ckpt_path: str | No
     external launch (srun step; torchrun through its agent's store), or a new timestamped one."""
     if os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
-    store = None
     if options.dir:
         path = Path(options.dir)
     elif ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
