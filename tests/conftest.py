@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -99,3 +101,17 @@ def png_colours(path: Path, colours: dict[str, tuple[float, float, float]], tol:
     rgb = matplotlib.image.imread(str(path))[..., :3]
     counts = {name: int((np.abs(rgb - np.asarray(c)).max(-1) < tol).sum()) for name, c in colours.items()}
     return (rgb.shape[1], rgb.shape[0]), counts
+
+
+def launch_env() -> dict[str, str]:
+    """The environment of a fresh top-level launch: no inherited rank, run folder or W&B mode; one thread per rank."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "STVNET_RUN_DIR", "WANDB_MODE"):
+        env.pop(var, None)
+    return env
+
+
+def train_in_subprocess(args: list[str], timeout: int = 900) -> subprocess.CompletedProcess:
+    """``stvnet train`` in a fresh process running this checkout's code (Lightning's DDP launcher re-runs it)."""
+    return subprocess.run([sys.executable, "-m", "stvnet.cli", "train", *args], capture_output=True, text=True,
+                          env=launch_env(), timeout=timeout, cwd=ROOT)

@@ -4,7 +4,6 @@ gathered and de-duplicated, so the DistributedSampler's padding never biases the
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 import yaml
 
 from stvnet.inference import find_checkpoint
-from tests.conftest import tiny_data_args, tiny_train_args, vnet_checkpoint
+from tests.conftest import launch_env, tiny_data_args, tiny_train_args, train_in_subprocess, vnet_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multiprocess  # training subprocesses and DDP ranks: make test-multiprocess
@@ -23,10 +22,8 @@ SCRIPT = Path(__file__).with_name("ddp_validate.py")
 
 
 def _validate(ckpt: Path, out: Path, devices: int) -> dict:
-    env = dict(os.environ)
-    env.pop("LOCAL_RANK", None)
     proc = subprocess.run([sys.executable, str(SCRIPT), str(ckpt), str(out), str(devices)],
-                          capture_output=True, text=True, env=env, timeout=600)
+                          capture_output=True, text=True, env=launch_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -50,9 +47,7 @@ def test_torchrun_ranks_train_into_one_run_folder(tiny_cohort, tmp_path):
     out = tmp_path / "runs"
     args = tiny_train_args(tiny_cohort, out, epochs=1) + [
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "STVNET_RUN_DIR"):
-        env.pop(var, None)
+    env = launch_env()
     jobs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"localhost:{port}", "--rdzv-id", "array-7",
                               "-m", "stvnet.cli", "train", *args], env=env, cwd=ROOT, text=True,
@@ -67,15 +62,6 @@ def test_torchrun_ranks_train_into_one_run_folder(tiny_cohort, tmp_path):
     assert sorted(stdout.split("Run folder: ")[1].split()[0] for stdout, _ in logs) == [str(r) for r in runs]
 
 
-def _train_subprocess(args: list[str], launcher: list[str] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
-    """``stvnet train`` in a fresh process running this checkout's code (Lightning's DDP launcher re-runs it)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "STVNET_RUN_DIR"):
-        env.pop(var, None)
-    cmd = [sys.executable, *(launcher or []), "-m", "stvnet.cli", "train", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
-
-
 def test_staged_stvnet_trains_under_ddp_as_a_user_types_it(tiny_cohort, tmp_path):
     """2 gloo ranks through all three stages: ranks agree, each stage trains exactly its parts (weights and
     normalisation statistics), validation counts each subject once, one run folder, logged lr = lr in use."""
@@ -84,7 +70,7 @@ def test_staged_stvnet_trains_under_ddp_as_a_user_types_it(tiny_cohort, tmp_path
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
         "--model.net.init_args.vnet.init_args.norm", "batch",  # running statistics that a frozen V-Net must keep
         "--trainer.callbacks+=tests.ddp_probe.StageSnapshots", f"--trainer.callbacks.out={probe}"]
-    proc = _train_subprocess(args)
+    proc = train_in_subprocess(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(probe / f"rank{r}.pt", weights_only=False) for r in range(2)]
     assert ranks[0]["stage"] == {0: "vnet", 1: "stn", 2: "finetune"}
@@ -134,7 +120,7 @@ def test_every_experiment_trains_under_ddp_as_typed(config, tiny_cohort, tmp_pat
     if "init_weights" in resolved["model"]:
         data = tiny_data_args(tiny_cohort, out / "splits")
         args += ["--model.init_weights", str(vnet_checkpoint(resolved, data, tmp_path / "vnet.ckpt"))]
-    proc = _train_subprocess(args)
+    proc = train_in_subprocess(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = list((out / resolved["run"]["name"] / "all" / "fold0").iterdir())
     metrics = pd.read_csv(run / "metrics.csv")

@@ -3,17 +3,14 @@ same stage schedule and the same W&B run, whatever max_epochs the resumed comman
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
-from tests.conftest import tiny_train_args
+from tests.conftest import tiny_train_args, train_in_subprocess
 from tests.wandb_records import history
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,14 +28,6 @@ def _experiment(tmp_path: Path) -> Path:
     return path
 
 
-def _train(args: list[str]) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for var in ("LOCAL_RANK", "RANK", "WORLD_SIZE", "STVNET_RUN_DIR", "WANDB_MODE"):
-        env.pop(var, None)
-    return subprocess.run([sys.executable, "-m", "stvnet.cli", "train", *args], capture_output=True, text=True,
-                          env=env, timeout=900, cwd=ROOT)
-
-
 def _val(run: Path) -> pd.DataFrame:
     return pd.read_csv(run / "metrics.csv").dropna(subset=["val/dice"]).set_index("epoch")
 
@@ -52,16 +41,16 @@ def test_kill_9_mid_stage_then_resume_ends_like_the_uninterrupted_run(tiny_cohor
         # augmentation in a loader worker: the random streams a resumed run must reproduce
         return base + ["--run.wandb", "offline", "--data.augment", "1.0", "--data.num_workers", "1"]
 
-    straight = _train(args(tmp_path / "a"))
+    straight = train_in_subprocess(args(tmp_path / "a"))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    killed = _train(args(tmp_path / "b") + ["--trainer.callbacks+=tests.ddp_probe.KillAtEpoch",
+    killed = train_in_subprocess(args(tmp_path / "b") + ["--trainer.callbacks+=tests.ddp_probe.KillAtEpoch",
                                             "--trainer.callbacks.epoch=3"])
     assert killed.returncode == -9
     (run,) = list((tmp_path / "b" / "stvnet" / "all" / "fold0").iterdir())
     last = run / "checkpoints" / "last.ckpt"
     saved = tmp_path / "epoch2.ckpt"
     shutil.copy(last, saved)
-    resumed = _train(args(tmp_path / "b") + ["--ckpt_path", str(last)])
+    resumed = train_in_subprocess(args(tmp_path / "b") + ["--ckpt_path", str(last)])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     (reference,) = list((tmp_path / "a" / "stvnet" / "all" / "fold0").iterdir())
@@ -80,6 +69,6 @@ def test_kill_9_mid_stage_then_resume_ends_like_the_uninterrupted_run(tiny_cohor
     again = tmp_path / "c"
     shutil.copytree(run, again / "run")
     shutil.copy(saved, again / "run" / "checkpoints" / "last.ckpt")
-    shorter = _train(args(tmp_path / "c", epochs=4) + ["--ckpt_path", str(again / "run" / "checkpoints" / "last.ckpt")])
+    shorter = train_in_subprocess(args(tmp_path / "c", epochs=4) + ["--ckpt_path", str(again / "run" / "checkpoints" / "last.ckpt")])
     assert shorter.returncode == 0, shorter.stderr[-3000:]
     assert _val(again / "run").loc[3, "val/stage"] == 1

@@ -17,7 +17,6 @@ reference (MONAI), so ratios hold on a shared machine where absolute times drift
 
 from __future__ import annotations
 
-import importlib
 import multiprocessing as mp
 import os
 import platform
@@ -29,12 +28,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
+from jsonargparse import ArgumentParser
 from torch.nn.parallel import DistributedDataParallel
 
 from stvnet.metrics import evaluate_case
@@ -331,13 +330,11 @@ def bench_ddp(cfg: BenchConfig) -> list[dict]:
             for label, t in times.items()]
 
 
-def _instantiate(spec: Any) -> Any:
-    """Build a ``class_path``/``init_args`` tree from an experiment YAML (nested specs first)."""
-    if isinstance(spec, dict) and "class_path" in spec:
-        module, name = spec["class_path"].rsplit(".", 1)
-        args = {k: _instantiate(v) for k, v in (spec.get("init_args") or {}).items()}
-        return getattr(importlib.import_module(module), name)(**args)
-    return spec
+def build_network(spec: dict) -> torch.nn.Module:
+    """The ``model.net`` of an experiment YAML (``class_path``/``init_args``, nested), built as LightningCLI would."""
+    parser = ArgumentParser()
+    parser.add_argument("--net", type=torch.nn.Module)
+    return parser.instantiate(parser.parse_object({"net": spec})).net
 
 
 def training_memory(net: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | None) -> dict[str, float]:
@@ -370,7 +367,7 @@ def bench_gpu_memory(cfg: BenchConfig) -> list[dict]:
         config = yaml.safe_load(path.read_text())
         data = config["data"]
         roi = cfg.gpu_roi or int(data["roi_size"][0])
-        net = _instantiate(config["model"]["net"])
+        net = build_network(config["model"]["net"])
         if isinstance(net, STVNet):
             net.set_prior(torch.rand(1, roi, roi, roi))
         dtype = torch.bfloat16 if "bf16" in str(config["trainer"].get("precision", "")) else None

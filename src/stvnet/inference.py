@@ -35,8 +35,9 @@ class CheckpointInfo:
 
 
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
-    """Read a ``stvnet train`` checkpoint's epoch, stage and data record (without building the model)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """Read a ``stvnet train`` checkpoint's epoch, stage and data record (without building the model; memory-mapped,
+    so the weights are not read)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     stage = ckpt.get("stvnet_stage") or {}
     schedule = (ckpt.get("callbacks") or {}).get("StageSchedule")
     final = schedule is None or stage.get("index") == len(schedule["stages"]) - 1
