@@ -83,11 +83,11 @@ test-multiprocess: $(STAMP)
 # mutation testing ([tool.mutmut] in pyproject.toml names the modules); mutation/survivors.md explains the survivors
 mutate: $(STAMP)
 	$(BIN)/python -m pip install --quiet "mutmut==3.8.1"
-	rm -rf mutants
-	STVNET_TEST_COHORT_CACHE=$(CURDIR)/mutants-cohort $(BIN)/mutmut run --max-children $$(nproc) || true
+	rm -rf mutants mutants-cohort mutants-runs
+	STVNET_TEST_COHORT_CACHE=$(CURDIR)/mutants-cohort STVNET_TEST_RUNS_CACHE=$(CURDIR)/mutants-runs $(BIN)/mutmut run --max-children $$(nproc) || true
 	mkdir -p mutation
 	$(BIN)/mutmut results --all true > mutation/results.txt
 	awk -F': ' '{n[$$2]++; t++} END {printf "| mutants | killed | survived | other | score |\n|---|---|---|---|---|\n| %d | %d | %d | %d | %.1f%% |\n", t, n["killed"], n["survived"], t - n["killed"] - n["survived"], 100 * n["killed"] / t}' mutation/results.txt | tee mutation/score.md
 
 clean:
-	rm -rf runs outputs wandb lightning_logs .pytest_cache mutants mutants-cohort
+	rm -rf runs outputs wandb lightning_logs .pytest_cache mutants mutants-cohort mutants-runs

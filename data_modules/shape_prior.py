@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+from scipy import ndimage
 
 ALIGNMENTS = ("roi", "com")
-
-
-def _center_of_mass(mask: torch.Tensor) -> torch.Tensor:
-    grids = torch.meshgrid(*(torch.arange(n, dtype=torch.float64) for n in mask.shape), indexing="ij")
-    total = mask.sum().clamp_min(1e-8)
-    return torch.stack([(g * mask).sum() / total for g in grids])
 
 
 def build_shape_prior(labels: Sequence[torch.Tensor], alignment: str = "roi") -> torch.Tensor:
@@ -29,21 +25,9 @@ def build_shape_prior(labels: Sequence[torch.Tensor], alignment: str = "roi") ->
     shape = labels[0].shape
     stack = torch.stack([(lbl.reshape(shape) > 0).double() for lbl in labels])
     if alignment == "com":
-        coms = torch.stack([_center_of_mass(m) for m in stack])
-        target = coms.mean(0)
-        shifted = []
-        for mask, com in zip(stack, coms):
-            shift = [int(v) for v in torch.round(target - com).tolist()]
-            moved = torch.roll(mask, shifts=shift, dims=(0, 1, 2))
-            # zero what wrapped around the border
-            for axis, s in enumerate(shift):
-                index = [slice(None)] * 3
-                if s > 0:
-                    index[axis] = slice(0, s)
-                elif s < 0:
-                    index[axis] = slice(s, None)
-                if s:
-                    moved[tuple(index)] = 0
-            shifted.append(moved)
-        stack = torch.stack(shifted)
+        masks = stack.numpy()
+        coms = np.array([ndimage.center_of_mass(m) for m in masks])
+        shifts = np.round(coms.mean(0) - coms)  # whole voxels: the labels stay binary; what leaves the box is lost
+        stack = torch.from_numpy(np.stack([ndimage.shift(m, s, order=0, mode="constant", cval=0.0)
+                                           for m, s in zip(masks, shifts)]))
     return stack.mean(0, keepdim=True).float()

@@ -64,17 +64,25 @@ def tiny_train_args(manifest: Path, out: Path, epochs: int = 3, config: str | Pa
 
 @pytest.fixture(scope="session")
 def trained_runs(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two short runs on the tiny cohort (a V-Net and a second V-Net named 'vnet_b'): their run folders."""
+    """Two short runs on the tiny cohort (a V-Net and a second V-Net named 'vnet_b'): their run folders. With
+    ``STVNET_TEST_RUNS_CACHE`` set (``make mutate``) they are trained there once, by the unmutated code, and reused by
+    every mutant's evaluation and prediction tests (training itself is tested by tests that train)."""
     from stvnet.cli import main as cli_main
 
-    out = tmp_path_factory.mktemp("runs")
-    runs = {}
-    for name in ("vnet", "vnet_b"):
-        args = tiny_train_args(tiny_cohort, out, epochs=8) + ["--run.name", name, "--model.lr", "0.003"]
-        args += ["--model.net.init_args.base_channels", "8", "--model.net.init_args.depth", "3"]
-        assert cli_main(["train", *args]) == 0
-        (run,) = (out / name / "all" / "fold0").iterdir()
-        runs[name] = run
+    cache = os.environ.get("STVNET_TEST_RUNS_CACHE")
+    out = Path(cache) if cache else tmp_path_factory.mktemp("runs")
+    out.mkdir(parents=True, exist_ok=True)
+    from filelock import FileLock
+
+    with FileLock(str(out / ".lock")):
+        runs = {}
+        for name in ("vnet", "vnet_b"):
+            if not (out / name).is_dir():
+                args = tiny_train_args(tiny_cohort, out, epochs=8) + ["--run.name", name, "--model.lr", "0.003"]
+                args += ["--model.net.init_args.base_channels", "8", "--model.net.init_args.depth", "3"]
+                assert cli_main(["train", *args]) == 0
+            (run,) = (out / name / "all" / "fold0").iterdir()
+            runs[name] = run
     return runs
 
 

@@ -4,6 +4,7 @@ stage a checkpoint restores, and subprocesses that run this checkout's code."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -13,14 +14,15 @@ from pathlib import Path
 import lightning as L
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torchio as tio
 
 import stvnet.evaluation
 import stvnet.lightning_module
-from data_modules.datamodule import FemurDataModule
-from data_modules.transforms import RoiCrop, preprocessing
+from data_modules.datamodule import FemurDataModule, default_manifest
+from data_modules.transforms import RoiCrop, preprocessing, sampler
 from stvnet.callbacks import Stage, StageSchedule
 from stvnet.inference import ensemble_probabilities, ensemble_segment
 from stvnet.lightning_module import FemurSegmenter
@@ -202,3 +204,39 @@ def test_subprocesses_import_this_checkouts_code(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
     for line in out.stdout.split():
         assert Path(line).resolve().is_relative_to(ROOT), line
+
+
+def test_label_sampler_centres_half_the_patches_on_the_femur():
+    label = torch.zeros(1, 40, 40, 40, dtype=torch.uint8)
+    label[0, 18:22, 18:22, 18:22] = 1  # 64 of 64000 voxels: a uniform sampler almost never lands there
+    subject = tio.Subject(image=tio.ScalarImage(tensor=torch.rand(1, 40, 40, 40)), label=tio.LabelMap(tensor=label))
+    torch.manual_seed(0)
+    patches = list(itertools.islice(sampler("label", (9, 9, 9))(subject), 400))
+    assert all(p["image"].spatial_shape == (9, 9, 9) for p in patches)
+    on_femur = np.mean([p["label"].data[0, 4, 4, 4].item() for p in patches])
+    assert 0.4 < on_femur < 0.6, on_femur
+    uniform = list(itertools.islice(sampler("uniform", (9, 9, 9))(subject), 400))
+    assert np.mean([p["label"].data[0, 4, 4, 4].item() for p in uniform]) < 0.05
+    with pytest.raises(ValueError, match="sampler must be 'uniform' or 'label', got 'grid'"):
+        sampler("grid", (9, 9, 9))
+
+
+def test_a_checkpoint_of_another_fold_is_refused_on_resume(tiny_cohort, tmp_path):
+    dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", fold=0))
+    record = dm.state_dict()
+    assert record["fold"] == 0 and record["subjects"] == {s: dm.subject_ids(s) for s in ("train", "val", "test")}
+    dm.load_state_dict(record)  # its own record: accepted
+    dm.load_state_dict({})  # a checkpoint from before the record existed: accepted
+    other = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", fold=1))
+    with pytest.raises(ValueError, match="trained on other subjects than this configuration selects"):
+        other.load_state_dict(record)
+
+
+def test_the_default_cohort_is_generated_once(tmp_path):
+    manifest = default_manifest(tmp_path / "synthetic", n_subjects=2, seed=3)
+    assert manifest == tmp_path / "synthetic" / "manifest.csv"
+    table = pd.read_csv(manifest)
+    assert len(table) == 2 and all((manifest.parent / p).is_file() or Path(p).is_file() for p in table["image"])
+    stamp = manifest.stat().st_mtime_ns
+    assert default_manifest(tmp_path / "synthetic", n_subjects=5) == manifest  # found, not regenerated
+    assert manifest.stat().st_mtime_ns == stamp and len(pd.read_csv(manifest)) == 2

@@ -190,15 +190,43 @@ def test_com_aligned_prior_is_sharper():
 def test_stage_lengths_scale_to_max_epochs():
     schedule = StageSchedule([Stage(name="a", epochs=14), Stage(name="b", epochs=4), Stage(name="c", epochs=6)],
                              scale_to_max_epochs=True)
-    schedule.rescale(6)
-    lengths = [s.epochs for s in schedule.stages]
-    assert sum(lengths) == 6 and min(lengths) >= 1
-    assert all(abs(n - raw) < 1 for n, raw in zip(lengths, (3.5, 1.0, 1.5)))
-    assert schedule.starts == [0, lengths[0], lengths[0] + lengths[1]]
+    schedule.rescale(6)  # 3.5, 1, 1.5: the first of the tied remainders gets the spare epoch
+    assert [s.epochs for s in schedule.stages] == [4, 1, 1] and schedule.starts == [0, 4, 5]
+    assert schedule.index_for_epoch(4) == 1 and schedule.index_for_epoch(5) == 2 and schedule.index_for_epoch(99) == 2
+    schedule.rescale(7)  # 4.08, 1.17, 1.75: the largest remainder
+    assert [s.epochs for s in schedule.stages] == [4, 1, 2]
     schedule.rescale(48)
-    assert [s.epochs for s in schedule.stages] == [28, 8, 12]
-    with pytest.raises(ValueError, match="cannot hold 3 stages"):
+    assert [s.epochs for s in schedule.stages] == [28, 8, 12] and schedule.total_epochs == 48
+    with pytest.raises(ValueError, match="max_epochs=2 cannot hold 3 stages"):
         schedule.rescale(2)
+    # every stage keeps one epoch; the longest gives up what that costs
+    short = StageSchedule([Stage(name="a", epochs=10), Stage(name="b", epochs=1), Stage(name="c", epochs=1)])
+    short.rescale(3)
+    assert [s.epochs for s in short.stages] == [1, 1, 1]
+    short.rescale(5)
+    assert [s.epochs for s in short.stages] == [3, 1, 1]
+
+
+def test_stage_setup_is_what_the_module_trains_with():
+    schedule = StageSchedule([
+        Stage(name="a", epochs=2, train=["vnet"], lr_scale=0.5, loss_weights={"vnet": 1.0}, warmup_epochs=0.5,
+              part_lr_scale={"vnet": 2.0}),
+        Stage(name="b", epochs=3, lr=1e-4, lr_scale=0.5),
+    ])
+    assert schedule.stage_setup(0, 0.01) == {
+        "index": 0, "name": "a", "train": ["vnet"], "lr": 0.005, "loss_weights": {"vnet": 1.0}, "epochs": 2,
+        "warmup_epochs": 0.5, "part_lr_scale": {"vnet": 2.0}}
+    assert schedule.stage_setup(1, 0.01)["lr"] == 1e-4  # an explicit rate wins over the scale
+    assert schedule.freezes_parts and schedule.final_index == 1
+    assert not StageSchedule([Stage(name="all", epochs=1)]).freezes_parts
+
+
+def test_a_checkpoint_of_another_schedule_is_refused_on_resume():
+    schedule = StageSchedule(STAGES)
+    saved = StageSchedule([Stage(name="vnet", epochs=5), Stage(name="finetune", epochs=2)]).state_dict()
+    with pytest.raises(ValueError, match=r"trained with stages \['vnet', 'finetune'\], this schedule has "
+                                         r"\['vnet', 'stn', 'all'\]: resume with the run's own config.yaml"):
+        schedule.load_state_dict(saved)
 
 
 def test_st_vnet_starts_from_a_trained_vnet_checkpoint(tmp_path):

@@ -1,0 +1,136 @@
+"""What evaluate, compare and predict read from a run folder, on hand-made checkpoints (no training): the epoch, stage
+and data record of a checkpoint, which checkpoint stands for a run, the run's name, fold, cohort and subjects."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from stvnet.evaluation import cohort_table, describe_run, run_subjects
+from stvnet.inference import ensemble_segment, find_checkpoint, pick_device, read_checkpoint_info
+
+SUBJECTS = {"train": ["s1", "s2"], "val": ["s3"], "test": ["s4"]}
+SCHEDULE = {"StageSchedule": {"stages": [{"name": "vnet"}, {"name": "stn"}, {"name": "finetune"}]}}
+
+
+def write_checkpoint(path: Path, epoch: int = 4, stage: tuple[int, str] | None = (2, "finetune"), **hparams) -> Path:
+    """A checkpoint with what stvnet train records (no weights)."""
+    ckpt = {"epoch": epoch, "datamodule_hyper_parameters": {"fold": 1, "cohort": "all", **hparams},
+            "FemurDataModule": {"key": "k", "fold": 1, "subjects": SUBJECTS}}
+    if stage is not None:
+        ckpt["stvnet_stage"] = {"index": stage[0], "name": stage[1]}
+        ckpt["callbacks"] = SCHEDULE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def test_checkpoint_info_reads_epoch_stage_and_data_record(tmp_path):
+    info = read_checkpoint_info(write_checkpoint(tmp_path / "a.ckpt", epoch=7, stage=(2, "finetune"), roi_size=[8, 8, 8]))
+    assert (info.epoch, info.stage, info.final_stage) == (7, "finetune", True)
+    assert info.data_hparams == {"fold": 1, "cohort": "all", "roi_size": [8, 8, 8]}
+    assert info.split == {"key": "k", "fold": 1, "subjects": SUBJECTS}
+    assert info.path == tmp_path / "a.ckpt"
+    early = read_checkpoint_info(write_checkpoint(tmp_path / "b.ckpt", stage=(1, "stn")))
+    assert (early.stage, early.final_stage) == ("stn", False)
+    plain = read_checkpoint_info(write_checkpoint(tmp_path / "c.ckpt", stage=None))
+    assert (plain.stage, plain.final_stage) == ("single", True)
+
+
+def test_a_run_is_judged_by_its_latest_final_stage_best_else_last(tmp_path):
+    folder = tmp_path / "run" / "checkpoints"
+    write_checkpoint(folder / "last.ckpt", stage=(2, "finetune"))
+    write_checkpoint(folder / "best-epoch001.ckpt", epoch=1, stage=(0, "vnet"))
+    assert find_checkpoint(tmp_path / "run") == folder / "last.ckpt"  # no best from the final stage yet
+    write_checkpoint(folder / "best-epoch005.ckpt", epoch=5)
+    write_checkpoint(folder / "best-epoch009.ckpt", epoch=9)
+    assert find_checkpoint(tmp_path / "run") == folder / "best-epoch009.ckpt"
+    assert find_checkpoint(folder / "best-epoch005.ckpt") == folder / "best-epoch005.ckpt"  # a file is itself
+    (tmp_path / "empty" / "checkpoints").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"empty: no checkpoint found \(expected .*best-\*\.ckpt or last\.ckpt"):
+        find_checkpoint(tmp_path / "empty")
+
+
+def _run_folder(tmp_path: Path, name: str | None, cohort: str = "all", splits: dict | None = None) -> Path:
+    run = tmp_path / "runs" / "exp" / cohort / "fold1" / "20260101-000000"
+    write_checkpoint(run / "checkpoints" / "last.ckpt", cohort=cohort, manifest="from-hparams.csv")
+    if name is not None:
+        (run / "config.yaml").write_text(yaml.safe_dump({"run": {"name": name}}))
+    if splits is not None:
+        (run / "splits.json").write_text(json.dumps(splits))
+    return run
+
+
+def test_describe_run_names_the_model_and_reads_its_own_splits(tmp_path):
+    folds = [{"train": ["a"], "val": ["b"]}, {"train": ["c", "d"], "val": ["e"]}]
+    run = _run_folder(tmp_path, "stvnet", cohort="male",
+                      splits={"folds": folds, "test": ["t"], "fold": 1, "manifest": "/data/m.csv"})
+    info = describe_run(run)
+    assert info.model == "stvnet-male"  # sex-specific models are models of their own
+    assert (info.fold, info.cohort, info.epoch, info.stage) == (1, "male", 4, "finetune")
+    assert info.checkpoint == run / "checkpoints" / "last.ckpt"
+    assert info.subjects == {"train": ["c", "d"], "val": ["e"], "test": ["t"]}  # fold 1 of the run's splits.json
+    assert info.manifest == "/data/m.csv"
+    assert describe_run(_run_folder(tmp_path / "b", "vnet")).model == "vnet"
+
+
+def test_run_without_config_is_named_by_its_folder_and_falls_back_to_the_checkpoint_record(tmp_path):
+    run = _run_folder(tmp_path, None)
+    info = describe_run(run)
+    assert info.model == "exp"  # runs/<name>/<cohort>/fold<k>/<time>
+    assert info.subjects == SUBJECTS and info.manifest == "from-hparams.csv"
+    bare = tmp_path / "bare.ckpt"
+    torch.save({"epoch": 0, "datamodule_hyper_parameters": {"fold": 0}}, bare)
+    with pytest.raises(FileNotFoundError, match="neither .*splits.json nor the checkpoint records the run's subjects"):
+        run_subjects(tmp_path, read_checkpoint_info(bare))
+
+
+def test_cohort_table_refuses_a_manifest_without_the_runs_subjects(tiny_cohort, tmp_path):
+    table = pd.read_csv(tiny_cohort)
+    men = table[table["sex"] == "M"]["subject_id"].tolist()
+    run = _run_folder(tmp_path, "vnet", cohort="male",
+                      splits={"folds": [{"train": men[2:], "val": men[1:2]}], "test": men[:1], "fold": 0,
+                              "manifest": str(tiny_cohort)})
+    rows = cohort_table(describe_run(run), None)
+    assert sorted(rows.index) == sorted(men)  # the run's cohort only, indexed by subject
+    missing = _run_folder(tmp_path / "x", "vnet", splits={"folds": [{"train": [], "val": ["ghost"]}], "test": [],
+                                                          "fold": 0, "manifest": str(tiny_cohort)})
+    with pytest.raises(ValueError, match=r"1 subject\(s\) of run .* are not in this manifest \(e\.g\. ghost\)"):
+        cohort_table(describe_run(missing), None)
+
+
+class Constant:
+    """A stand-in predictor with fixed probabilities (what ensembling sees of a model)."""
+
+    def __init__(self, prob: np.ndarray):
+        self.prob = prob
+
+    def original_probabilities(self, image_path):
+        return self.prob, np.eye(4)
+
+
+def test_ensemble_thresholds_the_mean_and_optionally_keeps_the_largest_island():
+    a = np.zeros((6, 6, 6), np.float32)
+    a[0:2, 0:2, 0:2] = 0.9  # big island
+    a[5, 5, 5] = 0.9  # stray voxel
+    b = a.copy()
+    b[0, 0, 0] = 0.0  # mean 0.45 there: below 0.5
+    mask, affine = ensemble_segment([Constant(a), Constant(b)], "scan.nii.gz")
+    assert mask.dtype == np.uint8 and mask.sum() == 8 and mask[0, 0, 0] == 0 and np.array_equal(affine, np.eye(4))
+    assert ensemble_segment([Constant(a), Constant(b)], "scan.nii.gz", threshold=0.4)[0].sum() == 9
+    kept, _ = ensemble_segment([Constant(a), Constant(b)], "scan.nii.gz", keep_largest=True)
+    assert kept.sum() == 7 and kept[5, 5, 5] == 0
+    with pytest.raises(ValueError, match="at least one checkpoint"):
+        ensemble_segment([], "scan.nii.gz")
+
+
+def test_device_choice():
+    assert pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("meta") == torch.device("meta")
