@@ -18,15 +18,18 @@ from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from data_modules.folds import fold_subjects, key_digest, load_or_create_splits, split_record, splits_key
+from data_modules.localisation import FemurLocator
 from data_modules.manifest import filter_cohort, validate_manifest
 from data_modules.shape_prior import build_shape_prior
 from data_modules.synthetic import ROI_CENTER_FRACTION, make_cohort
 from data_modules.transforms import augmentation, preprocessing, sampler
 
 DEFAULT_SYNTHETIC_DIR = "data/synthetic"
+ROI_LOCATORS = ("template", "fraction")
 
 
-def default_manifest(synthetic_dir: str | Path = DEFAULT_SYNTHETIC_DIR, n_subjects: int = 40, seed: int = 0) -> Path:
+def default_manifest(synthetic_dir: str | Path = DEFAULT_SYNTHETIC_DIR, n_subjects: int = 40,
+                     seed: int = 0) -> Path:  # pragma: no mutate block (a mutant regenerates a cohort: minutes each)
     """The embedded synthetic cohort's manifest, generated on first use."""
     manifest = Path(synthetic_dir) / "manifest.csv"
     if manifest.is_file():
@@ -51,7 +54,10 @@ class FemurDataModule(L.LightningDataModule):
         splits_dir: where split JSON files are written once and reused by every run.
         target_spacing: resampling spacing in mm (``None`` keeps each scan's own).
         roi_size: ROI box in voxels after resampling (``None``: whole volume).
-        roi_center: ROI centre as fractions of the canonical field of view (``None``: centre).
+        roi_locator: ``template`` centres the ROI where :mod:`data_modules.localisation` finds the femur (a
+            template built from this fold's training scans, stored in checkpoints); ``fraction`` puts it at
+            ``roi_center`` of every scan's field of view (the paper's fixed box).
+        roi_center: ROI centre as fractions of the canonical field of view (``None``: centre), for ``fraction``.
         hu_window: HU range clamped and scaled to [0, 1].
         batch_size, num_workers: loader settings for training.
         augment: augmentation strength (0 disables it).
@@ -73,6 +79,7 @@ class FemurDataModule(L.LightningDataModule):
         splits_dir: str = "runs/splits",
         target_spacing: tuple[float, float, float] | None = (2.3, 2.3, 2.3),
         roi_size: tuple[int, int, int] | None = (64, 64, 64),
+        roi_locator: str = "template",
         roi_center: tuple[float, float, float] | None = ROI_CENTER_FRACTION,
         hu_window: tuple[float, float] = (-200.0, 1800.0),
         batch_size: int = 2,
@@ -104,7 +111,11 @@ class FemurDataModule(L.LightningDataModule):
         self.samples_per_volume = samples_per_volume
         self.queue_length = queue_length
         self.cache = cache
-        self.preprocess = preprocessing(target_spacing, roi_size, roi_center, hu_window)
+        if roi_locator not in ROI_LOCATORS:
+            raise ValueError(f"roi_locator must be one of {ROI_LOCATORS}, got '{roi_locator}'")
+        self.roi_locator = roi_locator
+        self._locator: FemurLocator | None = None
+        self._preprocess: tio.Compose | None = None
         self.augment = augmentation(augment)
         self.table: pd.DataFrame | None = None
         self.splits: dict | None = None
@@ -148,8 +159,40 @@ class FemurDataModule(L.LightningDataModule):
         assert self.splits is not None
         return fold_subjects(self.splits, self.fold)[split]
 
+    # ------------------------------------------------------------------ localisation and preprocessing
+    @property
+    def locator(self) -> FemurLocator | None:
+        """The femur template of this fold (built from its training scans on first use; ``None`` for ``fraction``)."""
+        if self.roi_locator != "template" or self.hparams.roi_size is None:
+            return None
+        if self._locator is None:
+            self._load_table()
+            assert self.table is not None
+            train = self.table[self.table["subject_id"].isin(set(self.subject_ids("train")))]
+            self._locator = FemurLocator.build((self.make_subject(row) for _, row in train.iterrows()),
+                                               self.hparams.hu_window)
+        return self._locator
+
+    @property
+    def preprocess(self) -> tio.Compose:
+        """Deterministic preprocessing of this fold (the same in training, evaluation and predict)."""
+        if self._preprocess is None:
+            h = self.hparams
+            self._preprocess = preprocessing(h.target_spacing, h.roi_size, h.roi_center, h.hu_window, self.locator)
+        return self._preprocess
+
+    def check_labels_in_roi(self, subjects: list[tio.Subject]) -> None:
+        """Refuse to train on cut labels: every training and validation label must lie wholly inside its ROI."""
+        problems = [f"{s['subject_id']}: {100 * (1 - s['label_in_roi']):.1f}% of the femur label lies outside the "
+                    f"ROI ({s['label_cut']} beyond its edge)" for s in subjects if s.get("label_in_roi", 1.0) < 1.0]
+        if problems:
+            raise ValueError("\n".join(problems + [
+                f"{len(problems)} subject(s) would train on cut labels: enlarge --data.roi_size, or check the ROI "
+                f"placement (--data.roi_locator {self.roi_locator})"]))
+
     # ------------------------------------------------------------------ subjects
-    def _make_subject(self, row: pd.Series) -> tio.Subject:
+    def make_subject(self, row: pd.Series) -> tio.Subject:
+        """A TorchIO subject (scan, label when present, id, sex) of one manifest row, not yet read or preprocessed."""
         fields: dict[str, object] = {
             "image": tio.ScalarImage(row["image"]),
             "subject_id": row["subject_id"],
@@ -167,7 +210,7 @@ class FemurDataModule(L.LightningDataModule):
         assert self.table is not None
         ids = set(self.subject_ids(split))
         rows = self.table[self.table["subject_id"].isin(ids)]
-        subjects = [self._make_subject(row) for _, row in rows.iterrows()]
+        subjects = [self.make_subject(row) for _, row in rows.iterrows()]
         if self.cache:
             loaded = []
             for subject in subjects:
@@ -190,6 +233,10 @@ class FemurDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self._load_table()
+        if stage == "fit":
+            for split in ("train", "val"):
+                subjects = self.subjects(split)
+                self.check_labels_in_roi(subjects if self.cache else [self.preprocess(s) for s in subjects])
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
@@ -237,13 +284,20 @@ class FemurDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ checkpoint record
     def state_dict(self) -> dict:
-        """Saved in every checkpoint: the splits key, fold and subjects the network was trained and validated on."""
+        """Saved in every checkpoint: the splits key, fold and subjects the network was trained and validated on, and
+        the femur locator (so a checkpoint alone places the ROI in a new scan)."""
         self._load_table()
         assert self.splits is not None
-        return split_record(self.splits, self.fold)
+        record = split_record(self.splits, self.fold)
+        if self.locator is not None:
+            record["locator"] = self.locator.state_dict()
+        return record
 
     def load_state_dict(self, state_dict: dict) -> None:
         """A resumed run must go on with the subjects it started with."""
-        if state_dict.get("subjects") and state_dict != self.state_dict():
+        self._load_table()
+        assert self.splits is not None
+        if state_dict.get("subjects") and split_record(self.splits, self.fold) != {k: v for k, v in state_dict.items()
+                                                                                   if k != "locator"}:
             raise ValueError("the checkpoint was trained on other subjects than this configuration selects (another "
                              "fold, cohort, manifest or split protocol): resume with the run's own config.yaml")

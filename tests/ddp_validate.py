@@ -11,13 +11,13 @@ import sys
 import lightning as L
 
 from data_modules.datamodule import FemurDataModule
-from stvnet.inference import Predictor
+from stvnet.inference import read_checkpoint_info
 from stvnet.lightning_module import FemurSegmenter
 
 
 def main(ckpt: str, out: str, devices: int) -> None:
     model = FemurSegmenter.load_from_checkpoint(ckpt, map_location="cpu")
-    hparams = {k: v for k, v in Predictor.read_data_hparams(ckpt).items() if not k.startswith("_")}
+    hparams = {k: v for k, v in read_checkpoint_info(ckpt).data_hparams.items() if not k.startswith("_")}
     datamodule = FemurDataModule(**hparams)
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                         logger=False, enable_progress_bar=False, enable_model_summary=False)

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "compare": "compare models (e.g. V-Net vs ST-V-Net) from run folders: tables, learning curves, Wilcoxon",
     "ablate": "run the {models} x {all, male, female} x folds matrix, then evaluate and compare",
     "sweep": "Optuna hyperparameter search; each trial a full (multi-GPU) training; shared, resumable studies",
+    "localise": "measure femur localisation on held-out scans re-framed many ways (error in mm, label inside ROI)",
     "bench": "time training, inference, metrics and loading against MONAI (ratios from one run)",
 }
 
@@ -108,19 +109,25 @@ def _predict(argv: list[str]) -> int:
     parser.add_argument("--largest-component", action="store_true", help="keep only the largest connected component")
     parser.add_argument("--overwrite", action="store_true", help="replace existing masks in --out")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, ... (default: %(default)s)")
+    parser.add_argument("--side", choices=("left", "right"), default="left",
+                        help="femur to segment; right: the scan is mirrored left-right for the same checkpoint "
+                        "(default: %(default)s)")
+    parser.add_argument("--strict", action="store_true",
+                        help="exit non-zero when a QC check flags a scan (empty or implausible mask, unusual scan)")
     args = parser.parse_args(argv)
     from stvnet.predict import predict
 
     try:
-        written, errors = predict(args.inputs, args.checkpoint, args.out, threshold=args.threshold,
-                                  keep_largest=args.largest_component, overwrite=args.overwrite, device=args.device)
+        written, errors, flagged = predict(args.inputs, args.checkpoint, args.out, threshold=args.threshold,
+                                           keep_largest=args.largest_component, overwrite=args.overwrite,
+                                           device=args.device, side=args.side)
     except (FileNotFoundError, ValueError) as exc:
         print(f"stvnet predict: {exc}", file=sys.stderr)
         return 1
-    print(f"Wrote {len(written)} mask(s) to {args.out}")
+    print(f"Wrote {len(written)} mask(s) and their QC records (qc.csv) to {args.out}; {flagged} flagged")
     for line in errors:
         print(f"stvnet predict: {line}", file=sys.stderr)
-    return 1 if errors else 0
+    return 1 if errors or (args.strict and flagged) else 0
 
 
 def _compare(argv: list[str]) -> int:
@@ -221,6 +228,42 @@ def _bench(argv: list[str]) -> int:
     return 0
 
 
+def _localise(argv: list[str]) -> int:
+    import yaml
+
+    from data_modules.datamodule import FemurDataModule
+    from stvnet.localise import markdown, run
+
+    parser = argparse.ArgumentParser(
+        prog="stvnet localise",
+        description="Build the femur template from one fold's training scans (as stvnet train does) and measure, on "
+        "that fold's validation and test scans re-framed many ways (longer field of view, off-centre, rotated), the "
+        "localisation error and the share of each label inside the ROI.",
+    )
+    parser.add_argument("--config", default="experiments/stvnet.yaml",
+                        help="experiment whose data section (ROI, spacing, splits) is used (default: %(default)s)")
+    parser.add_argument("--manifest", help="cohort manifest (default: the config's)")
+    parser.add_argument("--fold", type=int, help="fold whose training scans build the template (default: the config's)")
+    parser.add_argument("--checkpoint", help="a run folder or checkpoint: use its data settings and fold, and also "
+                        "score its masks of the re-framed scans (Dice)")
+    parser.add_argument("--out", default="runs/localisation", help="output folder (default: %(default)s)")
+    args = parser.parse_args(argv)
+    predictor = None
+    if args.checkpoint:
+        from stvnet.inference import Predictor, find_checkpoint
+
+        predictor = Predictor.from_checkpoint(find_checkpoint(args.checkpoint), device="auto")
+        data = {k: v for k, v in predictor.data_hparams.items() if not k.startswith("_")}
+    else:
+        data = dict(yaml.safe_load(Path(args.config).read_text()).get("data") or {})
+    data.update({k: v for k, v in (("manifest", args.manifest), ("fold", args.fold)) if v is not None},
+                roi_locator="template", num_workers=0)
+    table = run(FemurDataModule(**data), args.out, predictor)
+    print(markdown(table))
+    print(f"Wrote {args.out}/summary.md and per_case.csv")
+    return 0
+
+
 def _train(argv: list[str]) -> int:
     from stvnet.training import main as train_main
 
@@ -245,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     handlers = {"train": _train, "synth": _synth, "evaluate": _evaluate, "bench": _bench,
                 "predict": _predict, "compare": _compare, "ablate": _ablate,
-                "sweep": _sweep}
+                "sweep": _sweep, "localise": _localise}
     if command not in handlers:
         print(f"stvnet: unknown subcommand '{command}'; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2

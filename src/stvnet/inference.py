@@ -18,6 +18,7 @@ from scipy import ndimage
 import torch
 import torchio as tio
 
+from data_modules.localisation import FemurLocator
 from data_modules.transforms import preprocessing
 from stvnet.lightning_module import FemurSegmenter
 
@@ -32,6 +33,7 @@ class CheckpointInfo:
     final_stage: bool  # written in the last stage of its schedule (always true without one)
     data_hparams: dict[str, Any]
     split: dict[str, Any] | None  # splits key, fold and subjects (FemurDataModule record)
+    locator: FemurLocator | None  # where the ROI goes in a new scan (None: a fixed fraction of the field of view)
 
 
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
@@ -41,8 +43,10 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     stage = ckpt.get("stvnet_stage") or {}
     schedule = (ckpt.get("callbacks") or {}).get("StageSchedule")
     final = schedule is None or stage.get("index") == len(schedule["stages"]) - 1
+    record = ckpt.get("FemurDataModule")
+    locator = FemurLocator.from_state_dict(record["locator"]) if record and record.get("locator") else None
     return CheckpointInfo(Path(path), int(ckpt.get("epoch", -1)), str(stage.get("name", "single")), final,
-                          dict(ckpt.get("datamodule_hyper_parameters") or {}), ckpt.get("FemurDataModule"))
+                          dict(ckpt.get("datamodule_hyper_parameters") or {}), record, locator)
 
 
 def find_checkpoint(run: str | Path) -> Path:
@@ -77,6 +81,7 @@ class Predictor:
 
     model: FemurSegmenter
     data_hparams: dict[str, Any]
+    locator: FemurLocator | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     overlap: int = 8
 
@@ -87,19 +92,19 @@ class Predictor:
         dev = pick_device(device)
         model = FemurSegmenter.load_from_checkpoint(path, map_location=dev)
         model.eval().to(dev)
-        return cls(model=model, data_hparams=cls.read_data_hparams(path), device=dev)
-
-    @staticmethod
-    def read_data_hparams(path: str | Path) -> dict[str, Any]:
-        """The datamodule settings a checkpoint was trained with (preprocessing, fold, cohort, manifest)."""
-        return read_checkpoint_info(path).data_hparams
+        info = read_checkpoint_info(path)
+        if info.data_hparams.get("roi_locator", "fraction") == "template" and info.locator is None:
+            raise ValueError(f"{path}: trained with --data.roi_locator template but holds no femur template; "
+                             "retrain it with this version of stvnet train")
+        return cls(model=model, data_hparams=info.data_hparams, locator=info.locator, device=dev)
 
     @property
     def transform(self) -> tio.Compose:
         h = self.data_hparams
         if "roi_size" not in h:
             raise ValueError("the checkpoint records no preprocessing (train it with a FemurDataModule, e.g. via stvnet train)")
-        return preprocessing(h["target_spacing"], h["roi_size"], h["roi_center"], h["hu_window"])
+        locator = self.locator if h.get("roi_locator", "fraction") == "template" else None
+        return preprocessing(h["target_spacing"], h["roi_size"], h["roi_center"], h["hu_window"], locator)
 
     @property
     def patch_size(self) -> tuple[int, int, int] | None:

@@ -1,15 +1,21 @@
-"""``stvnet predict``: segment new scans (one file, a folder or a manifest) with one or more checkpoints."""
+"""``stvnet predict``: segment new scans (one file, a folder or a manifest) with one or more checkpoints, the left
+or (mirrored) right femur, with a QC record per scan (:mod:`stvnet.qc`)."""
 
 from __future__ import annotations
 
+import json
+import sys
+import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from stvnet.inference import Predictor, ensemble_segment, find_checkpoint
+from stvnet.qc import qc_record
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -47,15 +53,29 @@ def collect_inputs(inputs: list[str]) -> list[tuple[str, Path]]:
     return items
 
 
+def mirrored(image: Path, folder: Path) -> Path:
+    """The scan mirrored left-right in world space (same voxels, x negated in the affine): its right femur is where
+    a left femur would be, so a left-femur checkpoint segments it; the mask's voxels map back one to one."""
+    img = nib.load(str(image))
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    out = folder / f"mirrored_{image.name}"
+    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), flip @ img.affine, img.header), str(out))
+    return out
+
+
 def predict(inputs: list[str], checkpoints: list[str], out: str | Path, threshold: float = 0.5,
-            keep_largest: bool = False, overwrite: bool = False, device: str = "auto") -> tuple[list[Path], list[str]]:
-    """Write ``<out>/<name>.nii.gz`` masks; returns the written files and one error line per failed input."""
+            keep_largest: bool = False, overwrite: bool = False, device: str = "auto",
+            side: str = "left") -> tuple[list[Path], list[str], int]:
+    """Write ``<out>/<name>.nii.gz`` masks with a QC record each (``<name>.qc.json``, ``qc.csv``); returns the written
+    masks, one error line per failed input and the number of scans QC flagged (each flag is printed on stderr)."""
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got '{side}'")
     out = Path(out)
     items = collect_inputs(inputs)
     resolved_inputs = {p.resolve() for _, p in items}
     predictors = [Predictor.from_checkpoint(find_checkpoint(c), device=device) for c in checkpoints]
     out.mkdir(parents=True, exist_ok=True)
-    written, errors = [], []
+    written, errors, records = [], [], []
     for name, image in tqdm(items, desc="predict", unit="scan"):
         target = out / f"{name}.nii.gz"
         if target.resolve() in resolved_inputs:
@@ -65,17 +85,28 @@ def predict(inputs: list[str], checkpoints: list[str], out: str | Path, threshol
             errors.append(f"{name}: {target} exists (pass --overwrite to replace it)")
             continue
         try:
-            nib.load(str(image)).header  # readable as NIfTI?
+            original = nib.load(str(image))
         except Exception as exc:
             errors.append(f"{name}: cannot read {image} as NIfTI ({type(exc).__name__}: {exc})")
             continue
         t0 = time.perf_counter()
-        try:
-            mask, affine = ensemble_segment(predictors, image, threshold=threshold, keep_largest=keep_largest)
-        except Exception as exc:  # one bad scan does not stop the batch
-            errors.append(f"{name}: prediction failed ({type(exc).__name__}: {exc})")
-            continue
-        nib.save(nib.Nifti1Image(mask, affine), str(target))
+        with tempfile.TemporaryDirectory(prefix="stvnet-predict-") as tmp:
+            source = mirrored(image, Path(tmp)) if side == "right" else image
+            try:
+                mask, _ = ensemble_segment(predictors, source, threshold=threshold, keep_largest=keep_largest)
+                record = qc_record(str(source), mask, predictors[0].locator, side)
+            except Exception as exc:  # one bad scan does not stop the batch
+                errors.append(f"{name}: prediction failed ({type(exc).__name__}: {exc})")
+                continue
+        nib.save(nib.Nifti1Image(mask, original.affine), str(target))
+        record = {"name": name, **record, "scan": str(image), "mask": str(target)}
+        (out / f"{name}.qc.json").write_text(json.dumps(record, indent=2))
+        records.append(record)
         written.append(target)
-        tqdm.write(f"{name}: {int(mask.sum())} femur voxels in {time.perf_counter() - t0:.1f} s -> {target}")
-    return written, errors
+        tqdm.write(f"{name}: {record['volume_ml']:.1f} mL femur in {time.perf_counter() - t0:.1f} s -> {target}")
+        for flag in record["flags"]:
+            print(f"stvnet predict: {name}: WARNING: {flag}", file=sys.stderr)
+    if records:
+        table = pd.DataFrame([{**r, "flags": "; ".join(r["flags"])} for r in records])
+        table.to_csv(out / "qc.csv", index=False)
+    return written, errors, sum(bool(r["flags"]) for r in records)

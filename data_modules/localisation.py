@@ -1,0 +1,184 @@
+"""Find the left proximal femur anywhere in a scan: normalised cross-correlation with a hip template.
+
+Why this method. The ROI must land on the femur whatever the field of view (hips only, abdomen to knee), table
+height, patient offset and small rotations. A fixed fraction of the field of view fails as soon as the framing
+changes. Template matching needs no extra annotation and no extra training run: the template is the mean coarse
+(6 mm) image of the fold's *training* scans around each label's bounding-box centre, built like the shape prior and
+stored in the checkpoint next to it. Normalised cross-correlation (``skimage.feature.match_template``, computed by FFT
+over the whole scan) is invariant to the scan's overall brightness and contrast, and the template carries the
+asymmetric context of the *left* hip (the pelvis and the midline lie to its right), so the right hip correlates less.
+The peak is where the ROI is centred; its height is kept as a QC score. It runs the same way in training,
+evaluation and ``stvnet predict``.
+
+Limits (measured in the README): rotations beyond the training cohort's range and anatomy the template never saw
+lower the peak; a scan without a left hip still has a peak somewhere, so predict checks the ROI's contents
+against the training cohort (see :mod:`stvnet.qc`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torchio as tio
+from skimage.feature import match_template
+
+#: coarse grid of the search (mm): fine enough for a ROI margin of ~20 mm, coarse enough for a whole scan in < 1 s
+COARSE_SPACING = 6.0
+#: template extent (mm, RAS): the proximal femur plus the acetabulum and part of the pelvis around it
+TEMPLATE_MM = (144.0, 144.0, 168.0)
+#: HU above which a voxel counts as bone in the QC statistics
+BONE_HU = 250.0
+
+
+def coarse(image: tio.ScalarImage, hu_window: Sequence[float], spacing: float = COARSE_SPACING) -> tio.ScalarImage:
+    """The scan in canonical (RAS) orientation, HU-windowed to [0, 1] and resampled to ``spacing`` mm."""
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    return tio.Compose([
+        tio.ToCanonical(),
+        tio.Clamp(out_min=lo, out_max=hi),
+        tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=(lo, hi)),
+        tio.Resample(spacing),
+    ])(image)
+
+
+def box_center_mm(label: tio.LabelMap) -> np.ndarray:
+    """World (RAS mm) centre of the label's bounding box: where the ROI should be centred."""
+    idx = np.argwhere(label.data[0].numpy() > 0)
+    if idx.size == 0:
+        raise ValueError(f"{label.path}: empty label, no femur to centre on")
+    mid = (idx.min(0) + idx.max(0)) / 2.0
+    return (label.affine @ np.append(mid, 1.0))[:3]
+
+
+def voxel_of(image: tio.Image, point_mm: Sequence[float]) -> np.ndarray:
+    """Continuous voxel index of a world point in ``image``'s grid."""
+    return (np.linalg.inv(image.affine) @ np.append(np.asarray(point_mm, float), 1.0))[:3]
+
+
+def _box(array: np.ndarray, center: np.ndarray, size: Sequence[int], fill: float) -> np.ndarray:
+    """A ``size`` box of ``array`` centred at voxel ``center`` (padded with ``fill`` outside the array)."""
+    out = np.full(tuple(size), fill, dtype=np.float32)
+    start = np.round(center - np.asarray(size) / 2.0).astype(int)
+    src = [slice(max(0, s), min(n, s + k)) for s, k, n in zip(start, size, array.shape)]
+    dst = [slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start)]
+    if all(sl.stop > sl.start for sl in src):
+        out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+def _subvoxel_offset(values: np.ndarray, peak: np.ndarray) -> np.ndarray:
+    """Offset of a maximum from its voxel along each axis, from a parabola through the peak and its neighbours."""
+    offset = np.zeros(3)
+    for axis in range(3):
+        if 0 < peak[axis] < values.shape[axis] - 1:
+            before, after = peak.copy(), peak.copy()
+            before[axis] -= 1
+            after[axis] += 1
+            lo, mid, hi = values[tuple(before)], values[tuple(peak)], values[tuple(after)]
+            curvature = lo - 2 * mid + hi
+            offset[axis] = 0.5 * (lo - hi) / curvature if curvature < 0 else 0.0
+    return offset
+
+
+@dataclass
+class Location:
+    """Where the femur was found: the ROI centre (RAS mm) and the correlation peak (1 = a perfect match)."""
+
+    center_mm: np.ndarray
+    score: float
+
+
+@dataclass
+class FemurLocator:
+    """The hip template and the training cohort's statistics that QC compares new scans against.
+
+    Attributes:
+        template: mean coarse image around the femur, ``[X, Y, Z]`` at ``spacing`` mm (RAS).
+        spacing: coarse voxel size in mm.
+        hu_window: the windowing used to build the template.
+        stats: per training subject, name -> list of values (``score``, ``volume_ml``, ``median_hu``, ``p95_hu``,
+            ``bone_fraction``): the ranges predict's QC checks against.
+    """
+
+    template: np.ndarray
+    spacing: float
+    hu_window: tuple[float, float]
+    stats: dict[str, list[float]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, subjects: Iterable[tio.Subject], hu_window: Sequence[float],
+              spacing: float = COARSE_SPACING) -> "FemurLocator":
+        """The mean coarse image of training subjects (with ``image`` and ``label``) around their label boxes."""
+        size = [int(round(s / spacing)) for s in TEMPLATE_MM]
+        boxes, centers, subjects = [], [], list(subjects)
+        if not subjects:
+            raise ValueError("the femur template needs at least one training subject")
+        for subject in subjects:
+            image = coarse(subject["image"], hu_window, spacing)
+            center = box_center_mm(subject["label"])
+            boxes.append(_box(image.data[0].numpy(), voxel_of(image, center), size, fill=0.0))
+            centers.append(center)
+        locator = cls(np.mean(boxes, axis=0).astype(np.float32), float(spacing), (float(hu_window[0]), float(hu_window[1])))
+        rows = [locator.describe(s["image"], center, s["label"]) for s, center in zip(subjects, centers)]
+        locator.stats = {k: [float(r[k]) for r in rows] for k in rows[0]}
+        return locator
+
+    def locate(self, image: tio.ScalarImage) -> Location:
+        """The ROI centre for a scan: the peak of the normalised cross-correlation with the template."""
+        data = coarse(image, self.hu_window, self.spacing)
+        array = data.data[0].numpy().astype(np.float32)
+        # scans smaller than the template are padded with air (a hips-only scan of a small patient)
+        pad = [(max(0, (t - n + 1) // 2 + 1),) * 2 for n, t in zip(array.shape, self.template.shape)]
+        padded = np.pad(array, pad, constant_values=0.0)
+        ncc = match_template(padded, self.template, pad_input=True, mode="constant", constant_values=0.0)
+        peak = np.array(np.unravel_index(int(np.argmax(ncc)), ncc.shape))
+        refined = peak + _subvoxel_offset(ncc, peak) - [p[0] for p in pad]
+        center = (data.affine @ np.append(refined, 1.0))[:3]
+        return Location(center, float(ncc.max()))
+
+    def describe(self, image: tio.ScalarImage, center_mm: Sequence[float], label: tio.LabelMap | None = None) -> dict[str, float]:
+        """QC statistics of a scan around a ROI centre: match score, HU median / 95th percentile and bone fraction
+        in the template box (raw HU at the coarse spacing), and the label volume in mL when a label is given."""
+        raw = tio.Resample(self.spacing)(tio.ToCanonical()(image))
+        box = _box(raw.data[0].numpy().astype(np.float32), voxel_of(raw, center_mm), self.template.shape, fill=np.nan)
+        inside = box[np.isfinite(box)]
+        windowed = coarse(image, self.hu_window, self.spacing)
+        match = _box(windowed.data[0].numpy(), voxel_of(windowed, center_mm), self.template.shape, fill=0.0)
+        out = {
+            "score": float(np.corrcoef(match.ravel(), self.template.ravel())[0, 1]),
+            "median_hu": float(np.median(inside)) if inside.size else float("nan"),
+            "p95_hu": float(np.percentile(inside, 95)) if inside.size else float("nan"),
+            "bone_fraction": float((inside > BONE_HU).mean()) if inside.size else float("nan"),
+        }
+        if label is not None:
+            out["volume_ml"] = float((label.data > 0).sum().item() * np.prod(label.spacing) / 1000.0)
+        return out
+
+    def state_dict(self) -> dict:
+        """What a checkpoint stores (tensors and plain types)."""
+        return {"template": torch.from_numpy(self.template), "spacing": self.spacing, "hu_window": list(self.hu_window),
+                "stats": self.stats}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> "FemurLocator":
+        return cls(np.asarray(state["template"], dtype=np.float32), float(state["spacing"]),
+                   tuple(float(v) for v in state["hu_window"]), dict(state.get("stats") or {}))
+
+
+class LocateFemur(tio.Transform):
+    """Record the located ROI centre (RAS mm) in the subject as ``roi_center_mm`` (read by ``RoiCrop``)."""
+
+    def __init__(self, locator: FemurLocator, **kwargs):
+        super().__init__(**kwargs)
+        self.locator = locator
+        self.args_names = ["locator"]
+
+    def apply_transform(self, subject: tio.Subject) -> tio.Subject:
+        location = self.locator.locate(subject["image"])
+        subject["roi_center_mm"] = location.center_mm
+        subject["locator_score"] = location.score
+        subject.update_attributes()  # TorchIO's Crop copies a subject's attributes, not keys set after creation
+        return subject
