@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -13,7 +14,14 @@ import torch
 import yaml
 
 from stvnet.evaluation import cohort_table, describe_run, run_subjects
-from stvnet.inference import ensemble_segment, find_checkpoint, pick_device, read_checkpoint_info
+from stvnet.inference import (
+    Predictor,
+    ensemble_segment,
+    find_checkpoint,
+    largest_component,
+    pick_device,
+    read_checkpoint_info,
+)
 
 SUBJECTS = {"train": ["s1", "s2"], "val": ["s3"], "test": ["s4"]}
 SCHEDULE = {"StageSchedule": {"stages": [{"name": "vnet"}, {"name": "stn"}, {"name": "finetune"}]}}
@@ -134,3 +142,26 @@ def test_device_choice():
     assert pick_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
     assert pick_device("cpu") == torch.device("cpu")
     assert pick_device("meta") == torch.device("meta")
+
+
+def test_largest_component_is_26_connected_and_keeps_a_single_island_whole():
+    single = np.zeros((5, 5, 5), np.uint8)
+    single[1:3, 1:3, 1:3] = 1
+    single[3, 3, 3] = 1  # touches the cube only at a corner: the same 26-connected island
+    kept = largest_component(single)
+    assert kept.dtype == np.uint8 and np.array_equal(kept, single)
+    two = single.copy()
+    two[0, 4, 4] = 1
+    assert np.array_equal(largest_component(two), single)
+    assert largest_component(np.zeros((3, 3, 3), np.uint8)).sum() == 0
+
+
+def test_segment_thresholds_strictly_at_the_models_threshold_unless_told_otherwise():
+    prob = np.array([0.2, 0.5, 0.7, 0.9], np.float32).reshape(1, 1, 4)
+    predictor = Predictor(model=SimpleNamespace(threshold=0.7), data_hparams={})
+    predictor.original_probabilities = lambda path: (prob, np.eye(4))
+    mask, affine = predictor.segment("scan.nii.gz")
+    assert mask.dtype == np.uint8 and mask.ravel().tolist() == [0, 0, 0, 1] and np.array_equal(affine, np.eye(4))
+    assert predictor.segment("scan.nii.gz", threshold=0.5)[0].ravel().tolist() == [0, 0, 1, 1]
+    half = ensemble_segment([Constant(prob)], "scan.nii.gz")[0]
+    assert half.dtype == np.uint8 and half.ravel().tolist() == [0, 0, 1, 1]  # 0.5 is not above 0.5

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_modules.folds import load_or_create_splits, make_splits
+from data_modules.folds import check_same_split, load_or_create_splits, make_splits
 
 
 def _cohort(n_f: int = 216, n_m: int = 181) -> pd.DataFrame:
@@ -106,3 +106,27 @@ def test_saved_splits_are_read_without_taking_the_lock(tmp_path):
     lock.unlink(missing_ok=True)
     lock.mkdir()  # a lock file can no longer be created there (as in a folder we may not write)
     assert load_or_create_splits(path, _cohort(20, 20), n_folds=3) == made
+
+
+def _record(fold: int, train: list[str], val: list[str], test: list[str], cohort: str = "all") -> dict:
+    return {"key": {"cohort": cohort, "n_folds": 3}, "fold": fold, "subjects": {"train": train, "val": val, "test": test}}
+
+
+def test_weights_are_accepted_only_from_the_same_fold_of_the_same_splits():
+    target = _record(1, ["a", "b"], ["c"], ["d"])
+    check_same_split(_record(1, ["a", "b"], ["c"], ["d"]), target, "init.ckpt")  # the same fold: accepted
+    with pytest.raises(ValueError, match=r"^init.ckpt: trained on fold 0 of other splits or another cohort \('all'\); "
+                                         r"it saw 1 of this run's validation/test subjects in training. Start from a "
+                                         r"network trained on the same fold, cohort and splits$"):
+        check_same_split(_record(0, ["a", "c"], ["b"], ["d"]), target, "init.ckpt")
+    # another fold index alone, another cohort alone, or leaked subjects alone are each refused
+    with pytest.raises(ValueError, match=r"trained on fold 2 .* it saw 0 of"):
+        check_same_split(_record(2, ["a", "b"], ["c"], ["d"]), target, "x")
+    with pytest.raises(ValueError, match=r"another cohort \('male'\)"):
+        check_same_split(_record(1, ["a", "b"], ["c"], ["d"], cohort="male"), target, "x")
+    with pytest.raises(ValueError, match="it saw 1 of this run's validation/test subjects"):
+        check_same_split(_record(1, ["a", "b", "d"], ["c"], []), target, "x")
+    with pytest.raises(ValueError, match=r"^old.ckpt: the checkpoint records no training subjects, so it cannot be "
+                                         r"shown not to have seen this fold's validation and test scans; train it "
+                                         r"with this version of stvnet train$"):
+        check_same_split({"key": None}, target, "old.ckpt")
