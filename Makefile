@@ -31,13 +31,14 @@ TRIALS ?= 4
 ABLATE_FOLDS ?= 0
 ABLATE_EPOCHS ?= 10
 
-.PHONY: install train test test-multiprocess mutate synth bench evaluate ablate sweep clean help
+.PHONY: install train test test-multiprocess mutate planted-bugs synth bench evaluate ablate sweep clean help
 
 help:
 	@echo "make train   train EXPERIMENT (default $(EXPERIMENT)) on fold FOLD of DATA (default: synthetic cohort)"
 	@echo "make test    run the test suite (in-process tests, ~3 min on 2 cores)"
 	@echo "make test-multiprocess   tests that launch DDP ranks, torchrun, sweeps and kill/resume (~5 min; CI runs both)"
 	@echo "make mutate  mutation testing (mutmut) of the modules in [tool.mutmut]; score in mutation/score.md"
+	@echo "make planted-bugs   plant the bugs that once slipped through, one at a time; each must fail a test"
 	@echo "make synth   write the synthetic cohort to data/synthetic"
 	@echo "make ablate  V-Net vs ST-V-Net x all/male/female x ABLATE_FOLDS, then evaluate + compare"
 	@echo "make sweep   Optuna search (SPACE, TRIALS); best.yaml + plots under OUT/sweeps/<study>"
@@ -84,10 +85,13 @@ test-multiprocess: $(STAMP)
 mutate: $(STAMP)
 	$(BIN)/python -m pip install --quiet "mutmut==3.8.1"
 	rm -rf mutants mutants-cohort mutants-runs
-	STVNET_TEST_COHORT_CACHE=$(CURDIR)/mutants-cohort STVNET_TEST_RUNS_CACHE=$(CURDIR)/mutants-runs $(BIN)/mutmut run --max-children $$(nproc) || true
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 STVNET_TEST_COHORT_CACHE=$(CURDIR)/mutants-cohort STVNET_TEST_RUNS_CACHE=$(CURDIR)/mutants-runs $(BIN)/mutmut run --max-children $$(nproc) || true
 	mkdir -p mutation
 	$(BIN)/mutmut results --all true > mutation/results.txt
 	awk -F': ' '{n[$$2]++; t++} END {printf "| mutants | killed | survived | other | score |\n|---|---|---|---|---|\n| %d | %d | %d | %d | %.1f%% |\n", t, n["killed"], n["survived"], t - n["killed"] - n["survived"], 100 * n["killed"] / t}' mutation/results.txt | tee mutation/score.md
+
+planted-bugs: $(STAMP)
+	$(BIN)/python mutation/planted_bugs.py
 
 clean:
 	rm -rf runs outputs wandb lightning_logs .pytest_cache mutants mutants-cohort mutants-runs

@@ -7,6 +7,7 @@ run on whole ROIs, one subject per batch. Preprocessed subjects are cached in me
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torchio as tio
 from filelock import FileLock
 from torch.utils.data import DataLoader
 
+from data_modules.cache import CacheSettings, PreprocessedCache
 from data_modules.folds import fold_subjects, key_digest, load_or_create_splits, split_record, splits_key
 from data_modules.localisation import FemurLocator
 from data_modules.manifest import filter_cohort, validate_manifest
@@ -63,7 +65,11 @@ class FemurDataModule(L.LightningDataModule):
         augment: augmentation strength (0 disables it).
         patch_size: train on patches of this size through ``tio.Queue`` (``None``: whole ROIs).
         patch_sampler, samples_per_volume, queue_length: queue settings for patch training.
-        cache: keep preprocessed subjects in memory.
+        cache: preprocess each scan once into the persistent cache under ``cache_dir`` (shared by every fold, run,
+            trial and rank; see :mod:`data_modules.cache`) and read ROIs from it lazily in the loader workers;
+            ``false`` preprocesses every scan on every access.
+        cache_dir: the persistent cache's folder.
+        preprocess_workers: processes that build the cache (``None``: all cores).
         synthetic_dir, synthetic_subjects, synthetic_seed: the default cohort's location and size.
     """
 
@@ -90,6 +96,8 @@ class FemurDataModule(L.LightningDataModule):
         samples_per_volume: int = 4,
         queue_length: int = 32,
         cache: bool = True,
+        cache_dir: str = "data/cache",
+        preprocess_workers: int | None = None,
         synthetic_dir: str = DEFAULT_SYNTHETIC_DIR,
         synthetic_subjects: int = 40,
         synthetic_seed: int = 0,
@@ -111,6 +119,9 @@ class FemurDataModule(L.LightningDataModule):
         self.samples_per_volume = samples_per_volume
         self.queue_length = queue_length
         self.cache = cache
+        self.store = PreprocessedCache(cache_dir, CacheSettings(
+            tuple(float(v) for v in target_spacing) if target_spacing else None,
+            (float(hu_window[0]), float(hu_window[1])))) if cache else None
         if roi_locator not in ROI_LOCATORS:
             raise ValueError(f"roi_locator must be one of {ROI_LOCATORS}, got '{roi_locator}'")
         self.roi_locator = roi_locator
@@ -136,10 +147,17 @@ class FemurDataModule(L.LightningDataModule):
         return self.splits_dir / f"{stem}_{self.cohort}_k{self.n_folds}_seed{self.split_seed}_{key_digest(key)}.json"
 
     def prepare_data(self) -> None:
-        """Generate the synthetic cohort if needed, validate the manifest and write the splits (rank 0)."""
+        """Generate the synthetic cohort if needed, validate the manifest, write the splits and build the
+        preprocessed cache (local rank 0; the other ranks wait)."""
         if not self.manifest:
             default_manifest(self.hparams.synthetic_dir, self.hparams.synthetic_subjects, self.hparams.synthetic_seed)
         self._load_table()
+        self._build_cache()
+
+    def _build_cache(self) -> None:
+        if self.store is not None:
+            assert self.table is not None
+            self.store.build(list(zip(self.table["image"], self.table["label"])), self.hparams.preprocess_workers)
 
     def _load_table(self) -> None:
         if self.table is not None:
@@ -166,11 +184,13 @@ class FemurDataModule(L.LightningDataModule):
         if self.roi_locator != "template" or self.hparams.roi_size is None:
             return None
         if self._locator is None:
-            self._load_table()
-            assert self.table is not None
-            train = self.table[self.table["subject_id"].isin(set(self.subject_ids("train")))]
-            self._locator = FemurLocator.build((self.make_subject(row) for _, row in train.iterrows()),
-                                               self.hparams.hu_window)
+            train = self._rows("train")
+            if self.store is not None:
+                self._build_cache()
+                self._locator = self.store.locator(zip(train["image"], train["label"]), self.hparams.hu_window)
+            else:
+                self._locator = FemurLocator.build((self.make_subject(row) for _, row in train.iterrows()),
+                                                   self.hparams.hu_window)
         return self._locator
 
     @property
@@ -202,30 +222,29 @@ class FemurDataModule(L.LightningDataModule):
             fields["label"] = tio.LabelMap(row["label"])
         return tio.Subject(**fields)
 
-    def subjects(self, split: str) -> list[tio.Subject]:
-        """Preprocessed subjects of a split (cached in memory when ``cache`` is on)."""
-        if split in self._subjects:
-            return self._subjects[split]
+    def _rows(self, split: str) -> pd.DataFrame:
         self._load_table()
         assert self.table is not None
-        ids = set(self.subject_ids(split))
-        rows = self.table[self.table["subject_id"].isin(ids)]
-        subjects = [self.make_subject(row) for _, row in rows.iterrows()]
-        if self.cache:
-            loaded = []
-            for subject in subjects:
-                try:
-                    s = self.preprocess(subject)
-                    s.load()
-                except Exception as exc:  # name the subject instead of a deep SimpleITK/torch traceback
-                    raise RuntimeError(f"{subject['subject_id']}: preprocessing failed: {exc}") from exc
-                loaded.append(s)
-            subjects = loaded
-            self._subjects[split] = subjects
-        return subjects
+        return self.table[self.table["subject_id"].isin(set(self.subject_ids(split)))]
+
+    def subjects(self, split: str) -> list[tio.Subject]:
+        """Subjects of a split: with the cache, preprocessed subjects whose ROI a loader reads from the memory-mapped
+        cache when it needs it (nothing is held in memory); without, raw subjects that loaders preprocess."""
+        if split not in self._subjects:
+            rows = self._rows(split)
+            if self.store is None:
+                self._subjects[split] = [self.make_subject(row) for _, row in rows.iterrows()]
+            else:
+                self._build_cache()
+                h = self.hparams
+                self._subjects[split] = [
+                    self.store.subject(row["image"], row["label"], h.roi_size, locator=self.locator,
+                                       roi_center=h.roi_center, subject_id=row["subject_id"], sex=row["sex"])
+                    for _, row in rows.iterrows()]
+        return self._subjects[split]
 
     def _dataset(self, split: str, train: bool) -> tio.SubjectsDataset:
-        steps = [] if self.cache else [self.preprocess]
+        steps = [] if self.store is not None else [self.preprocess]
         if train and self.augment is not None:
             steps.append(self.augment)
         transform = tio.Compose(steps) if steps else None
@@ -236,7 +255,7 @@ class FemurDataModule(L.LightningDataModule):
         if stage == "fit":
             for split in ("train", "val"):
                 subjects = self.subjects(split)
-                self.check_labels_in_roi(subjects if self.cache else [self.preprocess(s) for s in subjects])
+                self.check_labels_in_roi(subjects if self.store is not None else [self.preprocess(s) for s in subjects])
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
@@ -267,10 +286,9 @@ class FemurDataModule(L.LightningDataModule):
     def shape_prior(self, alignment: str = "roi") -> torch.Tensor:
         """Mean femur mask of this fold's *training* subjects in the ROI frame (never val/test labels)."""
         subjects = self.subjects("train")
-        if not self.cache:
-            subjects = [self.preprocess(s) for s in subjects]
-        labels = [s["label"].data[0] for s in subjects]
-        return build_shape_prior(labels, alignment=alignment)
+        # copies: reading a cached subject's label must not keep it in this process's memory
+        prepared = [copy.deepcopy(s) for s in subjects] if self.store is not None else [self.preprocess(s) for s in subjects]
+        return build_shape_prior([s["label"].data[0] for s in prepared], alignment=alignment)
 
     def save_splits(self, folder: str | Path) -> Path:
         """Copy the splits JSON (plus the chosen fold, cohort and absolute manifest path) into a run folder: the

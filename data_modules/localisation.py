@@ -53,9 +53,43 @@ def box_center_mm(label: tio.LabelMap) -> np.ndarray:
     return (label.affine @ np.append(mid, 1.0))[:3]
 
 
+def half_extents_mm(label: tio.LabelMap) -> dict[str, float]:
+    """Half the label's extent along each RAS axis in mm (voxel edges included): how far the femur reaches from the
+    ROI centre, which predict's QC uses to tell a femur cut off by the field of view."""
+    idx = np.argwhere(label.data[0].numpy() > 0)
+    corners = np.array([[a, b, c] for a in (idx[:, 0].min() - 0.5, idx[:, 0].max() + 0.5)
+                        for b in (idx[:, 1].min() - 0.5, idx[:, 1].max() + 0.5)
+                        for c in (idx[:, 2].min() - 0.5, idx[:, 2].max() + 0.5)])
+    world = corners @ label.affine[:3, :3].T
+    return {f"half_{axis}_mm": float(np.ptp(world[:, i]) / 2) for i, axis in enumerate("xyz")}
+
+
+def label_statistics(label: tio.LabelMap) -> dict[str, float]:
+    """What the training cohort's labels tell predict's QC: volume in mL and half extents in mm."""
+    return {"volume_ml": float((label.data > 0).sum().item() * np.prod(label.spacing) / 1000.0),
+            **half_extents_mm(label)}
+
+
 def voxel_of(image: tio.Image, point_mm: Sequence[float]) -> np.ndarray:
     """Continuous voxel index of a world point in ``image``'s grid."""
     return (np.linalg.inv(image.affine) @ np.append(np.asarray(point_mm, float), 1.0))[:3]
+
+
+def template_shape(spacing: float = COARSE_SPACING) -> tuple[int, int, int]:
+    """Voxels of the template box at a coarse spacing."""
+    return tuple(int(round(s / spacing)) for s in TEMPLATE_MM)
+
+
+def raw_statistics(image: tio.ScalarImage, center_mm: Sequence[float], spacing: float = COARSE_SPACING) -> dict[str, float]:
+    """HU median, 95th percentile and bone fraction (> ``BONE_HU``) in the template box around ``center_mm`` (raw HU
+    resampled to the coarse spacing): what predict's QC compares with the training scans."""
+    raw = tio.Resample(spacing)(tio.ToCanonical()(image))
+    box = _box(raw.data[0].numpy().astype(np.float32), voxel_of(raw, center_mm), template_shape(spacing), fill=np.nan)
+    inside = box[np.isfinite(box)]
+    if not inside.size:
+        return {"median_hu": float("nan"), "p95_hu": float("nan"), "bone_fraction": float("nan")}
+    return {"median_hu": float(np.median(inside)), "p95_hu": float(np.percentile(inside, 95)),
+            "bone_fraction": float((inside > BONE_HU).mean())}
 
 
 def _box(array: np.ndarray, center: np.ndarray, size: Sequence[int], fill: float) -> np.ndarray:
@@ -111,51 +145,55 @@ class FemurLocator:
     @classmethod
     def build(cls, subjects: Iterable[tio.Subject], hu_window: Sequence[float],
               spacing: float = COARSE_SPACING) -> "FemurLocator":
-        """The mean coarse image of training subjects (with ``image`` and ``label``) around their label boxes."""
-        size = [int(round(s / spacing)) for s in TEMPLATE_MM]
-        boxes, centers, subjects = [], [], list(subjects)
-        if not subjects:
-            raise ValueError("the femur template needs at least one training subject")
+        """The template of training subjects (with ``image`` and ``label``), read and resampled here."""
+        scans, centers, stats = [], [], []
         for subject in subjects:
-            image = coarse(subject["image"], hu_window, spacing)
             center = box_center_mm(subject["label"])
-            boxes.append(_box(image.data[0].numpy(), voxel_of(image, center), size, fill=0.0))
+            scans.append(coarse(subject["image"], hu_window, spacing))
             centers.append(center)
+            stats.append({**raw_statistics(subject["image"], center, spacing), **label_statistics(subject["label"])})
+        return cls.from_coarse(scans, centers, stats, hu_window, spacing)
+
+    @classmethod
+    def from_coarse(cls, scans: Sequence[tio.ScalarImage], centers: Sequence[Sequence[float]],
+                    stats: Sequence[dict[str, float]], hu_window: Sequence[float],
+                    spacing: float = COARSE_SPACING) -> "FemurLocator":
+        """The template from training scans already windowed and resampled by :func:`coarse` (e.g. from the
+        preprocessed cache), their label-box centres, :func:`raw_statistics` and :func:`label_statistics`."""
+        if not scans:
+            raise ValueError("the femur template needs at least one training subject")
+        size = template_shape(spacing)
+        boxes = [_box(scan.data[0].numpy(), voxel_of(scan, center), size, fill=0.0) for scan, center in zip(scans, centers)]
         locator = cls(np.mean(boxes, axis=0).astype(np.float32), float(spacing), (float(hu_window[0]), float(hu_window[1])))
-        rows = [locator.describe(s["image"], center, s["label"]) for s, center in zip(subjects, centers)]
+        rows = [{"score": locator.match_score(scan, center), **row} for scan, center, row in zip(scans, centers, stats)]
         locator.stats = {k: [float(r[k]) for r in rows] for k in rows[0]}
         return locator
 
     def locate(self, image: tio.ScalarImage) -> Location:
         """The ROI centre for a scan: the peak of the normalised cross-correlation with the template."""
-        data = coarse(image, self.hu_window, self.spacing)
-        array = data.data[0].numpy().astype(np.float32)
+        return self.locate_coarse(coarse(image, self.hu_window, self.spacing))
+
+    def locate_coarse(self, scan: tio.ScalarImage) -> Location:
+        """:meth:`locate` for a scan already passed through :func:`coarse`."""
+        array = scan.data[0].numpy().astype(np.float32)
         # scans smaller than the template are padded with air (a hips-only scan of a small patient)
         pad = [(max(0, (t - n + 1) // 2 + 1),) * 2 for n, t in zip(array.shape, self.template.shape)]
         padded = np.pad(array, pad, constant_values=0.0)
         ncc = match_template(padded, self.template, pad_input=True, mode="constant", constant_values=0.0)
         peak = np.array(np.unravel_index(int(np.argmax(ncc)), ncc.shape))
         refined = peak + _subvoxel_offset(ncc, peak) - [p[0] for p in pad]
-        center = (data.affine @ np.append(refined, 1.0))[:3]
+        center = (scan.affine @ np.append(refined, 1.0))[:3]
         return Location(center, float(ncc.max()))
 
-    def describe(self, image: tio.ScalarImage, center_mm: Sequence[float], label: tio.LabelMap | None = None) -> dict[str, float]:
-        """QC statistics of a scan around a ROI centre: match score, HU median / 95th percentile and bone fraction
-        in the template box (raw HU at the coarse spacing), and the label volume in mL when a label is given."""
-        raw = tio.Resample(self.spacing)(tio.ToCanonical()(image))
-        box = _box(raw.data[0].numpy().astype(np.float32), voxel_of(raw, center_mm), self.template.shape, fill=np.nan)
-        inside = box[np.isfinite(box)]
-        windowed = coarse(image, self.hu_window, self.spacing)
-        match = _box(windowed.data[0].numpy(), voxel_of(windowed, center_mm), self.template.shape, fill=0.0)
-        out = {
-            "score": float(np.corrcoef(match.ravel(), self.template.ravel())[0, 1]),
-            "median_hu": float(np.median(inside)) if inside.size else float("nan"),
-            "p95_hu": float(np.percentile(inside, 95)) if inside.size else float("nan"),
-            "bone_fraction": float((inside > BONE_HU).mean()) if inside.size else float("nan"),
-        }
-        if label is not None:
-            out["volume_ml"] = float((label.data > 0).sum().item() * np.prod(label.spacing) / 1000.0)
-        return out
+    def match_score(self, scan: tio.ScalarImage, center_mm: Sequence[float]) -> float:
+        """Correlation of the template with a coarse scan's box around ``center_mm``."""
+        match = _box(scan.data[0].numpy(), voxel_of(scan, center_mm), self.template.shape, fill=0.0)
+        return float(np.corrcoef(match.ravel(), self.template.ravel())[0, 1])
+
+    def describe(self, image: tio.ScalarImage, center_mm: Sequence[float]) -> dict[str, float]:
+        """QC statistics of a scan around a ROI centre: match score and :func:`raw_statistics`."""
+        return {"score": self.match_score(coarse(image, self.hu_window, self.spacing), center_mm),
+                **raw_statistics(image, center_mm, self.spacing)}
 
     def state_dict(self) -> dict:
         """What a checkpoint stores (tensors and plain types)."""

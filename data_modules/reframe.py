@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+import torch
 import torchio as tio
 
 
@@ -23,6 +25,8 @@ class Framing:
         superior_mm / inferior_mm: field of view extended (> 0) or cut (< 0) at the head / feet end.
         air_mm: air added beside the patient, RAS ``(left, right, posterior, anterior)``: the patient moves off centre.
         degrees: patient rotation about the RAS x, y, z axes.
+        right_mm: field of view cut (< 0) on the patient's right: ``-150`` leaves the left hip only.
+        metal: a contralateral hip prosthesis stem (3000 HU rod, 8 mm radius) mirrored from the left femur's place.
     """
 
     name: str
@@ -30,6 +34,8 @@ class Framing:
     inferior_mm: float = 0.0
     air_mm: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)
     degrees: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    right_mm: float = 0.0
+    metal: bool = False
 
 
 FRAMINGS = (
@@ -44,7 +50,11 @@ FRAMINGS = (
     Framing("rotated -15 deg (axial)", degrees=(0.0, 0.0, -15.0)),
     Framing("tilted +15 deg (sagittal)", degrees=(15.0, 0.0, 0.0)),
     Framing("rolled -15 deg (coronal)", degrees=(0.0, -15.0, 0.0)),
+    Framing("left hip only", right_mm=-150.0),
+    Framing("metal: right hip prosthesis", metal=True),
 )
+#: HU of the metal stem (clamped to the top of the HU window like cortical bone, but far brighter in the raw scan)
+METAL_HU = 3000.0
 
 
 def _voxels(mm: float, spacing: float) -> int:
@@ -55,6 +65,8 @@ def reframe(subject: tio.Subject, framing: Framing) -> tio.Subject:
     """The subject (``image`` and optional ``label``) as acquired with ``framing``, in canonical orientation."""
     out = tio.ToCanonical()(subject)
     sx, sy, sz = out.spacing
+    if framing.metal:
+        out = _with_metal_stem(out)
     if any(framing.degrees):
         out = tio.Affine(scales=(1, 1, 1), degrees=framing.degrees, translation=(0, 0, 0),
                          default_pad_value="minimum", image_interpolation="linear")(out)
@@ -65,7 +77,26 @@ def reframe(subject: tio.Subject, framing: Framing) -> tio.Subject:
     extend = (0, 0, 0, 0, _voxels(max(framing.inferior_mm, 0), sz), _voxels(max(framing.superior_mm, 0), sz))
     if any(extend):
         out = tio.Pad(extend, padding_mode="edge")(out)
-    cut = (0, 0, 0, 0, _voxels(min(framing.inferior_mm, 0), sz), _voxels(min(framing.superior_mm, 0), sz))
+    cut = (0, _voxels(min(framing.right_mm, 0), sx), 0, 0, _voxels(min(framing.inferior_mm, 0), sz),
+           _voxels(min(framing.superior_mm, 0), sz))
     if any(cut):
         out = tio.Crop(cut)(out)
+    return out
+
+
+def _with_metal_stem(subject: tio.Subject) -> tio.Subject:
+    """Add a metal rod where the right femoral neck and shaft would be: the left label's box centre mirrored across
+    the sagittal plane x = 0, from 60 mm below to 20 mm above it."""
+    from data_modules.localisation import box_center_mm
+
+    image = subject["image"]
+    cx, cy, cz = box_center_mm(subject["label"])
+    grid = np.stack(np.meshgrid(*(np.arange(n) for n in image.spatial_shape), indexing="ij"), -1)
+    world = grid @ image.affine[:3, :3].T + image.affine[:3, 3]
+    rod = (np.hypot(world[..., 0] + cx, world[..., 1] - cy) < 8.0) & (world[..., 2] > cz - 60) & (world[..., 2] < cz + 20)
+    data = image.data.clone()
+    data[0][torch.from_numpy(rod)] = METAL_HU
+    out = tio.Subject(dict(subject))
+    out["image"] = tio.ScalarImage(tensor=data, affine=image.affine)
+    out.update_attributes()
     return out

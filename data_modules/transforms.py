@@ -92,6 +92,20 @@ def label_coverage(label: np.ndarray, start: Sequence[int], size: Sequence[int],
     return inside, ", ".join(cuts)
 
 
+def windowed(target_spacing: Sequence[float] | None, hu_window: Sequence[float] = (-200.0, 1800.0)) -> tio.Compose:
+    """RAS orientation, HU window scaled to [0, 1] (image only) and resampling: the fold-independent part of the
+    preprocessing (what the persistent cache stores)."""
+    lo, hi = float(hu_window[0]), float(hu_window[1])
+    steps: list[tio.Transform] = [
+        tio.ToCanonical(),
+        tio.Clamp(out_min=lo, out_max=hi, include=["image"]),
+        tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=(lo, hi), include=["image"]),
+    ]
+    if target_spacing is not None:
+        steps.append(tio.Resample(tuple(float(s) for s in target_spacing)))
+    return tio.Compose(steps)
+
+
 def preprocessing(
     target_spacing: Sequence[float] | None,
     roi_size: Sequence[int] | None,
@@ -100,16 +114,9 @@ def preprocessing(
     locator: FemurLocator | None = None,
 ) -> tio.Compose:
     """Deterministic preprocessing: femur localisation (with a ``locator``; else the ROI sits at ``roi_center``),
-    RAS orientation, HU window scaled to [0, 1], resampling, ROI crop."""
-    lo, hi = float(hu_window[0]), float(hu_window[1])
+    then :func:`windowed`, then the ROI crop."""
     steps: list[tio.Transform] = [LocateFemur(locator)] if locator is not None and roi_size is not None else []
-    steps += [
-        tio.ToCanonical(),
-        tio.Clamp(out_min=lo, out_max=hi, include=["image"]),
-        tio.RescaleIntensity(out_min_max=(0.0, 1.0), in_min_max=(lo, hi), include=["image"]),
-    ]
-    if target_spacing is not None:
-        steps.append(tio.Resample(tuple(float(s) for s in target_spacing)))
+    steps += list(windowed(target_spacing, hu_window).transforms)
     if roi_size is not None:
         steps.append(RoiCrop(roi_size, roi_center))
     return tio.Compose(steps)

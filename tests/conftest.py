@@ -41,6 +41,7 @@ def tiny_data_args(manifest: Path, splits_dir: Path, **overrides) -> dict:
     args = dict(
         manifest=str(manifest), splits_dir=str(splits_dir), n_folds=3, target_spacing=(4.0, 4.0, 4.0),
         roi_size=(32, 32, 32), batch_size=2, num_workers=0, augment=0.0,
+        cache_dir=str(Path(splits_dir).parent / "cache"), preprocess_workers=1,
     )
     args.update(overrides)
     return args
@@ -59,6 +60,7 @@ def tiny_train_args(manifest: Path, out: Path, epochs: int = 3, config: str | Pa
         f"{net}.base_channels", "4", f"{net}.depth", "2",
         "--model.lr", "0.01", "--trainer.max_epochs", str(epochs), "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", "--run.out", str(out), "--run.wandb", "disabled",
+        "--data.cache_dir", str(Path(out).parent / f"{Path(out).name}-cache"), "--data.preprocess_workers", "1",
     ]
 
 

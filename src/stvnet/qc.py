@@ -3,8 +3,9 @@
 ``stvnet predict`` writes one record per scan (``<name>.qc.json`` and a row of ``qc.csv``): where the ROI was placed
 (RAS mm) and how well the hip template matched there, the scan's HU statistics and bone fraction around it, the
 predicted femur volume in mL, and the training cohort's range of each (stored in the checkpoint with the template).
-A value outside the training range widened by a quarter of its span, an empty mask, or a mask that touches the
-scan's edge (a femur cut off by the field of view) is a *flag*: printed on stderr and listed in the record.
+A value outside the training range widened by a quarter of its span, an empty mask, a mask that reaches the scan's
+edge, or a located femur that, as large as the largest training femur, would reach beyond the scan (cut off by the
+field of view) is a *flag*: printed on stderr and listed in the record.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torchio as tio
 from data_modules.localisation import FemurLocator
 from data_modules.transforms import SIDES
 
+#: a mask this close to a scan edge (mm) means the femur is cut off by the field of view
+EDGE_MM = 5.0
 #: how far beyond the training range a value may lie, as a share of that range's span, before it is flagged
 RANGE_TOLERANCE = 0.25
 #: QC statistics compared with the training cohort, and what a value outside its range means
@@ -37,15 +40,40 @@ def training_range(values: Sequence[float]) -> tuple[float, float]:
     return lo - margin, hi + margin
 
 
-def edges_touched(mask: np.ndarray, image: tio.ScalarImage) -> list[str]:
-    """Anatomical sides (``inferior``, ``left``, ...) of the scan whose edge the mask touches."""
-    canonical = tio.ToCanonical()(tio.LabelMap(tensor=mask[None].astype(np.uint8), affine=image.affine)).data[0].numpy()
+def edges_touched(mask: np.ndarray, image: tio.ScalarImage, margin_mm: float = EDGE_MM) -> list[str]:
+    """Anatomical sides (``inferior``, ``left``, ...) of the scan whose edge the mask comes within ``margin_mm`` of
+    (the network sees air beyond the scan, so a femur cut by the field of view often stops a voxel short of it)."""
+    canonical = tio.ToCanonical()(tio.LabelMap(tensor=mask[None].astype(np.uint8), affine=image.affine))
+    data = canonical.data[0].numpy()
     touched = []
     for axis, names in enumerate(SIDES):
-        for end, name in zip((0, -1), names):
-            if np.take(canonical, end, axis=axis).any():
+        depth = max(1, int(np.ceil(margin_mm / canonical.spacing[axis])))
+        for edge, name in ((slice(0, depth), names[0]), (slice(-depth, None), names[1])):
+            index = [slice(None)] * 3
+            index[axis] = edge
+            if data[tuple(index)].any():
                 touched.append(name)
     return touched
+
+
+def femur_beyond_scan(image: tio.ScalarImage, center_mm: Sequence[float], stats: dict[str, list[float]],
+                      tolerance_mm: float = EDGE_MM) -> dict[str, float]:
+    """Sides where a femur as large as the largest training femur, centred at ``center_mm``, would extend beyond the
+    scan by more than ``tolerance_mm``: side -> mm beyond."""
+    if not all(f"half_{a}_mm" in stats for a in "xyz"):
+        return {}
+    shape = np.asarray(image.spatial_shape)
+    corners = np.array([[i, j, k] for i in (-0.5, shape[0] - 0.5) for j in (-0.5, shape[1] - 0.5)
+                        for k in (-0.5, shape[2] - 0.5)])
+    world = corners @ image.affine[:3, :3].T + image.affine[:3, 3]
+    beyond = {}
+    for axis, (low, high) in enumerate(SIDES):
+        half = max(stats[f"half_{'xyz'[axis]}_mm"])
+        below = world[:, axis].min() - (center_mm[axis] - half)
+        above = (center_mm[axis] + half) - world[:, axis].max()
+        beyond.update({low: round(float(below), 1)} if below > tolerance_mm else {})
+        beyond.update({high: round(float(above), 1)} if above > tolerance_mm else {})
+    return beyond
 
 
 def qc_record(image_path: str, mask: np.ndarray, locator: FemurLocator | None, side: str = "left") -> dict[str, Any]:
@@ -58,10 +86,15 @@ def qc_record(image_path: str, mask: np.ndarray, locator: FemurLocator | None, s
         flags.append("empty mask: no femur found")
     touched = edges_touched(mask, image)
     if touched:
-        flags.append(f"the mask touches the scan's {', '.join(touched)} edge: the femur is cut off by the field of view")
+        flags.append(f"the mask reaches the scan's {', '.join(touched)} edge: the femur is cut off by the field of view")
     if locator is not None:
         location = locator.locate(image)
         record["roi_center_mm"] = [round(float(v), 1) for v in location.center_mm]
+        beyond = femur_beyond_scan(image, location.center_mm, locator.stats)
+        if beyond:
+            record["femur_beyond_scan_mm"] = beyond
+            flags.append("the femur reaches beyond the scan's " + ", ".join(f"{side} edge by ~{mm:.0f} mm"
+                         for side, mm in beyond.items()) + ": the field of view cuts it off")
         record.update(locator.describe(image, location.center_mm))
         record["volume_ml"] = volume
         for key, meaning in CHECKS.items():

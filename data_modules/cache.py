@@ -1,0 +1,216 @@
+"""A persistent preprocessed cache: every scan is reoriented, windowed and resampled once, shared by everything.
+
+What is stored. Per (scan, settings) an entry folder holds the scan in canonical (RAS) orientation, HU-windowed to
+[0, 1] and resampled to ``target_spacing`` (``image.npy``, float32), its label (``label.npy``, uint8), the same scan at
+the locator's coarse 6 mm spacing (``coarse.npy``), and ``meta.json`` (affines, the label's bounding-box centre and
+the QC statistics the femur template needs). What is *not* stored is anything fold-dependent: the femur template is
+built per fold from the training entries' coarse scans, and the ROI is cut from the memory-mapped volume when a
+loader worker reads a subject, so one entry serves every fold, cohort, run, sweep trial and DDP rank.
+
+Why memory-mapped ``.npy``. Reading a 64^3 ROI out of a memory-mapped volume touches ~1 MB of it, so resident memory
+is bounded by the loader queues, not by the cohort; ``.npy`` needs no extra dependency, is read by every tool, and
+works on any shared file system a cluster mounts. (Zarr or LitData chunks stream better from object storage; they can
+replace :func:`write_entry` / :func:`read_roi` without touching the datamodule.)
+
+Keys. An entry's folder name hashes the scan's and label's path, size and modification time with the preprocessing
+settings and :data:`CACHE_VERSION`, so touching a scan or changing a setting invalidates exactly the affected entries.
+Entries are written into a temporary folder and renamed into place, so a build killed at any point leaves nothing that
+reads as valid; a build lock lets one process build while other ranks wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchio as tio
+from filelock import FileLock
+from tqdm.auto import tqdm
+
+from data_modules.localisation import (
+    COARSE_SPACING,
+    FemurLocator,
+    box_center_mm,
+    coarse,
+    label_statistics,
+    raw_statistics,
+)
+from data_modules.transforms import RoiCrop, label_coverage, windowed
+
+#: bump when what an entry holds or how it is computed changes: every entry is rebuilt
+CACHE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    """The preprocessing settings an entry depends on."""
+
+    target_spacing: tuple[float, float, float] | None
+    hu_window: tuple[float, float]
+    coarse_spacing: float = COARSE_SPACING
+
+    def digest(self) -> str:
+        payload = json.dumps({"version": CACHE_VERSION, **asdict(self)}, sort_keys=True)
+        return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
+def _fingerprint(path: str | None) -> list:
+    if path is None:
+        return [None]
+    st = os.stat(path)
+    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
+
+
+def entry_name(image: str, label: str | None, settings: CacheSettings) -> str:
+    """The entry folder of one scan (and label) under one set of settings."""
+    payload = json.dumps([_fingerprint(image), _fingerprint(label), settings.digest()])
+    return hashlib.sha1(payload.encode()).hexdigest()[:20]
+
+
+def write_entry(folder: Path, image: str, label: str | None, settings: CacheSettings) -> None:
+    """Preprocess one scan into ``folder`` atomically (a temporary sibling folder renamed into place)."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        subject = tio.Subject(image=tio.ScalarImage(image), **({"label": tio.LabelMap(label)} if label else {}))
+        fine = windowed(settings.target_spacing, settings.hu_window)(subject)
+        np.save(tmp / "image.npy", fine["image"].data[0].numpy().astype(np.float32))
+        meta = {"image": image, "label": label, "affine": fine["image"].affine.tolist(),
+                "minimum": float(fine["image"].data.min())}
+        low = coarse(subject["image"], settings.hu_window, settings.coarse_spacing)
+        np.save(tmp / "coarse.npy", low.data[0].numpy().astype(np.float32))
+        meta["coarse_affine"] = low.affine.tolist()
+        if label:
+            np.save(tmp / "label.npy", (fine["label"].data[0].numpy() > 0).astype(np.uint8))
+            center = box_center_mm(subject["label"])
+            meta["label_center_mm"] = center.tolist()
+            meta["stats"] = {**raw_statistics(subject["image"], center, settings.coarse_spacing),
+                             **label_statistics(subject["label"])}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        try:
+            os.replace(tmp, folder)  # atomic: the entry exists completely or not at all
+        except OSError:  # another process finished the same entry first
+            if not (folder / "meta.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_one(job: tuple[str, str, str | None, CacheSettings]) -> str:
+    folder, image, label, settings = job
+    try:
+        write_entry(Path(folder), image, label, settings)
+    except Exception as exc:  # name the scan instead of a deep SimpleITK/torch traceback
+        raise RuntimeError(f"{image}: preprocessing failed ({type(exc).__name__}: {exc})") from None
+    return folder
+
+
+class PreprocessedCache:
+    """Entries of one set of settings under ``root/<settings digest>/``."""
+
+    def __init__(self, root: str | Path, settings: CacheSettings):
+        self.settings = settings
+        self.root = Path(root) / settings.digest()
+
+    def folder(self, image: str, label: str | None) -> Path:
+        return self.root / entry_name(image, label, self.settings)
+
+    def build(self, scans: Sequence[tuple[str, str | None]], workers: int | None = None) -> int:
+        """Make sure every ``(image, label)`` has an entry; returns how many were built. One process builds (with
+        ``workers`` processes, default all cores) while others wait on the lock, then find everything in place."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / ".build.lock")):
+            jobs = [(str(self.folder(i, lbl)), i, lbl, self.settings) for i, lbl in scans
+                    if not (self.folder(i, lbl) / "meta.json").is_file()]
+            if not jobs:
+                return 0
+            workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+            progress = tqdm(total=len(jobs), desc=f"preprocessing into {self.root}", unit="scan")
+            if workers == 1:
+                for job in jobs:
+                    _build_one(job)
+                    progress.update()
+            else:
+                with ProcessPoolExecutor(workers) as pool:
+                    for _ in pool.map(_build_one, jobs):
+                        progress.update()
+            progress.close()
+            return len(jobs)
+
+    def meta(self, image: str, label: str | None) -> dict:
+        return json.loads((self.folder(image, label) / "meta.json").read_text())
+
+    def coarse(self, image: str, label: str | None) -> tio.ScalarImage:
+        """The entry's 6 mm windowed scan (what the femur template is built from and matched against)."""
+        folder = self.folder(image, label)
+        meta = self.meta(image, label)
+        data = torch.from_numpy(np.load(folder / "coarse.npy"))[None]
+        return tio.ScalarImage(tensor=data, affine=np.array(meta["coarse_affine"]))
+
+    def locator(self, scans: Iterable[tuple[str, str | None]], hu_window: Sequence[float]) -> FemurLocator:
+        """The femur template of training scans, from their entries (no scan is read again)."""
+        scans = list(scans)
+        metas = [self.meta(i, lbl) for i, lbl in scans]
+        return FemurLocator.from_coarse([self.coarse(i, lbl) for i, lbl in scans], [m["label_center_mm"] for m in metas],
+                                        [m["stats"] for m in metas], hu_window, self.settings.coarse_spacing)
+
+    def subject(self, image: str, label: str | None, roi_size: Sequence[int] | None, locator: FemurLocator | None = None,
+                roi_center: Sequence[float] | None = None, **attributes: object) -> tio.Subject:
+        """A subject whose ROI is read from the memory-mapped entry when a loader touches it: ``roi_size`` voxels
+        centred where ``locator`` finds the femur, else at the ``roi_center`` fractions of the field of view (the
+        whole volume when ``roi_size`` is ``None``). Records the ROI centre and how much of the label it holds
+        (``label_in_roi``, ``label_cut``), exactly as :func:`~data_modules.transforms.preprocessing` does."""
+        folder = self.folder(image, label)
+        meta = self.meta(image, label)
+        affine = np.array(meta["affine"])
+        shape = np.load(folder / "image.npy", mmap_mode="r").shape
+        if roi_size is None:
+            roi_size, start = shape, [0, 0, 0]
+            center_mm = (affine @ np.append((np.asarray(shape) - 1) / 2.0, 1.0))[:3]
+        else:
+            crop = RoiCrop(roi_size, roi_center)
+            if locator is not None:
+                location = locator.locate_coarse(self.coarse(image, label))
+                center_mm = location.center_mm
+                attributes["locator_score"] = location.score
+                start = crop.start(shape, (np.linalg.inv(affine) @ np.append(center_mm, 1.0))[:3])
+            else:
+                start = crop.start(shape)
+                center_mm = (affine @ np.append(np.asarray(start) + np.asarray(roi_size) / 2.0, 1.0))[:3]
+        images: dict[str, tio.Image] = {"image": tio.ScalarImage(
+            folder / "image.npy", reader=RoiReader(affine, start, roi_size, meta["minimum"]))}
+        if label:
+            full = np.load(folder / "label.npy", mmap_mode="r")
+            spacing = np.linalg.norm(affine[:3, :3], axis=0)
+            inside, cut = label_coverage(np.asarray(full), start, roi_size, spacing)
+            attributes.update(label_in_roi=inside, label_cut=cut)
+            images["label"] = tio.LabelMap(folder / "label.npy", reader=RoiReader(affine, start, roi_size, 0.0))
+        return tio.Subject(**images, roi_center_mm=np.asarray(center_mm, float), **attributes)
+
+
+class RoiReader:
+    """A TorchIO reader that returns only a box of a memory-mapped ``.npy`` volume (padded with ``fill`` outside it)
+    and the box's affine: the same voxels and affine as cropping the whole volume with ``RoiCrop``."""
+
+    def __init__(self, affine: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float):
+        self.affine, self.start, self.size, self.fill = affine, [int(s) for s in start], [int(s) for s in size], fill
+
+    def __call__(self, path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
+        volume = np.load(path, mmap_mode="r")
+        out = np.full(self.size, self.fill, dtype=volume.dtype)
+        src = tuple(slice(max(0, s), min(n, s + k)) for s, k, n in zip(self.start, self.size, volume.shape))
+        dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, self.start))
+        if all(sl.stop > sl.start for sl in src):
+            out[dst] = volume[src]
+        affine = self.affine.copy()
+        affine[:3, 3] = self.affine[:3, :3] @ np.asarray(self.start, float) + self.affine[:3, 3]
+        return torch.from_numpy(out)[None], affine
