@@ -30,6 +30,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import torch
 import torchio as tio
@@ -44,6 +45,7 @@ from data_modules.localisation import (
     label_statistics,
     raw_statistics,
 )
+from data_modules.manifest import ManifestError, voxel_problems
 from data_modules.transforms import RoiCrop, label_coverage, windowed
 
 #: bump when what an entry holds or how it is computed changes: every entry is rebuilt
@@ -76,12 +78,18 @@ def entry_name(image: str, label: str | None, settings: CacheSettings) -> str:
     return hashlib.sha1(payload.encode()).hexdigest()[:20]
 
 
-def write_entry(folder: Path, image: str, label: str | None, settings: CacheSettings) -> None:
-    """Preprocess one scan into ``folder`` atomically (a temporary sibling folder renamed into place)."""
+def write_entry(folder: Path, image: str, label: str | None, settings: CacheSettings, subject_id: str = "") -> list[str]:
+    """Check every voxel of one scan and preprocess it into ``folder`` atomically (a temporary sibling folder renamed
+    into place). Returns the voxel problems found (then nothing is written)."""
+    # read by nibabel: TorchIO's reader turns NaN into 0
+    problems = voxel_problems(subject_id or image, np.asanyarray(nib.load(image).dataobj),
+                              np.asanyarray(nib.load(label).dataobj) if label else None)
+    if problems:
+        return problems
+    subject = tio.Subject(image=tio.ScalarImage(image), **({"label": tio.LabelMap(label)} if label else {}))
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        subject = tio.Subject(image=tio.ScalarImage(image), **({"label": tio.LabelMap(label)} if label else {}))
         fine = windowed(settings.target_spacing, settings.hu_window)(subject)
         np.save(tmp / "image.npy", fine["image"].data[0].numpy().astype(np.float32))
         meta = {"image": image, "label": label, "affine": fine["image"].affine.tolist(),
@@ -103,15 +111,15 @@ def write_entry(folder: Path, image: str, label: str | None, settings: CacheSett
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return []
 
 
-def _build_one(job: tuple[str, str, str | None, CacheSettings]) -> str:
-    folder, image, label, settings = job
+def _build_one(job: tuple[str, str, str, str | None, CacheSettings]) -> list[str]:
+    folder, subject_id, image, label, settings = job
     try:
-        write_entry(Path(folder), image, label, settings)
+        return write_entry(Path(folder), image, label, settings, subject_id)
     except Exception as exc:  # name the scan instead of a deep SimpleITK/torch traceback
-        raise RuntimeError(f"{image}: preprocessing failed ({type(exc).__name__}: {exc})") from None
-    return folder
+        raise RuntimeError(f"{subject_id}: preprocessing {image} failed ({type(exc).__name__}: {exc})") from None
 
 
 class PreprocessedCache:
@@ -124,26 +132,33 @@ class PreprocessedCache:
     def folder(self, image: str, label: str | None) -> Path:
         return self.root / entry_name(image, label, self.settings)
 
-    def build(self, scans: Sequence[tuple[str, str | None]], workers: int | None = None) -> int:
-        """Make sure every ``(image, label)`` has an entry; returns how many were built. One process builds (with
-        ``workers`` processes, default all cores) while others wait on the lock, then find everything in place."""
+    def build(self, scans: Sequence[tuple[str, str, str | None]], workers: int | None = None,
+              source: str | Path = "cohort") -> int:
+        """Make sure every ``(subject_id, image, label)`` has an entry; returns how many were built. One process
+        builds (with ``workers`` processes, default all cores) while others wait on the lock, then find everything in
+        place. Scans whose voxels are unusable (NaN, a label that is not binary or is empty) get no entry: they are
+        listed, one line per subject, in a :class:`~data_modules.manifest.ManifestError` of ``source``."""
         self.root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(self.root / ".build.lock")):
-            jobs = [(str(self.folder(i, lbl)), i, lbl, self.settings) for i, lbl in scans
+            jobs = [(str(self.folder(i, lbl)), sid, i, lbl, self.settings) for sid, i, lbl in scans
                     if not (self.folder(i, lbl) / "meta.json").is_file()]
             if not jobs:
                 return 0
             workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
-            progress = tqdm(total=len(jobs), desc=f"preprocessing into {self.root}", unit="scan")
-            if workers == 1:
-                for job in jobs:
-                    _build_one(job)
-                    progress.update()
-            else:
-                with ProcessPoolExecutor(workers) as pool:
-                    for _ in pool.map(_build_one, jobs):
+            problems: list[str] = []
+            with tqdm(total=len(jobs), desc=f"preprocessing into {self.root}", unit="scan") as progress:
+                if workers == 1:
+                    results = (_build_one(job) for job in jobs)
+                    for found in results:
+                        problems += found
                         progress.update()
-            progress.close()
+                else:
+                    with ProcessPoolExecutor(workers) as pool:
+                        for found in pool.map(_build_one, jobs):
+                            problems += found
+                            progress.update()
+            if problems:
+                raise ManifestError(source, problems)
             return len(jobs)
 
     def meta(self, image: str, label: str | None) -> dict:

@@ -157,12 +157,14 @@ class FemurDataModule(L.LightningDataModule):
     def _build_cache(self) -> None:
         if self.store is not None:
             assert self.table is not None
-            self.store.build(list(zip(self.table["image"], self.table["label"])), self.hparams.preprocess_workers)
+            self.store.build(list(zip(self.table["subject_id"], self.table["image"], self.table["label"])),
+                             self.hparams.preprocess_workers, source=self.manifest_path)
 
     def _load_table(self) -> None:
         if self.table is not None:
             return
-        table = filter_cohort(validate_manifest(self.manifest_path), self.cohort)
+        # with the cache, voxels are checked once per scan when its entry is built
+        table = filter_cohort(validate_manifest(self.manifest_path, voxels=self.store is None), self.cohort)
         if table.empty:
             raise ValueError(f"{self.manifest_path}: no subjects in cohort '{self.cohort}'")
         self.splits = load_or_create_splits(

@@ -67,7 +67,29 @@ def read_manifest(path: str | Path, require_labels: bool = True) -> pd.DataFrame
     return table
 
 
-def _check_subject(row: pd.Series, require_labels: bool) -> list[str]:
+def stored_zooms(path: str | Path) -> tuple[float, float, float]:
+    """Voxel spacing as written in a NIfTI header (nibabel's loader silently turns a zero spacing into 1 mm)."""
+    with nib.openers.ImageOpener(str(path)) as fileobj:
+        header = nib.Nifti1Header.from_fileobj(fileobj, check=False)
+    return tuple(float(z) for z in header["pixdim"][1:4])
+
+
+def voxel_problems(sid: str, image: np.ndarray, label: np.ndarray | None) -> list[str]:
+    """What reading every voxel can find: NaN/inf in the scan, a label that is not binary or is empty."""
+    problems = []
+    if not np.isfinite(image).all():
+        problems.append(f"{sid}: image contains NaN or inf values")
+    if label is not None:
+        values = np.unique(label)
+        if not set(values.tolist()) <= {0, 1}:
+            shown = ", ".join(f"{v:g}" for v in values[:6])
+            problems.append(f"{sid}: label is not binary (values {shown}{'...' if len(values) > 6 else ''})")
+        elif 1 not in values:
+            problems.append(f"{sid}: label is empty (no femur voxels)")
+    return problems
+
+
+def _check_subject(row: pd.Series, require_labels: bool, voxels: bool = True) -> list[str]:
     sid = row["subject_id"]
     problems: list[str] = []
     paths = {"image": row["image"], "label": row["label"]}
@@ -82,13 +104,13 @@ def _check_subject(row: pd.Series, require_labels: bool) -> list[str]:
         return [f"{sid}: image is not a readable NIfTI ({type(exc).__name__}: {exc})"]
     if len(image.shape) != 3 and not (len(image.shape) == 4 and image.shape[3] == 1):
         return [f"{sid}: image is not 3D (shape {image.shape})"]
-    data = np.asanyarray(image.dataobj)
-    if not np.isfinite(data).all():
-        problems.append(f"{sid}: image contains NaN or inf values")
+    zooms = stored_zooms(paths["image"])
+    if min(zooms) <= 0:
+        return [f"{sid}: image voxel spacing {tuple(float(z) for z in zooms)} is not positive (fix the NIfTI header)"]
     if paths["label"] is None:
         if require_labels:
             problems.append(f"{sid}: no label path")
-        return problems
+        return problems + (voxel_problems(sid, np.asanyarray(image.dataobj), None) if voxels else [])
     try:
         label = nib.load(paths["label"])
     except Exception as exc:
@@ -97,21 +119,20 @@ def _check_subject(row: pd.Series, require_labels: bool) -> list[str]:
         return problems + [f"{sid}: image shape {image.shape[:3]} and label shape {label.shape[:3]} differ"]
     if not np.allclose(label.affine, image.affine, atol=1e-3):
         problems.append(f"{sid}: image and label affines differ (they must share one voxel grid)")
-    values = np.unique(np.asanyarray(label.dataobj))
-    if not set(values.tolist()) <= {0, 1}:
-        shown = ", ".join(f"{v:g}" for v in values[:6])
-        problems.append(f"{sid}: label is not binary (values {shown}{'...' if len(values) > 6 else ''})")
-    elif 1 not in values:
-        problems.append(f"{sid}: label is empty (no femur voxels)")
+    if voxels:
+        problems += voxel_problems(sid, np.asanyarray(image.dataobj), np.asanyarray(label.dataobj))
     return problems
 
 
-def validate_manifest(path: str | Path, require_labels: bool = True) -> pd.DataFrame:
-    """Read a manifest and check every subject's files; raise :class:`ManifestError` listing all problems."""
+def validate_manifest(path: str | Path, require_labels: bool = True, voxels: bool = True) -> pd.DataFrame:
+    """Read a manifest and check every subject's files; raise :class:`ManifestError` listing all problems.
+
+    ``voxels=False`` checks headers only (files, 3D, positive spacing, shapes and affines): the preprocessed cache
+    checks the voxels of each scan once, when it builds the scan's entry, instead of on every run."""
     table = read_manifest(path, require_labels=require_labels)
     problems: list[str] = []
     for _, row in table.iterrows():
-        problems.extend(_check_subject(row, require_labels))
+        problems.extend(_check_subject(row, require_labels, voxels))
     if problems:
         raise ManifestError(path, problems)
     return table

@@ -8,6 +8,7 @@ import os
 import shutil
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,14 +17,16 @@ import torch
 import data_modules.cache
 from data_modules.cache import CacheSettings, PreprocessedCache, entry_name
 from data_modules.datamodule import FemurDataModule
+from data_modules.manifest import ManifestError
 from tests.conftest import tiny_data_args
 
 SETTINGS = CacheSettings((4.0, 4.0, 4.0), (-200.0, 1800.0))
 
 
-def _scans(manifest: Path) -> list[tuple[str, str]]:
+def _scans(manifest: Path) -> list[tuple[str, str, str]]:
     table = pd.read_csv(manifest)
-    return [(str(manifest.parent / i), str(manifest.parent / lbl)) for i, lbl in zip(table["image"], table["label"])]
+    return [(sid, str(manifest.parent / i), str(manifest.parent / lbl))
+            for sid, i, lbl in zip(table["subject_id"], table["image"], table["label"])]
 
 
 @pytest.mark.parametrize("locator", ["template", "fraction"])
@@ -71,17 +74,17 @@ def test_touching_a_scan_or_changing_a_setting_rebuilds_exactly_that(tiny_cohort
     scans = _scans(tiny_cohort)[:3]
     cache = PreprocessedCache(tmp_path / "cache", SETTINGS)
     assert cache.build(scans, workers=1) == 3
-    before = cache.folder(*scans[1])
-    stat = os.stat(scans[1][0])
-    os.utime(scans[1][0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the scan was rewritten
+    before = cache.folder(*scans[1][1:])
+    stat = os.stat(scans[1][1])
+    os.utime(scans[1][1], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # the scan was rewritten
     try:
-        assert cache.folder(*scans[1]) != before
+        assert cache.folder(*scans[1][1:]) != before
         assert cache.build(scans, workers=1) == 1
     finally:
-        os.utime(scans[1][0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        os.utime(scans[1][1], ns=(stat.st_atime_ns, stat.st_mtime_ns))
     wider = PreprocessedCache(tmp_path / "cache", CacheSettings((4.0, 4.0, 4.0), (-300.0, 1800.0)))
     assert wider.root != cache.root and wider.build(scans, workers=1) == 3
-    assert entry_name(*scans[0], SETTINGS) != entry_name(*scans[0], CacheSettings((3.0, 3.0, 3.0), (-200.0, 1800.0)))
+    assert entry_name(*scans[0][1:], SETTINGS) != entry_name(*scans[0][1:], CacheSettings((3.0, 3.0, 3.0), (-200.0, 1800.0)))
 
 
 def test_a_build_killed_midway_leaves_nothing_that_reads_as_valid(tiny_cohort, tmp_path, monkeypatch):
@@ -95,16 +98,16 @@ def test_a_build_killed_midway_leaves_nothing_that_reads_as_valid(tiny_cohort, t
         real_save(path, array)
 
     monkeypatch.setattr(data_modules.cache.np, "save", dies_on_the_label)
-    with pytest.raises(RuntimeError, match=rf"{scans[0][0]}: preprocessing failed \(OSError: No space left on device\)"):
+    with pytest.raises(RuntimeError, match=rf"^{scans[0][0]}: preprocessing {scans[0][1]} failed \(OSError: No space left on device\)$"):
         cache.build(scans, workers=1)
     assert list(cache.root.iterdir()) == [cache.root / ".build.lock"]  # no entry, no temporary folder left
     monkeypatch.undo()
     # what kill -9 leaves behind: a temporary folder with some files; it is ignored and the entry built
-    leftover = cache.root / f".{cache.folder(*scans[0]).name}.killed"
+    leftover = cache.root / f".{cache.folder(*scans[0][1:]).name}.killed"
     leftover.mkdir()
     real_save(leftover / "image.npy", np.zeros(3))
     assert cache.build(scans, workers=1) == 2
-    assert cache.meta(*scans[0])["image"] == scans[0][0]
+    assert cache.meta(*scans[0][1:])["image"] == scans[0][1]
 
 
 def _race(root: str, scans: list, queue) -> None:
@@ -122,7 +125,7 @@ def test_two_processes_racing_build_each_entry_once(tiny_cohort, tmp_path):
         w.join(120)
     assert sorted(queue.get(timeout=5) for _ in workers) == [0, 4]
     cache = PreprocessedCache(tmp_path / "cache", SETTINGS)
-    assert all((cache.folder(*s) / "meta.json").is_file() for s in scans)
+    assert all((cache.folder(*s[1:]) / "meta.json").is_file() for s in scans)
 
 
 def test_the_cache_folder_can_move_with_the_data(tiny_cohort, tmp_path):
@@ -131,3 +134,23 @@ def test_the_cache_folder_can_move_with_the_data(tiny_cohort, tmp_path):
     cache.build(_scans(tiny_cohort)[:2], workers=1)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     assert PreprocessedCache(tmp_path / "b", SETTINGS).build(_scans(tiny_cohort)[:2], workers=1) == 0
+
+
+def test_voxels_are_checked_once_when_the_entry_is_built(tiny_cohort, tmp_path):
+    table = pd.read_csv(tiny_cohort)
+    row = table.iloc[0]
+    image = nib.load(tiny_cohort.parent / row["image"])
+    data = np.asanyarray(image.dataobj).astype(np.float32)
+    data[3, 3, 3] = np.nan
+    bad = tmp_path / "nan.nii.gz"
+    nib.save(nib.Nifti1Image(data, image.affine), str(bad))
+    table["image"] = [str(tiny_cohort.parent / p) for p in table["image"]]
+    table["label"] = [str(tiny_cohort.parent / p) for p in table["label"]]
+    table.loc[0, "image"] = str(bad)
+    manifest = tmp_path / "manifest.csv"
+    table.to_csv(manifest, index=False)
+    dm = FemurDataModule(**tiny_data_args(manifest, tmp_path / "splits"))
+    with pytest.raises(ManifestError, match=rf"manifest.csv: 1 problem\(s\):\n  - {row['subject_id']}: image contains NaN"):
+        dm.prepare_data()  # headers were fine; the build read the voxels
+    assert not (dm.store.folder(str(bad), table.loc[0, "label"]) / "meta.json").exists()
+    assert dm.store.build(_scans(tiny_cohort)[1:], workers=1) == 0  # the good scans were built all the same

@@ -114,3 +114,22 @@ def test_cohort_filter(cohort_copy):
     assert len(male) + len(female) == len(table)
     with pytest.raises(ValueError, match="cohort must be one of"):
         filter_cohort(table, "children")
+
+
+def test_zero_voxel_spacing_is_refused_not_read_as_1_mm(cohort_copy):
+    table = pd.read_csv(cohort_copy)
+    path = cohort_copy.parent / table.loc[1, "image"]
+    image = nib.load(path)
+    image.header.set_zooms((0.0, 1.0, 2.5))
+    nib.save(image, path)
+    (line,) = _problems(cohort_copy)
+    assert line == f"{table.loc[1, 'subject_id']}: image voxel spacing (0.0, 1.0, 2.5) is not positive (fix the NIfTI header)"
+
+
+def test_header_only_validation_leaves_the_voxels_to_the_cache_build(cohort_copy):
+    table = pd.read_csv(cohort_copy)
+    label = cohort_copy.parent / table.loc[0, "label"]
+    original = nib.load(label)
+    nib.save(nib.Nifti1Image(np.zeros(original.shape, np.uint8), original.affine), label)  # empty, same header
+    assert len(validate_manifest(cohort_copy, voxels=False)) == 4  # the headers are fine
+    assert _problems(cohort_copy) == [f"{table.loc[0, 'subject_id']}: label is empty (no femur voxels)"]
