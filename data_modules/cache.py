@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -153,7 +154,10 @@ class PreprocessedCache:
                         problems += found
                         progress.update()
                 else:
-                    with ProcessPoolExecutor(workers) as pool:
+                    # spawned, single-threaded workers: forking a process whose torch thread pool is running can
+                    # deadlock the children, and one thread per worker avoids oversubscribing the cores
+                    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
                         for found in pool.map(_build_one, jobs):
                             problems += found
                             progress.update()

@@ -154,3 +154,13 @@ def test_voxels_are_checked_once_when_the_entry_is_built(tiny_cohort, tmp_path):
         dm.prepare_data()  # headers were fine; the build read the voxels
     assert not (dm.store.folder(str(bad), table.loc[0, "label"]) / "meta.json").exists()
     assert dm.store.build(_scans(tiny_cohort)[1:], workers=1) == 0  # the good scans were built all the same
+
+
+def test_a_parallel_build_writes_the_same_entries_as_a_serial_one(tiny_cohort, tmp_path):
+    scans = _scans(tiny_cohort)[:4]
+    serial, parallel = (PreprocessedCache(tmp_path / name, SETTINGS) for name in ("serial", "parallel"))
+    assert serial.build(scans, workers=1) == 4 and parallel.build(scans, workers=2) == 4
+    for _, image, label in scans:
+        for name in ("image.npy", "label.npy", "coarse.npy"):
+            assert np.array_equal(np.load(serial.folder(image, label) / name), np.load(parallel.folder(image, label) / name))
+        assert serial.meta(image, label) == parallel.meta(image, label)

@@ -213,10 +213,10 @@ def _bench(argv: list[str]) -> int:
         "prints a Markdown table of medians and ratios.",
     )
     parser.add_argument("--out", default="bench_results/bench.md", help="Markdown file to write (default: %(default)s)")
-    parser.add_argument("--sections", nargs="+", default=["training", "inference", "metrics", "loader", "memory", "ddp"],
-                        choices=["training", "inference", "metrics", "loader", "memory", "ddp", "gpu_memory"],
+    parser.add_argument("--sections", nargs="+", default=["training", "inference", "metrics", "loader", "data", "memory", "ddp"],
+                        choices=["training", "inference", "metrics", "loader", "data", "memory", "ddp", "gpu_memory"],
                         help="gpu_memory (minutes on a CPU: the GPU configs' full-size forward pass) runs only when named")
-    parser.add_argument("--manifest", help="cohort for the loader benchmark (default: the synthetic cohort)")
+    parser.add_argument("--manifest", help="cohort for the loader and data benchmarks (default: the synthetic cohort)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (used by the tests)")
     args = parser.parse_args(argv)
