@@ -134,7 +134,7 @@ def test_ensemble_thresholds_the_mean_and_optionally_keeps_the_largest_island():
     assert ensemble_segment([Constant(a), Constant(b)], "scan.nii.gz", threshold=0.4)[0].sum() == 9
     kept, _ = ensemble_segment([Constant(a), Constant(b)], "scan.nii.gz", keep_largest=True)
     assert kept.sum() == 7 and kept[5, 5, 5] == 0
-    with pytest.raises(ValueError, match="at least one checkpoint"):
+    with pytest.raises(ValueError, match="^an ensemble needs at least one checkpoint$"):
         ensemble_segment([], "scan.nii.gz")
 
 
@@ -152,8 +152,12 @@ def test_largest_component_is_26_connected_and_keeps_a_single_island_whole():
     assert kept.dtype == np.uint8 and np.array_equal(kept, single)
     two = single.copy()
     two[0, 4, 4] = 1
-    assert np.array_equal(largest_component(two), single)
+    kept = largest_component(two)
+    assert kept.dtype == np.uint8 and np.array_equal(kept, single)
     assert largest_component(np.zeros((3, 3, 3), np.uint8)).sum() == 0
+    specks = np.zeros((5, 5, 5), np.uint8)
+    specks[0, 0, 0] = specks[4, 4, 4] = 1  # two islands of one voxel: one of them, never the background
+    assert largest_component(specks).sum() == 1 and largest_component(specks)[0, 0, 0] == 1
 
 
 def test_segment_thresholds_strictly_at_the_models_threshold_unless_told_otherwise():

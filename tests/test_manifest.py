@@ -133,3 +133,10 @@ def test_header_only_validation_leaves_the_voxels_to_the_cache_build(cohort_copy
     nib.save(nib.Nifti1Image(np.zeros(original.shape, np.uint8), original.affine), label)  # empty, same header
     assert len(validate_manifest(cohort_copy, voxels=False)) == 4  # the headers are fine
     assert _problems(cohort_copy) == [f"{table.loc[0, 'subject_id']}: label is empty (no femur voxels)"]
+
+
+def test_the_error_lists_one_line_per_problem():
+    error = ManifestError("cohort.csv", ["sub-1: label is empty (no femur voxels)", "sub-2: no image path"])
+    assert str(error) == ("cohort.csv: 2 problem(s):\n  - sub-1: label is empty (no femur voxels)\n"
+                          "  - sub-2: no image path")
+    assert error.problems == ["sub-1: label is empty (no femur voxels)", "sub-2: no image path"]

@@ -221,8 +221,13 @@ def test_stage_setup_is_what_the_module_trains_with():
     assert not StageSchedule([Stage(name="all", epochs=1)]).freezes_parts
 
 
-def test_a_checkpoint_of_another_schedule_is_refused_on_resume():
+def test_a_checkpoint_of_another_schedule_is_refused_on_resume(caplog):
     schedule = StageSchedule(STAGES)
+    saved = StageSchedule([Stage(name=s.name, epochs=3) for s in STAGES]).state_dict()
+    with caplog.at_level("INFO"):
+        schedule.load_state_dict(saved)
+    assert [s.epochs for s in schedule.stages] == [3, 3, 3] and schedule.starts == [0, 3, 6]
+    assert "Stage lengths restored from the checkpoint: vnet x3, stn x3, all x3" in caplog.messages
     saved = StageSchedule([Stage(name="vnet", epochs=5), Stage(name="finetune", epochs=2)]).state_dict()
     with pytest.raises(ValueError, match=r"trained with stages \['vnet', 'finetune'\], this schedule has "
                                          r"\['vnet', 'stn', 'all'\]: resume with the run's own config.yaml"):
