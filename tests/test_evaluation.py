@@ -16,7 +16,7 @@ from stvnet.evaluation import (
     summary_markdown,
     training_cohort_pairs,
 )
-from stvnet.metrics import METRIC_KEYS
+from stvnet.metrics import METRIC_KEYS, evaluate_case
 from tests.conftest import png_colours
 
 
@@ -40,7 +40,21 @@ def test_evaluate_two_models_writes_full_report(trained_runs, tiny_cohort, tmp_p
     assert set(table["model"]) == {"vnet", "vnet_b"} and set(table["split"]) == {"test", "val"}
     assert np.isfinite(table[[m for m in METRIC_KEYS if m != "rvd"]].to_numpy()).all()
     per_subject = pd.read_csv(out / "per_subject.csv")
-    assert {"subject_id", "sex", "fold", "model", *METRIC_KEYS} <= set(per_subject.columns)
+    assert list(per_subject.columns) == ["subject_id", "sex", "fold", "model", "split", "cohort", "image", "label",
+                                         "ckpt_epoch", "ckpt_stage", *METRIC_KEYS]  # no index column
+    assert set(per_subject["cohort"]) == {"all"}
+    # each Dice is the one of the saved mask against the label, in the label's own spacing
+    for _, r in per_subject.iterrows():
+        mask = np.asarray(nib.load(out / "predictions" / r["model"] / f"fold{r['fold']}" / f"{r['subject_id']}.nii.gz").dataobj)
+        label = nib.load(r["label"])
+        expected = evaluate_case(mask, np.asarray(label.dataobj) > 0, label.header.get_zooms()[:3])
+        assert r["dice"] == pytest.approx(expected["dice"]) and r["hd95"] == pytest.approx(expected["hd95"])
+    assert per_subject["dice"].min() > 0.3
+    tests = pd.read_csv(out / "paired_tests.csv")
+    assert list(tests.columns) == ["model_a", "model_b", "split", "cohort", "metric", "n_pairs", "median_diff",
+                                   "p_value", "comparison"]
+    assert set(tests["comparison"]) == {"architecture"} and set(tests["model_a"] + tests["model_b"]) == {"vnetvnet_b"}
+    assert list(pd.read_csv(out / "summary.csv").columns)[:3] == ["model", "split", "cohort"]  # no index column
     # predicted masks live in each scan's original grid
     row = per_subject.iloc[0]
     pred = nib.load(out / "predictions" / row["model"] / f"fold{row['fold']}" / f"{row['subject_id']}.nii.gz")
@@ -59,8 +73,10 @@ def test_evaluate_two_models_writes_full_report(trained_runs, tiny_cohort, tmp_p
     for sex, n in per_subject["sex"].value_counts().items():
         assert counts[sex] > 10 * n, (sex, n, counts)  # every subject's point, in its sex's colour
     for model in ("vnet", "vnet_b"):
-        for tag in ("best", "median", "worst"):
+        ranked = per_subject[per_subject["model"] == model].sort_values("dice")["subject_id"].tolist()
+        for tag, sid in (("worst", ranked[0]), ("median", ranked[len(ranked) // 2]), ("best", ranked[-1])):
             (overlay,) = list(out.glob(f"overlay_{model}_{tag}_sub-*.png"))
+            assert overlay.name == f"overlay_{model}_{tag}_{sid}.png"
             # three views at 13 x 4.8 in, 100 dpi, each with the ground truth (lime) and the prediction (red) drawn
             size, counts = png_colours(overlay, {"truth": (0.0, 1.0, 0.0), "prediction": (1.0, 0.0, 0.0)})
             assert size == (1300, 480) and counts["truth"] > 50 and counts["prediction"] > 50, (overlay, counts)
@@ -69,6 +85,12 @@ def test_evaluate_two_models_writes_full_report(trained_runs, tiny_cohort, tmp_p
             assert min(thirds) > 5, (overlay, thirds)
     with pytest.raises(FileExistsError):
         evaluate_runs([trained_runs["vnet"]], out)
+    # --manifest is the table the subjects are read from: one without them is refused
+    other = tmp_path / "other.csv"
+    pd.read_csv(tiny_cohort).head(2).assign(image=lambda t: [str(tiny_cohort.parent / p) for p in t["image"]],
+                                            label=lambda t: [str(tiny_cohort.parent / p) for p in t["label"]]).to_csv(other, index=False)
+    with pytest.raises(ValueError, match="are not in this manifest"):
+        evaluate_runs([trained_runs["vnet"]], tmp_path / "eval2", manifest=str(other))
 
 
 def test_evaluate_cli_refuses_existing_folder(trained_runs, tmp_path, capsys):
