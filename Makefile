@@ -35,7 +35,7 @@ ABLATE_EPOCHS ?= 10
 
 help:
 	@echo "make train   train EXPERIMENT (default $(EXPERIMENT)) on fold FOLD of DATA (default: synthetic cohort)"
-	@echo "make test    run the test suite (in-process tests, ~3 min on 2 cores)"
+	@echo "make test    run the test suite (in-process tests, ~4 min on 2 cores)"
 	@echo "make test-multiprocess   tests that launch DDP ranks, torchrun, sweeps and kill/resume (~5 min; CI runs both)"
 	@echo "make mutate  mutation testing (mutmut) of the modules in [tool.mutmut]; score in mutation/score.md"
 	@echo "make planted-bugs   plant the bugs that once slipped through, one at a time; each must fail a test"
