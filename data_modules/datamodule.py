@@ -118,7 +118,6 @@ class FemurDataModule(L.LightningDataModule):
         self.patch_sampler = patch_sampler
         self.samples_per_volume = samples_per_volume
         self.queue_length = queue_length
-        self.cache = cache
         self.store = PreprocessedCache(cache_dir, CacheSettings(
             tuple(float(v) for v in target_spacing) if target_spacing else None,
             (float(hu_window[0]), float(hu_window[1])))) if cache else None
