@@ -167,3 +167,36 @@ def test_evaluate_can_score_largest_component_masks(trained_runs, tmp_path):
         assert n <= 1
     # removing voxels never adds true positives
     assert (post["sensitivity"].to_numpy() <= raw["sensitivity"].to_numpy() + 1e-12).all()
+
+
+def _per_subject_with_a_female_model() -> pd.DataFrame:
+    """A pooled V-Net (6 test subjects, 4 women) and a V-Net trained on women (the same 4 women)."""
+    rng = np.random.default_rng(3)
+    rows = []
+    for model, cohort, subjects in (("vnet", "all", ["a", "b", "c", "d", "m1", "m2"]), ("vnet-female", "female", ["a", "b", "c", "d"])):
+        for sid in subjects:
+            metrics = {m: float(rng.uniform(0.5, 1.0)) for m in METRIC_KEYS}
+            rows.append({"subject_id": sid, "sex": "M" if sid.startswith("m") else "F", "fold": 0, "model": model,
+                         "split": "test", "cohort": cohort, "ckpt_epoch": 7, "ckpt_stage": "finetune", **metrics})
+    return pd.DataFrame(rows)
+
+
+def test_report_tables_hold_the_summary_and_the_sex_specific_comparison():
+    per_subject = _per_subject_with_a_female_model()
+    summary = summarize(per_subject)
+    md = summary_markdown(summary, per_subject)
+    pooled = per_subject[per_subject["model"] == "vnet"]
+    women = pooled[pooled["sex"] == "F"]
+    # the pooled model's row on women: n and mean ± sd of each paper metric, 4 or 2 decimals
+    row = next(line for line in md.splitlines() if line.startswith("| vnet | female | 4 |"))
+    assert f"{women['dice'].mean():.4f} ± {women['dice'].std(ddof=1):.4f}" in row
+    assert f"{women['hd'].mean():.2f} ± {women['hd'].std(ddof=1):.2f}" in row
+    assert next(line for line in md.splitlines() if line.startswith("| vnet | all | 6 |"))
+    assert not any(line.startswith("| vnet-female | male") for line in md.splitlines())  # only its own sex
+    assert "## Sex-specific vs pooled training" in md
+    female = per_subject[per_subject["model"] == "vnet-female"].set_index("subject_id")
+    diff = (female["dice"] - women.set_index("subject_id")["dice"]).median()
+    line = next(line for line in md.splitlines() if line.startswith("| test | vnet-female vs vnet | female | 4 |"))
+    assert line.split(" | ")[4].startswith(f"{diff:+.3g} (p=")
+    assert "## Checkpoints evaluated" in md and "finetune" in md
+    assert training_cohort_pairs(per_subject) == [("vnet", "vnet-female")]
