@@ -190,11 +190,6 @@ class FemurLocator:
         match = _box(scan.data[0].numpy(), voxel_of(scan, center_mm), self.template.shape, fill=0.0)
         return float(np.corrcoef(match.ravel(), self.template.ravel())[0, 1])
 
-    def describe(self, image: tio.ScalarImage, center_mm: Sequence[float]) -> dict[str, float]:
-        """QC statistics of a scan around a ROI centre: match score and :func:`raw_statistics`."""
-        return {"score": self.match_score(coarse(image, self.hu_window, self.spacing), center_mm),
-                **raw_statistics(image, center_mm, self.spacing)}
-
     def state_dict(self) -> dict:
         """What a checkpoint stores (tensors and plain types)."""
         return {"template": torch.from_numpy(self.template), "spacing": self.spacing, "hu_window": list(self.hu_window),

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torchio as tio
 
+from data_modules.localisation import box_center_mm
+
 
 @dataclass(frozen=True)
 class Framing:
@@ -87,8 +89,6 @@ def reframe(subject: tio.Subject, framing: Framing) -> tio.Subject:
 def _with_metal_stem(subject: tio.Subject) -> tio.Subject:
     """Add a metal rod where the right femoral neck and shaft would be: the left label's box centre mirrored across
     the sagittal plane x = 0, from 60 mm below to 20 mm above it."""
-    from data_modules.localisation import box_center_mm
-
     image = subject["image"]
     cx, cy, cz = box_center_mm(subject["label"])
     grid = np.stack(np.meshgrid(*(np.arange(n) for n in image.spatial_shape), indexing="ij"), -1)

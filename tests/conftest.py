@@ -125,3 +125,15 @@ def train_in_subprocess(args: list[str], timeout: int = 900) -> subprocess.Compl
     """``stvnet train`` in a fresh process running this checkout's code (Lightning's DDP launcher re-runs it)."""
     return subprocess.run([sys.executable, "-m", "stvnet.cli", "train", *args], capture_output=True, text=True,
                           env=launch_env(), timeout=timeout, cwd=ROOT)
+
+
+class FixedPredictor:
+    """A stand-in predictor with a fixed probability map (what ensembling sees of a model)."""
+
+    def __init__(self, prob):
+        self.prob = prob
+
+    def original_probabilities(self, image_path):
+        import numpy as np
+
+        return self.prob, np.eye(4)

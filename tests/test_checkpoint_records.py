@@ -22,6 +22,7 @@ from stvnet.inference import (
     pick_device,
     read_checkpoint_info,
 )
+from tests.conftest import FixedPredictor
 
 SUBJECTS = {"train": ["s1", "s2"], "val": ["s3"], "test": ["s4"]}
 SCHEDULE = {"StageSchedule": {"stages": [{"name": "vnet"}, {"name": "stn"}, {"name": "finetune"}]}}
@@ -113,26 +114,16 @@ def test_cohort_table_refuses_a_manifest_without_the_runs_subjects(tiny_cohort, 
         cohort_table(describe_run(missing), None)
 
 
-class Constant:
-    """A stand-in predictor with fixed probabilities (what ensembling sees of a model)."""
-
-    def __init__(self, prob: np.ndarray):
-        self.prob = prob
-
-    def original_probabilities(self, image_path):
-        return self.prob, np.eye(4)
-
-
 def test_ensemble_thresholds_the_mean_and_optionally_keeps_the_largest_island():
     a = np.zeros((6, 6, 6), np.float32)
     a[0:2, 0:2, 0:2] = 0.9  # big island
     a[5, 5, 5] = 0.9  # stray voxel
     b = a.copy()
     b[0, 0, 0] = 0.0  # mean 0.45 there: below 0.5
-    mask, affine = ensemble_segment([Constant(a), Constant(b)], "scan.nii.gz")
+    mask, affine = ensemble_segment([FixedPredictor(a), FixedPredictor(b)], "scan.nii.gz")
     assert mask.dtype == np.uint8 and mask.sum() == 8 and mask[0, 0, 0] == 0 and np.array_equal(affine, np.eye(4))
-    assert ensemble_segment([Constant(a), Constant(b)], "scan.nii.gz", threshold=0.4)[0].sum() == 9
-    kept, _ = ensemble_segment([Constant(a), Constant(b)], "scan.nii.gz", keep_largest=True)
+    assert ensemble_segment([FixedPredictor(a), FixedPredictor(b)], "scan.nii.gz", threshold=0.4)[0].sum() == 9
+    kept, _ = ensemble_segment([FixedPredictor(a), FixedPredictor(b)], "scan.nii.gz", keep_largest=True)
     assert kept.sum() == 7 and kept[5, 5, 5] == 0
     with pytest.raises(ValueError, match="^an ensemble needs at least one checkpoint$"):
         ensemble_segment([], "scan.nii.gz")
@@ -167,5 +158,5 @@ def test_segment_thresholds_strictly_at_the_models_threshold_unless_told_otherwi
     mask, affine = predictor.segment("scan.nii.gz")
     assert mask.dtype == np.uint8 and mask.ravel().tolist() == [0, 0, 0, 1] and np.array_equal(affine, np.eye(4))
     assert predictor.segment("scan.nii.gz", threshold=0.5)[0].ravel().tolist() == [0, 0, 1, 1]
-    half = ensemble_segment([Constant(prob)], "scan.nii.gz")[0]
+    half = ensemble_segment([FixedPredictor(prob)], "scan.nii.gz")[0]
     assert half.dtype == np.uint8 and half.ravel().tolist() == [0, 0, 1, 1]  # 0.5 is not above 0.5

@@ -28,7 +28,7 @@ from stvnet.inference import ensemble_probabilities, ensemble_segment
 from stvnet.lightning_module import FemurSegmenter
 from stvnet.metrics import evaluate_case
 from stvnet.models import STVNet, VNet
-from tests.conftest import tiny_data_args
+from tests.conftest import FixedPredictor, tiny_data_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -119,23 +119,13 @@ def test_evaluation_scores_in_each_labels_own_spacing(trained_runs, tiny_cohort,
 
 
 # ---------------------------------------------------------------------------------------------- ensembles
-class _Fixed:
-    """A stand-in predictor with a fixed probability map."""
-
-    def __init__(self, prob: np.ndarray):
-        self.prob = prob
-
-    def original_probabilities(self, image_path):
-        return self.prob, np.eye(4)
-
-
 def test_ensemble_probability_is_the_mean_of_its_members():
     a = np.array([0.9, 0.3, 0.6, 0.0], dtype=np.float32)
     b = np.array([0.2, 0.3, 0.0, 0.0], dtype=np.float32)
     c = np.array([0.4, 0.3, 0.9, 0.0], dtype=np.float32)
-    prob, _ = ensemble_probabilities([_Fixed(a), _Fixed(b), _Fixed(c)], "scan.nii.gz")
+    prob, _ = ensemble_probabilities([FixedPredictor(a), FixedPredictor(b), FixedPredictor(c)], "scan.nii.gz")
     assert prob == pytest.approx((a + b + c) / 3)
-    mask, _ = ensemble_segment([_Fixed(a), _Fixed(b)], "scan.nii.gz", threshold=0.5)
+    mask, _ = ensemble_segment([FixedPredictor(a), FixedPredictor(b)], "scan.nii.gz", threshold=0.5)
     assert mask.tolist() == [1, 0, 0, 0]  # means 0.55, 0.3, 0.3, 0: neither the last member alone nor the sum
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torchio as tio
 
-from data_modules.localisation import FemurLocator
+from data_modules.localisation import FemurLocator, coarse, raw_statistics
 from data_modules.transforms import SIDES
 
 #: a mask this close to a scan edge (mm) means the femur is cut off by the field of view
@@ -88,15 +88,16 @@ def qc_record(image_path: str, mask: np.ndarray, locator: FemurLocator | None, s
     if touched:
         flags.append(f"the mask reaches the scan's {', '.join(touched)} edge: the femur is cut off by the field of view")
     if locator is not None:
-        location = locator.locate(image)
+        scan = coarse(image, locator.hu_window, locator.spacing)
+        location = locator.locate_coarse(scan)
         record["roi_center_mm"] = [round(float(v), 1) for v in location.center_mm]
         beyond = femur_beyond_scan(image, location.center_mm, locator.stats)
         if beyond:
             record["femur_beyond_scan_mm"] = beyond
             flags.append("the femur reaches beyond the scan's " + ", ".join(f"{side} edge by ~{mm:.0f} mm"
                          for side, mm in beyond.items()) + ": the field of view cuts it off")
-        record.update(locator.describe(image, location.center_mm))
-        record["volume_ml"] = volume
+        record.update(score=locator.match_score(scan, location.center_mm),
+                      **raw_statistics(image, location.center_mm, locator.spacing))
         for key, meaning in CHECKS.items():
             if key not in locator.stats or not np.isfinite(record[key]):
                 continue
