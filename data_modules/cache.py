@@ -31,7 +31,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 import torchio as tio
@@ -47,7 +46,9 @@ from data_modules.localisation import (
     raw_statistics,
 )
 from data_modules.manifest import ManifestError, voxel_problems
-from data_modules.transforms import RoiCrop, label_coverage, windowed
+from data_modules.roi import Box, label_coverage, read_box
+from data_modules.scan_io import fingerprint, read_voxels
+from data_modules.transforms import RoiCrop, windowed
 
 #: bump when what an entry holds or how it is computed changes: every entry is rebuilt
 CACHE_VERSION = 2
@@ -66,25 +67,16 @@ class CacheSettings:
         return hashlib.sha1(payload.encode()).hexdigest()[:12]
 
 
-def _fingerprint(path: str | None) -> list:
-    if path is None:
-        return [None]
-    st = os.stat(path)
-    return [str(Path(path).resolve()), st.st_size, st.st_mtime_ns]
-
-
 def entry_name(image: str, label: str | None, settings: CacheSettings) -> str:
     """The entry folder of one scan (and label) under one set of settings."""
-    payload = json.dumps([_fingerprint(image), _fingerprint(label), settings.digest()])
+    payload = json.dumps([fingerprint(image), fingerprint(label) if label else [None], settings.digest()])
     return hashlib.sha1(payload.encode()).hexdigest()[:20]
 
 
 def write_entry(folder: Path, image: str, label: str | None, settings: CacheSettings, subject_id: str = "") -> list[str]:
     """Check every voxel of one scan and preprocess it into ``folder`` atomically (a temporary sibling folder renamed
     into place). Returns the voxel problems found (then nothing is written)."""
-    # read by nibabel: TorchIO's reader turns NaN into 0
-    problems = voxel_problems(subject_id or image, np.asanyarray(nib.load(image).dataobj),
-                              np.asanyarray(nib.load(label).dataobj) if label else None)
+    problems = voxel_problems(subject_id or image, read_voxels(image), read_voxels(label) if label else None)
     if problems:
         return problems
     subject = tio.Subject(image=tio.ScalarImage(image), **({"label": tio.LabelMap(label)} if label else {}))
@@ -175,12 +167,14 @@ class PreprocessedCache:
         data = torch.from_numpy(np.load(folder / "coarse.npy"))[None]
         return tio.ScalarImage(tensor=data, affine=np.array(meta["coarse_affine"]))
 
-    def locator(self, scans: Iterable[tuple[str, str | None]], hu_window: Sequence[float]) -> FemurLocator:
+    def locator(self, scans: Iterable[tuple[str, str | None]], hu_window: Sequence[float],
+                max_rotation: float = 0.0) -> FemurLocator:
         """The femur template of training scans, from their entries (no scan is read again)."""
         scans = list(scans)
         metas = [self.meta(i, lbl) for i, lbl in scans]
         return FemurLocator.from_coarse([self.coarse(i, lbl) for i, lbl in scans], [m["label_center_mm"] for m in metas],
-                                        [m["stats"] for m in metas], hu_window, self.settings.coarse_spacing)
+                                        [m["stats"] for m in metas], hu_window, self.settings.coarse_spacing,
+                                        max_rotation)
 
     def subject(self, image: str, label: str | None, roi_size: Sequence[int] | None, locator: FemurLocator | None = None,
                 roi_center: Sequence[float] | None = None, **attributes: object) -> tio.Subject:
@@ -193,43 +187,34 @@ class PreprocessedCache:
         affine = np.array(meta["affine"])
         shape = np.load(folder / "image.npy", mmap_mode="r").shape
         if roi_size is None:
-            roi_size, start = shape, [0, 0, 0]
+            box = Box(affine, tuple(int(n) for n in shape))
             center_mm = (affine @ np.append((np.asarray(shape) - 1) / 2.0, 1.0))[:3]
         else:
-            crop = RoiCrop(roi_size, roi_center)
+            center_mm, rotation = None, None
             if locator is not None:
                 location = locator.locate_coarse(self.coarse(image, label))
-                center_mm = location.center_mm
-                attributes["locator_score"] = location.score
-                start = crop.start(shape, (np.linalg.inv(affine) @ np.append(center_mm, 1.0))[:3])
-            else:
-                start = crop.start(shape)
-                center_mm = (affine @ np.append(np.asarray(start) + np.asarray(roi_size) / 2.0, 1.0))[:3]
+                center_mm, rotation = location.center_mm, location.rotation
+                attributes.update(locator_score=location.score, roi_rotation=rotation)
+            box = RoiCrop(roi_size, roi_center).box(affine, shape, center_mm, rotation)
+            if center_mm is None:
+                center_mm = (box.affine @ np.append(np.asarray(box.size) / 2.0, 1.0))[:3]
         images: dict[str, tio.Image] = {"image": tio.ScalarImage(
-            folder / "image.npy", reader=RoiReader(affine, start, roi_size, meta["minimum"]))}
+            folder / "image.npy", reader=RoiReader(affine, box, meta["minimum"]))}
         if label:
-            full = np.load(folder / "label.npy", mmap_mode="r")
-            spacing = np.linalg.norm(affine[:3, :3], axis=0)
-            inside, cut = label_coverage(np.asarray(full), start, roi_size, spacing)
-            attributes.update(label_in_roi=inside, label_cut=cut)
-            images["label"] = tio.LabelMap(folder / "label.npy", reader=RoiReader(affine, start, roi_size, 0.0))
+            attributes.update(zip(("label_in_roi", "label_cut"),
+                                  label_coverage(np.load(folder / "label.npy", mmap_mode="r"), affine, box)))
+            images["label"] = tio.LabelMap(folder / "label.npy", reader=RoiReader(affine, box, 0.0, nearest=True))
         return tio.Subject(**images, roi_center_mm=np.asarray(center_mm, float), **attributes)
 
 
 class RoiReader:
-    """A TorchIO reader that returns only a box of a memory-mapped ``.npy`` volume (padded with ``fill`` outside it)
-    and the box's affine: the same voxels and affine as cropping the whole volume with ``RoiCrop``."""
+    """A TorchIO reader that returns only a box of a memory-mapped ``.npy`` volume (``fill`` outside it) and the box's
+    affine: the same voxels and affine as :class:`~data_modules.transforms.RoiCrop` cutting the whole volume."""
 
-    def __init__(self, affine: np.ndarray, start: Sequence[int], size: Sequence[int], fill: float):
-        self.affine, self.start, self.size, self.fill = affine, [int(s) for s in start], [int(s) for s in size], fill
+    def __init__(self, affine: np.ndarray, box: Box, fill: float, nearest: bool = False):
+        self.affine, self.box, self.fill, self.nearest = affine, box, fill, nearest
 
     def __call__(self, path: str | Path) -> tuple[torch.Tensor, np.ndarray]:
         volume = np.load(path, mmap_mode="r")
-        out = np.full(self.size, self.fill, dtype=volume.dtype)
-        src = tuple(slice(max(0, s), min(n, s + k)) for s, k, n in zip(self.start, self.size, volume.shape))
-        dst = tuple(slice(sl.start - s, sl.stop - s) for sl, s in zip(src, self.start))
-        if all(sl.stop > sl.start for sl in src):
-            out[dst] = volume[src]
-        affine = self.affine.copy()
-        affine[:3, 3] = self.affine[:3, :3] @ np.asarray(self.start, float) + self.affine[:3, 3]
-        return torch.from_numpy(out)[None], affine
+        data = read_box(volume, self.affine, self.box, self.fill, self.nearest)
+        return torch.from_numpy(data)[None], self.box.affine.copy()

@@ -19,7 +19,13 @@ from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from data_modules.cache import CacheSettings, PreprocessedCache
-from data_modules.folds import fold_subjects, key_digest, load_or_create_splits, split_record, splits_key
+from data_modules.folds import (
+    fold_subjects,
+    key_digest,
+    load_or_create_splits,
+    split_record,
+    splits_key,
+)
 from data_modules.localisation import FemurLocator
 from data_modules.manifest import filter_cohort, validate_manifest
 from data_modules.shape_prior import build_shape_prior
@@ -60,6 +66,8 @@ class FemurDataModule(L.LightningDataModule):
             template built from this fold's training scans, stored in checkpoints); ``fraction`` puts it at
             ``roi_center`` of every scan's field of view (the paper's fixed box).
         roi_center: ROI centre as fractions of the canonical field of view (``None``: centre), for ``fraction``.
+        roi_max_rotation: with ``template``, the patient's pose is searched within this many degrees about each
+            axis and the ROI box turned with it, so every ROI shows the femur in the training pose (0: axis-aligned).
         hu_window: HU range clamped and scaled to [0, 1].
         batch_size, num_workers: loader settings for training.
         augment: augmentation strength (0 disables it).
@@ -87,6 +95,7 @@ class FemurDataModule(L.LightningDataModule):
         roi_size: tuple[int, int, int] | None = (64, 64, 64),
         roi_locator: str = "template",
         roi_center: tuple[float, float, float] | None = ROI_CENTER_FRACTION,
+        roi_max_rotation: float = 20.0,
         hu_window: tuple[float, float] = (-200.0, 1800.0),
         batch_size: int = 2,
         num_workers: int = 2,
@@ -188,10 +197,11 @@ class FemurDataModule(L.LightningDataModule):
             train = self._rows("train")
             if self.store is not None:
                 self._build_cache()
-                self._locator = self.store.locator(zip(train["image"], train["label"]), self.hparams.hu_window)
+                self._locator = self.store.locator(zip(train["image"], train["label"]), self.hparams.hu_window,
+                                                   self.hparams.roi_max_rotation)
             else:
                 self._locator = FemurLocator.build((self.make_subject(row) for _, row in train.iterrows()),
-                                                   self.hparams.hu_window)
+                                                   self.hparams.hu_window, max_rotation=self.hparams.roi_max_rotation)
         return self._locator
 
     @property

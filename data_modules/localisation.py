@@ -7,11 +7,17 @@ changes. Template matching needs no extra annotation and no extra training run: 
 stored in the checkpoint next to it. Normalised cross-correlation (``skimage.feature.match_template``, computed by FFT
 over the whole scan) is invariant to the scan's overall brightness and contrast, and the template carries the
 asymmetric context of the *left* hip (the pelvis and the midline lie to its right), so the right hip correlates less.
-The peak is where the ROI is centred; its height is kept as a QC score. It runs the same way in training,
-evaluation and ``stvnet predict``.
+The peak is where the ROI is centred; its height is kept as a QC score.
 
-Limits (measured in the README): rotations beyond the training cohort's range and anatomy the template never saw
-lower the peak; a scan without a left hip still has a peak somewhere, so predict checks the ROI's contents
+The patient's pose. Patients lie turned by some degrees on the table; the network was trained on the cohort's range
+of poses. Around the peak, the template is matched against the scan turned about each RAS axis (two coordinate
+sweeps over ``±max_rotation`` degrees in 5° steps, refined by Powell's method, the centre re-matched after each), and
+the ROI box is turned by the best rotation (:mod:`data_modules.roi`), so every ROI shows the femur in the training pose
+and predictions are mapped back through the turned box. ``max_rotation: 0`` keeps axis-aligned boxes. All of it runs the same way in
+training, evaluation and ``stvnet predict``.
+
+Limits (measured in the README): anatomy the template never saw lowers the peak; a scan without a left hip still
+has a peak somewhere, so predict checks the ROI's contents
 against the training cohort (see :mod:`stvnet.qc`).
 """
 
@@ -23,6 +29,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torchio as tio
+from scipy import ndimage, optimize
+from scipy.spatial.transform import Rotation
 from skimage.feature import match_template
 
 #: coarse grid of the search (mm): fine enough for a ROI margin of ~20 mm, coarse enough for a whole scan in < 1 s
@@ -31,6 +39,12 @@ COARSE_SPACING = 6.0
 TEMPLATE_MM = (144.0, 144.0, 168.0)
 #: HU above which a voxel counts as bone in the QC statistics
 BONE_HU = 250.0
+#: pose search: degrees between the angles of the coarse sweeps about each axis (then refined continuously)
+ROTATION_STEP = 5.0
+#: coordinate sweeps over the whole range before the continuous refinement
+SWEEPS = 2
+#: coarse voxels the centre may move when it is re-matched in a turned frame
+RECENTRE_VOXELS = 3
 
 
 def coarse(image: tio.ScalarImage, hu_window: Sequence[float], spacing: float = COARSE_SPACING) -> tio.ScalarImage:
@@ -72,7 +86,7 @@ def label_statistics(label: tio.LabelMap) -> dict[str, float]:
 
 def voxel_of(image: tio.Image, point_mm: Sequence[float]) -> np.ndarray:
     """Continuous voxel index of a world point in ``image``'s grid."""
-    return (np.linalg.inv(image.affine) @ np.append(np.asarray(point_mm, float), 1.0))[:3]
+    return voxel_of_affine(image.affine, point_mm)
 
 
 def template_shape(spacing: float = COARSE_SPACING) -> tuple[int, int, int]:
@@ -117,12 +131,34 @@ def _subvoxel_offset(values: np.ndarray, peak: np.ndarray) -> np.ndarray:
     return offset
 
 
+def rotation_matrix(degrees: Sequence[float]) -> np.ndarray:
+    """The 3 x 3 rotation about the RAS x, y and z axes (in that order) by ``degrees``."""
+    return Rotation.from_euler("xyz", np.asarray(degrees, float), degrees=True).as_matrix()
+
+
+def _turned_box(array: np.ndarray, affine: np.ndarray, center_mm: np.ndarray, rotation: np.ndarray,
+                shape: Sequence[int]) -> np.ndarray:
+    """A ``shape`` box of a coarse scan around ``center_mm`` whose axes are turned by ``rotation`` (linear
+    interpolation, 0 outside), laid out like :func:`_box` (voxel ``shape / 2`` at the centre)."""
+    linear = np.linalg.inv(affine[:3, :3]) @ rotation @ affine[:3, :3]
+    center = voxel_of_affine(affine, center_mm)
+    offset = center - linear @ (np.asarray(shape, float) / 2.0)
+    return ndimage.affine_transform(array, linear, offset=offset, output_shape=tuple(shape), order=1, cval=0.0)
+
+
+def voxel_of_affine(affine: np.ndarray, point_mm: Sequence[float]) -> np.ndarray:
+    """Continuous voxel index of a world point in a grid with ``affine``."""
+    return (np.linalg.inv(affine) @ np.append(np.asarray(point_mm, float), 1.0))[:3]
+
+
 @dataclass
 class Location:
-    """Where the femur was found: the ROI centre (RAS mm) and the correlation peak (1 = a perfect match)."""
+    """Where the femur was found: the ROI centre (RAS mm), the patient's pose (3 x 3 rotation of the ROI box, RAS;
+    identity when not searched) and the correlation peak (1 = a perfect match)."""
 
     center_mm: np.ndarray
     score: float
+    rotation: np.ndarray = field(default_factory=lambda: np.eye(3))
 
 
 @dataclass
@@ -133,6 +169,7 @@ class FemurLocator:
         template: mean coarse image around the femur, ``[X, Y, Z]`` at ``spacing`` mm (RAS).
         spacing: coarse voxel size in mm.
         hu_window: the windowing used to build the template.
+        max_rotation: the patient's pose is searched within this many degrees about each axis (0: not searched).
         stats: per training subject, name -> list of values (``score``, ``volume_ml``, ``median_hu``, ``p95_hu``,
             ``bone_fraction``): the ranges predict's QC checks against.
     """
@@ -140,11 +177,12 @@ class FemurLocator:
     template: np.ndarray
     spacing: float
     hu_window: tuple[float, float]
+    max_rotation: float = 0.0
     stats: dict[str, list[float]] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, subjects: Iterable[tio.Subject], hu_window: Sequence[float],
-              spacing: float = COARSE_SPACING) -> "FemurLocator":
+    def build(cls, subjects: Iterable[tio.Subject], hu_window: Sequence[float], spacing: float = COARSE_SPACING,
+              max_rotation: float = 0.0) -> FemurLocator:
         """The template of training subjects (with ``image`` and ``label``), read and resampled here."""
         scans, centers, stats = [], [], []
         for subject in subjects:
@@ -152,19 +190,20 @@ class FemurLocator:
             scans.append(coarse(subject["image"], hu_window, spacing))
             centers.append(center)
             stats.append({**raw_statistics(subject["image"], center, spacing), **label_statistics(subject["label"])})
-        return cls.from_coarse(scans, centers, stats, hu_window, spacing)
+        return cls.from_coarse(scans, centers, stats, hu_window, spacing, max_rotation)
 
     @classmethod
     def from_coarse(cls, scans: Sequence[tio.ScalarImage], centers: Sequence[Sequence[float]],
                     stats: Sequence[dict[str, float]], hu_window: Sequence[float],
-                    spacing: float = COARSE_SPACING) -> "FemurLocator":
+                    spacing: float = COARSE_SPACING, max_rotation: float = 0.0) -> FemurLocator:
         """The template from training scans already windowed and resampled by :func:`coarse` (e.g. from the
         preprocessed cache), their label-box centres, :func:`raw_statistics` and :func:`label_statistics`."""
         if not scans:
             raise ValueError("the femur template needs at least one training subject")
         size = template_shape(spacing)
         boxes = [_box(scan.data[0].numpy(), voxel_of(scan, center), size, fill=0.0) for scan, center in zip(scans, centers)]
-        locator = cls(np.mean(boxes, axis=0).astype(np.float32), float(spacing), (float(hu_window[0]), float(hu_window[1])))
+        locator = cls(np.mean(boxes, axis=0).astype(np.float32), float(spacing), (float(hu_window[0]), float(hu_window[1])),
+                      float(max_rotation))
         rows = [{"score": locator.match_score(scan, center), **row} for scan, center, row in zip(scans, centers, stats)]
         locator.stats = {k: [float(r[k]) for r in rows] for k in rows[0]}
         return locator
@@ -182,27 +221,65 @@ class FemurLocator:
         ncc = match_template(padded, self.template, pad_input=True, mode="constant", constant_values=0.0)
         peak = np.array(np.unravel_index(int(np.argmax(ncc)), ncc.shape))
         refined = peak + _subvoxel_offset(ncc, peak) - [p[0] for p in pad]
-        center = (scan.affine @ np.append(refined, 1.0))[:3]
-        return Location(center, float(ncc.max()))
+        location = Location((scan.affine @ np.append(refined, 1.0))[:3], float(ncc.max()))
+        return self._pose(array, scan.affine, location) if self.max_rotation > 0 else location
 
-    def match_score(self, scan: tio.ScalarImage, center_mm: Sequence[float]) -> float:
-        """Correlation of the template with a coarse scan's box around ``center_mm``."""
+    def _pose(self, array: np.ndarray, affine: np.ndarray, location: Location) -> Location:
+        """Search the rotation of the ROI box that best matches the template: :data:`SWEEPS` coordinate sweeps over
+        the whole range in :data:`ROTATION_STEP` steps, then Powell's method from the best, re-matching the centre in
+        the turned frame after each."""
+        def score(angles: np.ndarray, center: np.ndarray) -> float:
+            return self._turned_score(array, affine, center, rotation_matrix(angles))
+
+        angles, center = np.zeros(3), location.center_mm
+        grid = np.arange(-self.max_rotation, self.max_rotation + 1e-9, ROTATION_STEP)
+        for _ in range(SWEEPS):
+            for axis in range(3):
+                scores = [score(np.r_[angles[:axis], a, angles[axis + 1:]], center) for a in grid]
+                angles[axis] = grid[int(np.argmax(scores))]
+            center = self._recentre(array, affine, center, rotation_matrix(angles))
+        best = optimize.minimize(lambda a: -score(a, center), angles, method="Powell",
+                                 bounds=[(-self.max_rotation, self.max_rotation)] * 3, options={"xtol": 0.2, "ftol": 1e-5})
+        rotation = rotation_matrix(best.x)
+        center = self._recentre(array, affine, center, rotation)
+        return Location(center, self._turned_score(array, affine, center, rotation), rotation)
+
+    def _turned_score(self, array: np.ndarray, affine: np.ndarray, center: np.ndarray, rotation: np.ndarray) -> float:
+        box = _turned_box(array, affine, center, rotation, self.template.shape)
+        return float(np.corrcoef(box.ravel(), self.template.ravel())[0, 1])
+
+    def _recentre(self, array: np.ndarray, affine: np.ndarray, center: np.ndarray, rotation: np.ndarray) -> np.ndarray:
+        """The centre re-matched within :data:`RECENTRE_VOXELS` in the frame turned by ``rotation``."""
+        margin = RECENTRE_VOXELS
+        region = _turned_box(array, affine, center, rotation, np.asarray(self.template.shape) + 2 * margin)
+        ncc = match_template(region, self.template)
+        peak = np.array(np.unravel_index(int(np.argmax(ncc)), ncc.shape))
+        shift = peak + _subvoxel_offset(ncc, peak) - margin  # coarse voxels along the turned axes
+        return center + rotation @ affine[:3, :3] @ shift
+
+    def match_score(self, scan: tio.ScalarImage, center_mm: Sequence[float], rotation: np.ndarray | None = None) -> float:
+        """Correlation of the template with a coarse scan's box around ``center_mm`` (turned by ``rotation``)."""
+        if rotation is not None:
+            return self._turned_score(scan.data[0].numpy().astype(np.float32), scan.affine,
+                                      np.asarray(center_mm, float), rotation)
         match = _box(scan.data[0].numpy(), voxel_of(scan, center_mm), self.template.shape, fill=0.0)
         return float(np.corrcoef(match.ravel(), self.template.ravel())[0, 1])
 
     def state_dict(self) -> dict:
         """What a checkpoint stores (tensors and plain types)."""
         return {"template": torch.from_numpy(self.template), "spacing": self.spacing, "hu_window": list(self.hu_window),
-                "stats": self.stats}
+                "max_rotation": self.max_rotation, "stats": self.stats}
 
     @classmethod
-    def from_state_dict(cls, state: dict) -> "FemurLocator":
+    def from_state_dict(cls, state: dict) -> FemurLocator:
         return cls(np.asarray(state["template"], dtype=np.float32), float(state["spacing"]),
-                   tuple(float(v) for v in state["hu_window"]), dict(state.get("stats") or {}))
+                   tuple(float(v) for v in state["hu_window"]), float(state.get("max_rotation", 0.0)),
+                   dict(state.get("stats") or {}))
 
 
 class LocateFemur(tio.Transform):
-    """Record the located ROI centre (RAS mm) in the subject as ``roi_center_mm`` (read by ``RoiCrop``)."""
+    """Record the located ROI centre (RAS mm) and the patient's pose in the subject as ``roi_center_mm`` and
+    ``roi_rotation`` (read by ``RoiCrop``)."""
 
     def __init__(self, locator: FemurLocator, **kwargs):
         super().__init__(**kwargs)
@@ -212,6 +289,7 @@ class LocateFemur(tio.Transform):
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
         location = self.locator.locate(subject["image"])
         subject["roi_center_mm"] = location.center_mm
+        subject["roi_rotation"] = location.rotation
         subject["locator_score"] = location.score
         subject.update_attributes()  # TorchIO's Crop copies a subject's attributes, not keys set after creation
         return subject

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
+
+from data_modules.scan_io import read_header, read_voxels
 
 REQUIRED_COLUMNS = ("subject_id", "image", "label", "sex")
 SEX_CODES = {"m": "M", "male": "M", "1": "M", "f": "F", "female": "F", "2": "F"}
@@ -67,13 +68,6 @@ def read_manifest(path: str | Path, require_labels: bool = True) -> pd.DataFrame
     return table
 
 
-def stored_zooms(path: str | Path) -> tuple[float, float, float]:
-    """Voxel spacing as written in a NIfTI header (nibabel's loader silently turns a zero spacing into 1 mm)."""
-    with nib.openers.ImageOpener(str(path)) as fileobj:
-        header = nib.Nifti1Header.from_fileobj(fileobj, check=False)
-    return tuple(float(z) for z in header["pixdim"][1:4])
-
-
 def voxel_problems(sid: str, image: np.ndarray, label: np.ndarray | None) -> list[str]:
     """What reading every voxel can find: NaN/inf in the scan, a label that is not binary or is empty."""
     problems = []
@@ -94,33 +88,32 @@ def _check_subject(row: pd.Series, require_labels: bool, voxels: bool = True) ->
     problems: list[str] = []
     paths = {"image": row["image"], "label": row["label"]}
     for kind, p in paths.items():
-        if p is not None and not Path(p).is_file():
+        if p is not None and not Path(p).exists():
             problems.append(f"{sid}: {kind} file not found: {p}")
     if problems:
         return problems
     try:
-        image = nib.load(paths["image"])
-    except Exception as exc:  # nibabel raises several types for unreadable files
-        return [f"{sid}: image is not a readable NIfTI ({type(exc).__name__}: {exc})"]
+        image = read_header(paths["image"])
+    except Exception as exc:  # nibabel and SimpleITK raise several types for unreadable files
+        return [f"{sid}: image is not a readable NIfTI, NRRD or DICOM series ({type(exc).__name__}: {exc})"]
     if len(image.shape) != 3 and not (len(image.shape) == 4 and image.shape[3] == 1):
         return [f"{sid}: image is not 3D (shape {image.shape})"]
-    zooms = stored_zooms(paths["image"])
-    if min(zooms) <= 0:
-        return [f"{sid}: image voxel spacing {tuple(float(z) for z in zooms)} is not positive (fix the NIfTI header)"]
+    if min(image.spacing) <= 0:
+        return [f"{sid}: image voxel spacing {image.spacing} is not positive (fix the image header)"]
     if paths["label"] is None:
         if require_labels:
             problems.append(f"{sid}: no label path")
-        return problems + (voxel_problems(sid, np.asanyarray(image.dataobj), None) if voxels else [])
+        return problems + (voxel_problems(sid, read_voxels(paths["image"]), None) if voxels else [])
     try:
-        label = nib.load(paths["label"])
+        label = read_header(paths["label"])
     except Exception as exc:
-        return problems + [f"{sid}: label is not a readable NIfTI ({type(exc).__name__}: {exc})"]
+        return problems + [f"{sid}: label is not a readable NIfTI or NRRD ({type(exc).__name__}: {exc})"]
     if label.shape[:3] != image.shape[:3]:
         return problems + [f"{sid}: image shape {image.shape[:3]} and label shape {label.shape[:3]} differ"]
     if not np.allclose(label.affine, image.affine, atol=1e-3):
         problems.append(f"{sid}: image and label affines differ (they must share one voxel grid)")
     if voxels:
-        problems += voxel_problems(sid, np.asanyarray(image.dataobj), np.asanyarray(label.dataobj))
+        problems += voxel_problems(sid, read_voxels(paths["image"]), read_voxels(paths["label"]))
     return problems
 
 

@@ -11,24 +11,23 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 import torchio as tio
 
 from data_modules.localisation import FemurLocator, LocateFemur
-
-
-#: names of the low and high side of each canonical (RAS) axis
-SIDES = (("left", "right"), ("posterior", "anterior"), ("inferior", "superior"))
+from data_modules.roi import Box, label_coverage, place_box, read_box
 
 
 class RoiCrop(tio.SpatialTransform):
-    """Crop (and pad where needed) a box of ``roi_size`` voxels around the located femur or a fixed point.
+    """Cut a box of ``roi_size`` voxels around the located femur or a fixed point (see :mod:`data_modules.roi`).
 
     The centre is the subject's ``roi_center_mm`` (RAS mm, set by :class:`~data_modules.localisation.LocateFemur`)
     when present, else ``center_fraction`` per axis of the (canonical) image, e.g. ``(0.25, 0.5, 0.6)`` puts the box a
-    quarter of the way along x, centred in y and a little above the middle in z (``None`` centres the box). Padding
-    uses each image's minimum (air for CT, background for labels). Affines are updated, so predictions can be mapped
-    back to the scan's own grid. With a label, the share of it inside the box is recorded as ``label_in_roi`` and what
-    was cut as ``label_cut`` (e.g. ``inferior 12 mm``): training refuses subjects whose label is cut.
+    quarter of the way along x, centred in y and a little above the middle in z (``None`` centres the box). The box is
+    turned by the subject's ``roi_rotation`` (the patient's pose) when the locator found one. Each image is padded with
+    its minimum (air for CT, background for labels); affines are updated, so predictions map back to the scan's own
+    grid. With a label, the share of it inside the box is recorded as ``label_in_roi`` and what was cut as
+    ``label_cut`` (e.g. ``inferior 12 mm``): training refuses subjects whose label is cut.
     """
 
     def __init__(self, roi_size: Sequence[int], center_fraction: Sequence[float] | None = None, **kwargs):
@@ -41,55 +40,24 @@ class RoiCrop(tio.SpatialTransform):
             raise ValueError(f"roi_center must be three fractions in [0, 1], got {center_fraction}")
         self.args_names = ["roi_size", "center_fraction"]
 
-    def start(self, shape: Sequence[int], center: Sequence[float] | None = None) -> list[int]:
-        """First voxel of the box on each axis (may be negative or beyond the volume) for a voxel-space centre
-        (``None``: this transform's fraction of ``shape``)."""
-        if center is None:
-            center = [f * n for f, n in zip(self.center_fraction or (0.5, 0.5, 0.5), shape)]
-        return [int(round(c - size / 2)) for c, size in zip(center, self.roi_size)]
-
-    def bounds(self, shape: Sequence[int], center: Sequence[float] | None = None) -> tuple[list[int], list[int]]:
-        """Padding and cropping amounts ``(pad, crop)``, each as (ini, fin) per axis, for a volume shape."""
-        pad, crop = [], []
-        for n, size, start in zip(shape, self.roi_size, self.start(shape, center)):
-            end = start + size
-            pad += [max(0, -start), max(0, end - n)]
-            crop += [max(0, start), max(0, n - end)]
-        return pad, crop
+    def box(self, affine: np.ndarray, shape: Sequence[int], center_mm: Sequence[float] | None = None,
+            rotation: np.ndarray | None = None) -> Box:
+        """Where this transform's box lies in a volume of ``shape`` voxels with ``affine``."""
+        return place_box(affine, shape, self.roi_size, center_mm, rotation, self.center_fraction)
 
     def apply_transform(self, subject: tio.Subject) -> tio.Subject:
-        image = subject.get_first_image()
-        center = None
-        if subject.get("roi_center_mm") is not None:
-            center = (np.linalg.inv(image.affine) @ np.append(np.asarray(subject["roi_center_mm"], float), 1.0))[:3]
+        first = subject.get_first_image()
+        box = self.box(first.affine, first.spatial_shape, subject.get("roi_center_mm"), subject.get("roi_rotation"))
         if "label" in subject:
-            inside, cut = label_coverage(subject["label"].data[0].numpy(), self.start(image.spatial_shape, center),
-                                         self.roi_size, image.spacing)
+            inside, cut = label_coverage(subject["label"].data[0].numpy(), first.affine, box)
             subject["label_in_roi"], subject["label_cut"] = inside, cut
             subject.update_attributes()  # TorchIO's Crop copies a subject's attributes, not keys set after creation
-        pad, crop = self.bounds(image.spatial_shape, center)
-        if any(pad):
-            subject = tio.Pad(pad, padding_mode="minimum")(subject)
-        if any(crop):
-            subject = tio.Crop(crop)(subject)
+        for image in subject.get_images(intensity_only=False):
+            volume = image.data[0].numpy()
+            data = read_box(volume, image.affine, box, fill=float(volume.min()), nearest=isinstance(image, tio.LabelMap))
+            image.set_data(torch.from_numpy(data)[None])
+            image.affine = box.affine
         return subject
-
-
-def label_coverage(label: np.ndarray, start: Sequence[int], size: Sequence[int],
-                   spacing: Sequence[float]) -> tuple[float, str]:
-    """Share of a label's voxels inside a box, and where the rest lies (``"inferior 12 mm, left 4 mm"``)."""
-    idx = np.argwhere(label > 0)
-    if idx.size == 0:
-        return 1.0, ""
-    lo, hi = np.asarray(start), np.asarray(start) + np.asarray(size)
-    inside = float(np.all((idx >= lo) & (idx < hi), axis=1).mean())
-    cuts = []
-    for axis, (low_name, high_name) in enumerate(SIDES):
-        below = (lo[axis] - idx[:, axis].min()) * spacing[axis]
-        above = (idx[:, axis].max() + 1 - hi[axis]) * spacing[axis]
-        cuts += [f"{low_name} {below:.0f} mm"] if below > 0 else []
-        cuts += [f"{high_name} {above:.0f} mm"] if above > 0 else []
-    return inside, ", ".join(cuts)
 
 
 def windowed(target_spacing: Sequence[float] | None, hu_window: Sequence[float] = (-200.0, 1800.0)) -> tio.Compose:

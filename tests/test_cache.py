@@ -29,10 +29,12 @@ def _scans(manifest: Path) -> list[tuple[str, str, str]]:
             for sid, i, lbl in zip(table["subject_id"], table["image"], table["label"])]
 
 
-@pytest.mark.parametrize("locator", ["template", "fraction"])
-def test_cached_subjects_hold_exactly_what_preprocessing_gives(tiny_cohort, tmp_path, locator):
-    cached = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", roi_locator=locator))
-    direct = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", roi_locator=locator, cache=False))
+@pytest.mark.parametrize(("locator", "turn"), [("template", 20.0), ("template", 0.0), ("fraction", 0.0)])
+def test_cached_subjects_hold_exactly_what_preprocessing_gives(tiny_cohort, tmp_path, locator, turn):
+    args = tiny_data_args(tiny_cohort, tmp_path / "splits", roi_locator=locator, roi_max_rotation=turn)
+    cached, direct = FemurDataModule(**args), FemurDataModule(**{**args, "cache": False})
+    if turn:
+        assert any(not np.allclose(s["roi_rotation"], np.eye(3)) for s in cached.subjects("test"))  # turned boxes
     if locator == "template":
         assert np.array_equal(cached.locator.template, direct.locator.template)
         assert cached.locator.stats.keys() == direct.locator.stats.keys()

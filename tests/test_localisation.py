@@ -11,11 +11,13 @@ import pandas as pd
 import pytest
 import torch
 import torchio as tio
+from scipy.spatial.transform import Rotation
 
 from data_modules.datamodule import FemurDataModule
-from data_modules.localisation import FemurLocator, box_center_mm
+from data_modules.localisation import FemurLocator, box_center_mm, rotation_matrix
 from data_modules.reframe import FRAMINGS, Framing, reframe
-from data_modules.transforms import RoiCrop, label_coverage
+from data_modules.roi import Box, label_coverage
+from data_modules.transforms import RoiCrop
 from stvnet.cli import main as cli_main
 from stvnet.inference import read_checkpoint_info
 from stvnet.localise import measure, summary
@@ -27,14 +29,21 @@ HARD = ("abdomen-to-thigh", "off-centre left 60 mm", "rotated +15 deg (axial)", 
         "left hip only", "metal: right hip prosthesis")
 
 
+def _box_at(start, size, spacing=(1.0, 1.0, 1.0)) -> tuple[np.ndarray, Box]:
+    affine = np.diag([*spacing, 1.0])
+    shifted = affine.copy()
+    shifted[:3, 3] = np.asarray(start) * np.asarray(spacing)
+    return affine, Box(shifted, tuple(size))
+
+
 def test_label_coverage_gives_the_share_inside_and_where_the_rest_is():
     label = np.zeros((10, 10, 10), np.uint8)
     label[2:6, 3:5, 0:8] = 1  # 4 x 2 x 8 voxels
-    assert label_coverage(label, (0, 0, 0), (10, 10, 10), (1, 1, 1)) == (1.0, "")
-    inside, cut = label_coverage(label, (3, 0, 2), (10, 10, 10), (2.0, 1.0, 2.5))
+    assert label_coverage(label, *_box_at((0, 0, 0), (10, 10, 10))) == (1.0, "")
+    inside, cut = label_coverage(label, *_box_at((3, 0, 2), (10, 10, 10), (2.0, 1.0, 2.5)))
     assert inside == pytest.approx(3 / 4 * 6 / 8)
     assert cut == "left 2 mm, inferior 5 mm"  # one column of 2 mm on the left, two slices of 2.5 mm below
-    assert label_coverage(label, (0, 0, 0), (10, 4, 10), (1, 1, 1))[1] == "anterior 1 mm"
+    assert label_coverage(label, *_box_at((0, 0, 0), (10, 4, 10)))[1] == "anterior 1 mm"
 
 
 def test_roi_crop_centres_the_box_on_the_located_point():
@@ -51,7 +60,7 @@ def test_roi_crop_centres_the_box_on_the_located_point():
 
 @pytest.fixture(scope="module")
 def fold0(tiny_cohort, tmp_path_factory) -> FemurDataModule:
-    dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path_factory.mktemp("splits")))
+    dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path_factory.mktemp("splits"), roi_max_rotation=20.0))
     dm.prepare_data()
     return dm
 
@@ -71,10 +80,12 @@ def test_the_template_is_built_from_training_scans_only(fold0):
     train = set(fold0.subject_ids("train"))
     assert len(fold0.locator.stats["volume_ml"]) == len(train)
     rows = fold0.table[fold0.table["subject_id"].isin(train)]
-    again = FemurLocator.build([fold0.make_subject(r) for _, r in rows.iterrows()], fold0.hparams.hu_window)
+    again = FemurLocator.build([fold0.make_subject(r) for _, r in rows.iterrows()], fold0.hparams.hu_window,
+                               max_rotation=20.0)
     assert np.array_equal(again.template, fold0.locator.template)
     restored = FemurLocator.from_state_dict(fold0.state_dict()["locator"])  # what a checkpoint carries
     assert np.array_equal(restored.template, fold0.locator.template) and restored.stats == fold0.locator.stats
+    assert restored.max_rotation == 20.0  # a checkpoint turns the ROI as its training did
 
 
 def test_training_stops_on_labels_cut_by_the_roi_one_line_per_subject(tiny_cohort, tmp_path):
@@ -135,11 +146,13 @@ def test_a_checkpoint_segments_reframed_scans_as_well_as_the_original(trained_ru
     # a longer or off-centre field of view: the ROI lands on the same anatomy, the masks agree
     assert abs(dice["abdomen-to-thigh"] - dice["original"]) <= 0.01, dice
     assert abs(dice["off-centre_left_60_mm"] - dice["original"]) <= 0.01, dice
-    # a rotated patient: the ROI still holds the femur, but this 8-epoch network never saw a rotation (augmentation is
-    # off in the tests), so its Dice may drop a little (make train's checkpoint: see the README's localisation table)
-    assert all(abs(d - dice["original"]) <= 0.03 for d in dice.values()), dice
+    # a patient turned 15 degrees: the ROI turns with the patient, so the network sees the femur as in training, up
+    # to the interpolation of a second resampling at 4 mm (-0.009 and -0.007 here; make train's checkpoint: the
+    # README's localisation table)
+    assert all(abs(d - dice["original"]) <= 0.02 for d in dice.values()), dice
     qc = pd.read_csv(out / "qc.csv", keep_default_na=False).set_index("name")
-    assert qc.loc["abdomen-to-thigh", "flags"] == qc.loc["original", "flags"]  # the same verdict on the same anatomy
+    verdict = qc["flags"].str.replace(r"[0-9.]+", "#", regex=True)  # which checks failed, not the exact values
+    assert verdict["abdomen-to-thigh"] == verdict["original"]  # the same verdict on the same anatomy
     located = np.array(json.loads((out / "abdomen-to-thigh.qc.json").read_text())["roi_center_mm"])
     assert np.linalg.norm(located - box_center_mm(labels["abdomen-to-thigh"])) < 10.0
 
@@ -198,3 +211,22 @@ def test_a_femur_cut_by_the_field_of_view_is_flagged(trained_runs, tiny_cohort, 
     assert any(f.startswith(flag) and f.endswith("mm: the field of view cuts it off") for f in record["flags"])
     assert 10 < record["femur_beyond_scan_mm"]["inferior"] < 45, record  # 6 slices of 4 mm were cut
     assert (out / "short.nii.gz").is_file()  # the mask is still written, and marked
+
+
+def test_the_roi_turns_with_the_patient(fold0):
+    """A patient turned 12 degrees: the locator finds the turn and the ROI shows the femur as in the original scan; an
+    axis-aligned ROI (``roi_max_rotation: 0``) does not."""
+    row = fold0.table.set_index("subject_id").loc[fold0.subject_ids("test")[0]]
+    subject = fold0.make_subject(row.rename_axis(None).to_frame().T.assign(subject_id=row.name).iloc[0])
+    original, turned = fold0.preprocess(subject), fold0.preprocess(reframe(subject, Framing("t", degrees=(0, 0, 12))))
+    found = turned["roi_rotation"] @ original["roi_rotation"].T  # the turn between the two scans' poses
+    assert np.degrees(Rotation.from_matrix(found.T @ rotation_matrix((0, 0, 12))).magnitude()) < 4.0
+
+    def overlap(a: tio.Subject, b: tio.Subject) -> float:
+        x, y = a["label"].data > 0, b["label"].data > 0
+        return float(2 * (x & y).sum() / (x.sum() + y.sum()))
+
+    axis_aligned = FemurDataModule(**{**fold0.hparams, "roi_max_rotation": 0.0})
+    fixed = axis_aligned.preprocess(reframe(subject, Framing("t", degrees=(0, 0, 12))))
+    # 4 mm voxels resampled twice: 0.90 for the turned ROI against 0.80 for the axis-aligned one
+    assert overlap(turned, original) > 0.85 and overlap(turned, original) > overlap(fixed, axis_aligned.preprocess(subject)) + 0.05

@@ -123,7 +123,7 @@ def test_zero_voxel_spacing_is_refused_not_read_as_1_mm(cohort_copy):
     image.header.set_zooms((0.0, 1.0, 2.5))
     nib.save(image, path)
     (line,) = _problems(cohort_copy)
-    assert line == f"{table.loc[1, 'subject_id']}: image voxel spacing (0.0, 1.0, 2.5) is not positive (fix the NIfTI header)"
+    assert line == f"{table.loc[1, 'subject_id']}: image voxel spacing (0.0, 1.0, 2.5) is not positive (fix the image header)"
 
 
 def test_header_only_validation_leaves_the_voxels_to_the_cache_build(cohort_copy):

@@ -50,12 +50,12 @@ def test_hu_window_leaves_the_label_untouched():
     assert out["label"].data.flatten().tolist() == [0, 1, 1, 0]
 
 
-def test_roi_bounds_on_a_non_cubic_volume_with_an_asymmetric_centre():
-    crop = RoiCrop((32, 16, 24), (0.2, 0.7, 0.9))
-    pad, cut = crop.bounds((100, 60, 40))
+def test_roi_box_on_a_non_cubic_volume_with_an_asymmetric_centre():
+    affine = np.diag([0.7, 0.8, 2.5, 1.0])
+    box = RoiCrop((32, 16, 24), (0.2, 0.7, 0.9)).box(affine, (100, 60, 40))
     # start = round(fraction * n - size / 2): x 4, y 34, z 24 (its end, 48, is 8 past the last slice)
-    assert pad == [0, 0, 0, 0, 0, 8] and cut == [4, 64, 34, 10, 24, 0]
-    assert RoiCrop((10, 10, 10), None).bounds((30, 20, 10)) == ([0, 0, 0, 0, 0, 0], [10, 10, 5, 5, 0, 0])
+    assert np.allclose(box.affine[:3, 3], [4 * 0.7, 34 * 0.8, 24 * 2.5]) and box.size == (32, 16, 24)
+    assert np.allclose(RoiCrop((10, 10, 10), None).box(np.eye(4), (30, 20, 10)).affine[:3, 3], [10, 5, 0])
 
 
 def test_roi_crop_takes_exactly_those_voxels_and_pads_with_the_minimum():

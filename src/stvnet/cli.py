@@ -101,7 +101,8 @@ def _predict(argv: list[str]) -> int:
         description="Segment the left proximal femur in new scans of any orientation and spacing. Masks are written "
         "in each input's own grid and affine as <out>/<name>.nii.gz; inputs are never overwritten.",
     )
-    parser.add_argument("inputs", nargs="+", help="NIfTI files, folders of them, or manifest CSVs (column 'image')")
+    parser.add_argument("inputs", nargs="+", help="scans (NIfTI, NRRD), folders of NIfTI files, DICOM series folders "
+                        "(one series each), or manifest CSVs (column 'image')")
     parser.add_argument("-c", "--checkpoint", action="append", required=True,
                         help="checkpoint or run folder; repeat to ensemble (probabilities are averaged)")
     parser.add_argument("-o", "--out", required=True, help="output folder")

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from data_modules.datamodule import FemurDataModule
 from data_modules.folds import fold_subjects
 from data_modules.manifest import filter_cohort, validate_manifest
+from data_modules.scan_io import read_header, read_voxels
 from stvnet.inference import CheckpointInfo, Predictor, find_checkpoint, largest_component, read_checkpoint_info
 from stvnet.metrics import METRIC_KEYS, evaluate_case
 from stvnet.report import box_plots, overlay_png
@@ -131,9 +132,8 @@ def evaluate_runs(
                 mask, affine = predictor.segment(row["image"])
                 if keep_largest:
                     mask = largest_component(mask)
-                label_img = nib.load(row["label"])
-                label = np.asarray(label_img.dataobj).reshape(mask.shape) > 0
-                spacing = label_img.header.get_zooms()[:3]
+                label = read_voxels(row["label"]).reshape(mask.shape) > 0
+                spacing = read_header(row["label"]).spacing
                 metrics = evaluate_case(mask, label, spacing)
                 if save_masks:
                     folder = out / "predictions" / info.model / f"fold{info.fold}"

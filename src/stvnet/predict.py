@@ -12,12 +12,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import torchio as tio
 from tqdm.auto import tqdm
 
+from data_modules.scan_io import NIFTI_SUFFIXES, is_nifti, read_header
 from stvnet.inference import Predictor, ensemble_segment, find_checkpoint
 from stvnet.qc import qc_record
-
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def _stem(path: Path) -> str:
@@ -29,14 +29,14 @@ def _stem(path: Path) -> str:
 
 
 def collect_inputs(inputs: list[str]) -> list[tuple[str, Path]]:
-    """``(name, image path)`` pairs from NIfTI files, folders of NIfTI files and manifest CSVs."""
+    """``(name, image path)`` pairs from scan files, DICOM series folders, folders of NIfTI files and manifest CSVs."""
     items: list[tuple[str, Path]] = []
     for raw in inputs:
         path = Path(raw)
         if path.is_dir():
             files = sorted(p for p in path.iterdir() if p.name.endswith(NIFTI_SUFFIXES))
-            if not files:
-                raise FileNotFoundError(f"{path}: folder holds no .nii/.nii.gz files")
+            if not files:  # a DICOM series (checked when it is read)
+                items.append((path.name, path))
             items += [(_stem(p), p) for p in files]
         elif path.suffix == ".csv":
             table = pd.read_csv(path, dtype=str)
@@ -56,10 +56,14 @@ def collect_inputs(inputs: list[str]) -> list[tuple[str, Path]]:
 def mirrored(image: Path, folder: Path) -> Path:
     """The scan mirrored left-right in world space (same voxels, x negated in the affine): its right femur is where
     a left femur would be, so a left-femur checkpoint segments it; the mask's voxels map back one to one."""
-    img = nib.load(str(image))
     flip = np.diag([-1.0, 1.0, 1.0, 1.0])
-    out = folder / f"mirrored_{image.name}"
-    nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), flip @ img.affine, img.header), str(out))
+    out = folder / f"mirrored_{_stem(image)}.nii.gz"
+    if is_nifti(image):
+        img = nib.load(str(image))
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), flip @ img.affine, img.header), str(out))
+    else:  # a DICOM series or NRRD: TorchIO reads it (in HU), the copy is NIfTI
+        img = tio.ScalarImage(image)
+        tio.ScalarImage(tensor=img.data, affine=flip @ img.affine).save(out)
     return out
 
 
@@ -85,9 +89,9 @@ def predict(inputs: list[str], checkpoints: list[str], out: str | Path, threshol
             errors.append(f"{name}: {target} exists (pass --overwrite to replace it)")
             continue
         try:
-            original = nib.load(str(image))
+            original = read_header(image)
         except Exception as exc:
-            errors.append(f"{name}: cannot read {image} as NIfTI ({type(exc).__name__}: {exc})")
+            errors.append(f"{name}: cannot read {image} as NIfTI, NRRD or a DICOM series ({type(exc).__name__}: {exc})")
             continue
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="stvnet-predict-") as tmp:

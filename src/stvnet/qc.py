@@ -15,9 +15,10 @@ from typing import Any
 
 import numpy as np
 import torchio as tio
+from scipy.spatial.transform import Rotation
 
 from data_modules.localisation import FemurLocator, coarse, raw_statistics
-from data_modules.transforms import SIDES
+from data_modules.roi import SIDES
 
 #: a mask this close to a scan edge (mm) means the femur is cut off by the field of view
 EDGE_MM = 5.0
@@ -91,20 +92,22 @@ def qc_record(image_path: str, mask: np.ndarray, locator: FemurLocator | None, s
         scan = coarse(image, locator.hu_window, locator.spacing)
         location = locator.locate_coarse(scan)
         record["roi_center_mm"] = [round(float(v), 1) for v in location.center_mm]
+        record["roi_rotation_deg"] = [round(float(v), 1) for v in Rotation.from_matrix(location.rotation).as_euler("xyz", degrees=True)]
         beyond = femur_beyond_scan(image, location.center_mm, locator.stats)
         if beyond:
             record["femur_beyond_scan_mm"] = beyond
             flags.append("the femur reaches beyond the scan's " + ", ".join(f"{side} edge by ~{mm:.0f} mm"
                          for side, mm in beyond.items()) + ": the field of view cuts it off")
-        record.update(score=locator.match_score(scan, location.center_mm),
+        record.update(score=locator.match_score(scan, location.center_mm, location.rotation),
                       **raw_statistics(image, location.center_mm, locator.spacing))
         for key, meaning in CHECKS.items():
             if key not in locator.stats or not np.isfinite(record[key]):
                 continue
             lo, hi = training_range(locator.stats[key])
             record[f"{key}_training_range"] = [round(lo, 3), round(hi, 3)]
-            if mask.any() or key != "volume_ml":
-                if not lo <= record[key] <= hi:
-                    flags.append(f"{meaning}: {record[key]:.3g} vs {lo:.3g}..{hi:.3g}")
+            # a template matching better than any training scan did is no problem (the pose search often does)
+            too_high = record[key] > hi and key != "score"
+            if (mask.any() or key != "volume_ml") and (record[key] < lo or too_high):
+                flags.append(f"{meaning}: {record[key]:.3g} vs {lo:.3g}..{hi:.3g}")
     record["flags"] = flags
     return record

@@ -12,6 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import torchio as tio  # noqa: E402
+
+from data_modules.scan_io import is_nifti  # noqa: E402
 
 LABELS = {"dice": "DSC", "sensitivity": "Sensitivity", "specificity": "Specificity", "hd": "HD (mm)",
           "hd95": "HD95 (mm)", "assd": "ASSD (mm)", "jaccard": "Jaccard", "precision": "Precision", "rvd": "RVD"}
@@ -40,6 +43,10 @@ def box_plots(per_subject: pd.DataFrame, metrics: Sequence[str], path: str | Pat
 
 
 def _canonical(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """A scan's voxels in RAS orientation and its spacing (a DICOM series or NRRD is read by TorchIO)."""
+    if not is_nifti(path):
+        img = tio.ToCanonical()(tio.ScalarImage(path))
+        return img.data[0].numpy(), np.asarray(img.spacing, dtype=float)
     img = nib.as_closest_canonical(nib.load(str(path)))
     return np.asarray(img.dataobj), np.asarray(img.header.get_zooms()[:3], dtype=float)
 
