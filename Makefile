@@ -76,10 +76,11 @@ ablate: $(STAMP)
 	$(BIN)/stvnet ablate --folds $(ABLATE_FOLDS) --out $(OUT)/ablation -- --trainer.max_epochs $(ABLATE_EPOCHS) $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not multiprocess" $(ARGS)
+	$(BIN)/python -m pytest -q -m "not multiprocess and not heavy" $(ARGS)
 
+# multi-process (DDP ranks, training subprocesses) and heavy (clinical-size scans, whole benchmark runs) tests
 test-multiprocess: $(STAMP)
-	$(BIN)/python -m pytest -q -m multiprocess $(ARGS)
+	$(BIN)/python -m pytest -q -m "multiprocess or heavy" $(ARGS)
 
 # mutation testing ([tool.mutmut] in pyproject.toml names the modules); mutation/survivors.md explains the survivors
 mutate: $(STAMP)

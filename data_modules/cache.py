@@ -76,7 +76,15 @@ def entry_name(image: str, label: str | None, settings: CacheSettings) -> str:
 def write_entry(folder: Path, image: str, label: str | None, settings: CacheSettings, subject_id: str = "") -> list[str]:
     """Check every voxel of one scan and preprocess it into ``folder`` atomically (a temporary sibling folder renamed
     into place). Returns the voxel problems found (then nothing is written)."""
-    problems = voxel_problems(subject_id or image, read_voxels(image), read_voxels(label) if label else None)
+    sid = subject_id or image
+    voxels = {}
+    for kind, path in (("image", image), ("label", label)):
+        try:
+            voxels[kind] = read_voxels(path) if path else None
+        except Exception as exc:  # noqa: BLE001 (nibabel, gzip and SimpleITK raise many types for a broken file)
+            return [f"{sid}: {kind} {path} cannot be read to its end ({type(exc).__name__}: {exc}); the file is "
+                    "damaged or incomplete: copy or export it again"]
+    problems = voxel_problems(sid, voxels["image"], voxels["label"])
     if problems:
         return problems
     subject = tio.Subject(image=tio.ScalarImage(image), **({"label": tio.LabelMap(label)} if label else {}))

@@ -19,6 +19,7 @@ from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from data_modules.cache import CacheSettings, PreprocessedCache
+from data_modules.errors import UserError
 from data_modules.folds import (
     fold_subjects,
     key_digest,
@@ -217,9 +218,8 @@ class FemurDataModule(L.LightningDataModule):
         problems = [f"{s['subject_id']}: {100 * (1 - s['label_in_roi']):.1f}% of the femur label lies outside the "
                     f"ROI ({s['label_cut']} beyond its edge)" for s in subjects if s.get("label_in_roi", 1.0) < 1.0]
         if problems:
-            raise ValueError("\n".join(problems + [
-                f"{len(problems)} subject(s) would train on cut labels: enlarge --data.roi_size, or check the ROI "
-                f"placement (--data.roi_locator {self.roi_locator})"]))
+            raise UserError(*problems, f"{len(problems)} subject(s) would train on cut labels: enlarge "
+                            f"--data.roi_size, or check the ROI placement (--data.roi_locator {self.roi_locator})")
 
     # ------------------------------------------------------------------ subjects
     def make_subject(self, row: pd.Series) -> tio.Subject:

@@ -13,19 +13,21 @@ import numpy as np
 import pandas as pd
 
 from data_modules.scan_io import read_header, read_voxels
+from data_modules.errors import UserError
 
 REQUIRED_COLUMNS = ("subject_id", "image", "label", "sex")
 SEX_CODES = {"m": "M", "male": "M", "1": "M", "f": "F", "female": "F", "2": "F"}
 COHORTS = ("all", "male", "female")
 
 
-class ManifestError(ValueError):
-    """A manifest has problems; the message lists one line per problem, naming the subject."""
+class ManifestError(UserError, ValueError):
+    """A manifest has problems; the message lists one line per problem, naming the subject (the command line prints
+    each as ``<manifest>: <problem>``)."""
 
     def __init__(self, manifest: Path | str, problems: list[str]):
+        super().__init__(*(f"{manifest}: {p}" for p in problems))
         self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"{manifest}: {len(problems)} problem(s):\n{lines}")
+        self.args = (f"{manifest}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems),)
 
 
 def read_manifest(path: str | Path, require_labels: bool = True) -> pd.DataFrame:
@@ -59,9 +61,9 @@ def read_manifest(path: str | Path, require_labels: bool = True) -> pd.DataFrame
     for row in table.itertuples():
         if row.sex.startswith("?"):
             problems.append(f"{row.subject_id}: unknown sex code '{row.sex[1:]}' (use M or F)")
-        if row.image is None:
+        if pd.isna(row.image):
             problems.append(f"{row.subject_id}: no image path")
-        if require_labels and row.label is None:
+        if require_labels and pd.isna(row.label):
             problems.append(f"{row.subject_id}: no label path")
     if problems:
         raise ManifestError(path, problems)
@@ -83,10 +85,30 @@ def voxel_problems(sid: str, image: np.ndarray, label: np.ndarray | None) -> lis
     return problems
 
 
+def scan_problems(name: str, path: str | Path) -> list[str]:
+    """What stops a scan from being segmented, one line each: unreadable, not 3D, spacing not positive, voxels that
+    end early or are not finite (``stvnet predict`` checks every scan before inference)."""
+    try:
+        header = read_header(path)
+    except Exception as exc:  # noqa: BLE001 (nibabel and SimpleITK raise several types for unreadable files)
+        return [f"{name}: cannot read {path} as NIfTI, NRRD or a DICOM series ({type(exc).__name__}: {exc})"]
+    if len(header.shape) != 3 and not (len(header.shape) == 4 and header.shape[3] == 1):
+        return [f"{name}: {path} is not a 3D scan (shape {header.shape}); give the whole CT volume"]
+    if min(header.spacing) <= 0:
+        return [f"{name}: {path} has voxel spacing {header.spacing}, not positive; fix the image header"]
+    try:
+        voxels = read_voxels(path)
+    except Exception as exc:  # noqa: BLE001
+        return [f"{name}: {path} cannot be read to its end ({type(exc).__name__}: {exc}); the file is damaged or "
+                "incomplete: copy or export it again"]
+    return [p.replace(f"{name}: image contains", f"{name}: {path} contains") for p in voxel_problems(name, voxels, None)]
+
+
 def _check_subject(row: pd.Series, require_labels: bool, voxels: bool = True) -> list[str]:
     sid = row["subject_id"]
     problems: list[str] = []
-    paths = {"image": row["image"], "label": row["label"]}
+    # an empty cell reaches here as None or NaN (pandas keeps whichever the column's other cells allow)
+    paths = {kind: None if pd.isna(row[kind]) else row[kind] for kind in ("image", "label")}
     for kind, p in paths.items():
         if p is not None and not Path(p).exists():
             problems.append(f"{sid}: {kind} file not found: {p}")

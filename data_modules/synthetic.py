@@ -23,6 +23,7 @@ import ast
 import hashlib
 import os
 from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,6 +38,8 @@ FOV_MM = ((-190.0, 120.0), (-85.0, 85.0), (-135.0, 50.0))
 #: ROI centre as fractions of the canonical (RAS) field of view: the "middle-right" box of the paper
 #: (patient's left hip) that contains the left proximal femur and the left acetabulum.
 ROI_CENTER_FRACTION = (0.242, 0.5, 0.55)
+#: acquisitions: ``default`` (the embedded cohort's grid) or ``clinical`` (hip QCT size, see data_modules.clinical)
+PRESETS = ("default", "clinical")
 
 
 @dataclass(frozen=True)
@@ -205,17 +208,21 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: tuple
     return field / (field.std() + 1e-6)
 
 
-def anatomy(prm: SubjectParams, spacing: tuple[float, float, float]) -> tuple[dict[str, np.ndarray], np.ndarray]:
+def anatomy(prm: SubjectParams, spacing: tuple[float, float, float], origin: Sequence[float] | None = None,
+            shape: Sequence[int] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Signed distance fields (mm, negative inside) of every structure on the subject's voxel grid, and the
     grid's affine. Keys: ``left``, ``left_canal``, ``right``, ``right_canal``, ``pelvis``, ``label`` (the left
     proximal femur: the left femur above the shaft cut), ``skin`` (a normalised radius, < 1 inside the body). The femurs are cut away where they would meet the pelvis,
-    so structures never overlap."""
-    lo = np.array([FOV_MM[i][0] + prm.fov_jitter_mm[i] for i in range(3)])
-    hi = np.array([FOV_MM[i][1] + prm.fov_jitter_mm[i] for i in range(3)])
-    shape = tuple(int(round((hi[i] - lo[i]) / spacing[i])) for i in range(3))
+    so structures never overlap. The grid starts at ``origin`` (RAS mm of voxel 0) with ``shape`` voxels; by default
+    it is the cohort's field of view (:data:`FOV_MM`, jittered per subject)."""
+    if origin is None or shape is None:
+        lo = np.array([FOV_MM[i][0] + prm.fov_jitter_mm[i] for i in range(3)])
+        hi = np.array([FOV_MM[i][1] + prm.fov_jitter_mm[i] for i in range(3)])
+        shape = tuple(int(round((hi[i] - lo[i]) / spacing[i])) for i in range(3))
+        origin = (hi[0], hi[1], lo[2])
     # LPS voxel order: i runs towards patient left (-x), j towards posterior (-y), k towards superior.
-    axes = (hi[0] - spacing[0] * np.arange(shape[0]), hi[1] - spacing[1] * np.arange(shape[1]),
-            lo[2] + spacing[2] * np.arange(shape[2]))
+    axes = (origin[0] - spacing[0] * np.arange(shape[0]), origin[1] - spacing[1] * np.arange(shape[1]),
+            origin[2] + spacing[2] * np.arange(shape[2]))
     world = torch.meshgrid(*(torch.from_numpy((v - prm.shift_mm[i]).astype(np.float32)) for i, v in enumerate(axes)), indexing="ij")
     rot = _rotation(prm.rotation_deg)
     # world -> body coordinates (row vector times rotation)
@@ -233,14 +240,21 @@ def anatomy(prm: SubjectParams, spacing: tuple[float, float, float]) -> tuple[di
                 sdfs["label"] = torch.maximum(femur, distal).numpy()  # the proximal part only
         sdfs["skin"] = torch.sqrt((body[0] / 175.0) ** 2 + (body[1] / 125.0) ** 2).numpy()
     affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
-    affine[:3, 3] = [hi[0], hi[1], lo[2]]
+    affine[:3, 3] = origin
     return sdfs, affine
 
 
 def render_subject(prm: SubjectParams, spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one subject: returns (HU image int16, label uint8, affine) in LPS voxel order."""
-    rng = np.random.default_rng(prm.seed)
     sdfs, affine = anatomy(prm, spacing)
+    image, label = _intensities(sdfs, prm, spacing, np.random.default_rng(prm.seed))
+    return image, label, affine
+
+
+def _intensities(sdfs: dict[str, np.ndarray], prm: SubjectParams, spacing: Sequence[float], rng: np.random.Generator,
+                 phantom: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """HU image (int16) and label (uint8) from the distance fields: tissues, bone, optional calibration phantom
+    (``phantom``: HU per voxel, NaN outside it), partial volume and correlated noise."""
     left, left_canal, right, right_canal = sdfs["left"], sdfs["left_canal"], sdfs["right"], sdfs["right_canal"]
     pelvis, skin = sdfs["pelvis"], sdfs["skin"]
     shape = left.shape
@@ -261,13 +275,16 @@ def render_subject(prm: SubjectParams, spacing: tuple[float, float, float]) -> t
             hu[marrow] = 20.0 + 15.0 * texture[marrow]
         cortex = inside & (sdf > -bone_thick)
         hu[cortex] = prm.cortical_hu + 120.0 * texture[cortex]
+    if phantom is not None:
+        inside = np.isfinite(phantom)
+        hu[inside] = phantom[inside]
 
     # partial volume (slice profile wider along the thick axis), then correlated noise
     hu = ndimage.gaussian_filter(hu, (0.6, 0.6, 0.45))
     hu += prm.noise_hu * _smooth_noise(rng, shape, (0.6, 0.6, 0.3))
     image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     label = (sdfs["label"] < 0.0).astype(np.uint8)
-    return image, label, affine
+    return image, label
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -279,11 +296,16 @@ def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
     nib.save(img, str(path))
 
 
-def _write_one(args: tuple[SubjectParams, tuple[float, float, float], str]) -> dict[str, object]:
-    prm, spacing, out = args
+def _write_one(args: tuple[SubjectParams, tuple[float, float, float], str, str]) -> dict[str, object]:
+    prm, spacing, out, preset = args
     torch.set_num_threads(1)  # one process per core
     out_dir = Path(out)
-    image, label, affine = render_subject(prm, spacing)
+    if preset == "clinical":
+        from data_modules.clinical import render_clinical  # clinical builds on this module
+
+        image, label, affine = render_clinical(prm)
+    else:
+        image, label, affine = render_subject(prm, spacing)
     img_path = out_dir / "images" / f"{prm.subject_id}.nii.gz"
     lbl_path = out_dir / "labels" / f"{prm.subject_id}.nii.gz"
     _save(image, affine, img_path)
@@ -297,6 +319,8 @@ def _write_one(args: tuple[SubjectParams, tuple[float, float, float], str]) -> d
         "head_diameter_mm": round(2 * prm.head_radius, 2),
         "neck_shaft_angle_deg": round(prm.neck_shaft_angle, 2),
         "trabecular_hu": round(prm.trabecular_hu, 1),
+        "shape": "x".join(str(n) for n in image.shape),
+        "spacing_mm": "x".join(f"{abs(affine[i, i]):.3g}" for i in range(3)),
     }
 
 
@@ -307,12 +331,17 @@ def make_cohort(
     spacing: tuple[float, float, float] = (1.0, 1.0, 2.5),
     female_fraction: float = 216 / 397,
     workers: int = 2,
+    preset: str = "default",
 ) -> Path:
     """Write a synthetic cohort (NIfTI images, labels, ``manifest.csv``) and return the manifest path.
 
     The F:M ratio defaults to the paper's (216 women, 181 men). Subjects are rendered in parallel
-    processes; the result does not depend on ``workers``.
+    processes; the result does not depend on ``workers``. ``preset: clinical`` acquires the same anatomy like a
+    clinical hip QCT scan (512 x 512 x 150-300 voxels, per-subject spacing; :mod:`data_modules.clinical`) and ignores
+    ``spacing``.
     """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got '{preset}'")
     if n_subjects < 2:
         raise ValueError(f"n_subjects must be >= 2, got {n_subjects}")
     out = Path(out_dir)
@@ -323,7 +352,7 @@ def make_cohort(
     sexes = np.array(["F"] * n_female + ["M"] * (n_subjects - n_female))
     rng.shuffle(sexes)
     params = [sample_params(i, str(sx), rng) for i, sx in enumerate(sexes)]
-    jobs = [(prm, tuple(float(s) for s in spacing), str(out)) for prm in params]
+    jobs = [(prm, tuple(float(s) for s in spacing), str(out), preset) for prm in params]
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as pool:
             rows = list(pool.map(_write_one, jobs))

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from stvnet.bench import BenchConfig, bench_gpu_memory, run_bench, training_memory
 
 
+@pytest.mark.heavy
 def test_tiny_bench_produces_a_table_with_ratios(tiny_cohort, tmp_path):
     out = tmp_path / "bench.md"
-    table = run_bench(BenchConfig.tiny(), out=out, manifest=str(tiny_cohort))
+    table = run_bench(BenchConfig.tiny(), out=out, manifest=str(tiny_cohort), data_sizes=(8, 14))
     assert out.read_text() == table
     lines = [line for line in table.splitlines() if line.startswith("| ") and "benchmark" not in line]
     names = " ".join(lines)
     for what in ("V-Net train step", "ST-V-Net vs V-Net", "inference one ROI", "sliding window", "metric set",
-                 "loader vs model", "cache build, 14 scans", "warm start to first batch", "peak RSS train",
+                 "loader vs model", "cache build, 8 scans", "cache build, 14 scans", "warm start to first batch, 14",
+                 "loader worker peak RSS, 14 scans (1 workers", "loader vs V-Net train step", "peak RSS train",
                  "peak RSS inference", "DDP step, 2 gloo ranks"):
         assert what in names
     # every comparison has a finite positive ratio

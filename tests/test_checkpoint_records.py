@@ -30,7 +30,7 @@ SCHEDULE = {"StageSchedule": {"stages": [{"name": "vnet"}, {"name": "stn"}, {"na
 
 def write_checkpoint(path: Path, epoch: int = 4, stage: tuple[int, str] | None = (2, "finetune"), **hparams) -> Path:
     """A checkpoint with what stvnet train records (no weights)."""
-    ckpt = {"epoch": epoch, "datamodule_hyper_parameters": {"fold": 1, "cohort": "all", **hparams},
+    ckpt = {"epoch": epoch, "state_dict": {}, "datamodule_hyper_parameters": {"fold": 1, "cohort": "all", **hparams},
             "FemurDataModule": {"key": "k", "fold": 1, "subjects": SUBJECTS}}
     if stage is not None:
         ckpt["stvnet_stage"] = {"index": stage[0], "name": stage[1]}
@@ -95,7 +95,7 @@ def test_run_without_config_is_named_by_its_folder_and_falls_back_to_the_checkpo
     assert info.model == "exp"  # runs/<name>/<cohort>/fold<k>/<time>
     assert info.subjects == SUBJECTS and info.manifest == "from-hparams.csv"
     bare = tmp_path / "bare.ckpt"
-    torch.save({"epoch": 0, "datamodule_hyper_parameters": {"fold": 0}}, bare)
+    torch.save({"epoch": 0, "state_dict": {}, "datamodule_hyper_parameters": {"fold": 0}}, bare)
     with pytest.raises(FileNotFoundError, match="neither .*splits.json nor the checkpoint records the run's subjects"):
         run_subjects(tmp_path, read_checkpoint_info(bare))
 

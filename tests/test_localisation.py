@@ -14,6 +14,7 @@ import torchio as tio
 from scipy.spatial.transform import Rotation
 
 from data_modules.datamodule import FemurDataModule
+from data_modules.errors import UserError
 from data_modules.localisation import FemurLocator, box_center_mm, rotation_matrix
 from data_modules.reframe import FRAMINGS, Framing, reframe
 from data_modules.roi import Box, label_coverage
@@ -90,7 +91,7 @@ def test_the_template_is_built_from_training_scans_only(fold0):
 
 def test_training_stops_on_labels_cut_by_the_roi_one_line_per_subject(tiny_cohort, tmp_path):
     dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", roi_size=(12, 12, 12)))  # 48 mm
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(UserError) as err:
         dm.setup("fit")
     lines = str(err.value).splitlines()
     train = dm.subject_ids("train")

@@ -60,10 +60,10 @@ def test_predict_on_reoriented_resampled_scan_matches_its_own_ground_truth(train
     assert evaluate_case(np.asarray(back.dataobj), np.asarray(first.dataobj), (1, 1, 1))["dice"] > 0.999
     # reorienting and resampling the scan leaves the segmentation quality unchanged
     assert abs(dice_moved - dice_original) < 0.05
-    # never overwrite: a second call refuses, inputs are untouched
-    assert cli_main(["predict", str(scans), "--checkpoint", str(run), "--out", str(out)]) == 1
+    # never overwrite: a second call refuses (a user error: status 2), inputs are untouched
+    assert cli_main(["predict", str(scans), "--checkpoint", str(run), "--out", str(out)]) == 2
     assert cli_main(["predict", str(scans / "moved.nii.gz"), "--checkpoint", str(run), "--out", str(scans),
-                     "--overwrite"]) == 1
+                     "--overwrite"]) == 2
     assert np.array_equal(np.asarray(nib.load(scans / "moved.nii.gz").dataobj), np.asarray(moved_img.dataobj))
 
 
@@ -77,8 +77,9 @@ def test_ensemble_of_two_checkpoints_and_bad_inputs(trained_runs, tiny_cohort, t
     out = tmp_path / "masks"
     code = cli_main(["predict", str(manifest), "-c", str(trained_runs["vnet"]), "-c", str(trained_runs["vnet_b"]),
                      "--out", str(out), "--largest-component"])
-    assert code == 1  # one input failed ...
-    assert "broken: cannot read" in capsys.readouterr().err
+    assert code == 2  # one input failed (a user error) ...
+    err = capsys.readouterr().err
+    assert f"stvnet predict: error: broken: cannot read {bad} as NIfTI, NRRD or a DICOM series" in err
     mask = np.asarray(nib.load(out / "a.nii.gz").dataobj)  # ... the other was written
     assert mask.shape == nib.load(tiny_cohort.parent / row["image"]).shape
     assert find_checkpoint(trained_runs["vnet"]).suffix == ".ckpt"

@@ -77,7 +77,10 @@ def test_pruned_and_failed_trials_are_recorded_and_the_study_goes_on(tiny_cohort
     assert (out / "prune" / "trial_0000" / "fold0" / "pruned.json").is_file()
 
     failing = _space(tmp_path, tiny_cohort, "fail", space={"model.lr": {"type": "float", "low": -2.0, "high": -1.0}})
-    run_sweep(failing, n_trials=1, out=out)
+    # every trial failed: the sweep says so and exits non-zero
+    from stvnet.cli import main as cli_main
+
+    assert cli_main(["sweep", "--space", str(failing), "--trials", "1", "--out", str(out)]) == 1
     study = run_sweep(failing, n_trials=2, out=out)  # resumed: one more trial
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.FAIL]
     assert "Invalid learning rate" in study.trials[0].user_attrs["fail_reason"]

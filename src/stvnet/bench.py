@@ -243,49 +243,6 @@ def bench_loader(cfg: BenchConfig, manifest: str | None) -> list[dict]:
              "reference_name": "model consumption"}]
 
 
-def bench_data(cfg: BenchConfig, manifest: str | None) -> list[dict]:
-    """The preprocessed cache on a cohort: cold build serially and on all cores, warm start to the first batch,
-    each per scan and extrapolated to the paper's 397 scans."""
-    from data_modules.cache import CacheSettings, PreprocessedCache
-    from data_modules.datamodule import FemurDataModule, default_manifest
-    from data_modules.manifest import validate_manifest
-
-    path = manifest or str(default_manifest())
-    table = validate_manifest(path, voxels=False)
-    scans = list(zip(table["subject_id"], table["image"], table["label"]))
-    n, cores = len(scans), os.cpu_count() or 1
-    kwargs = dict(manifest=path, splits_dir=tempfile.mkdtemp(prefix="stvnet-bench-splits-"), num_workers=0)
-    if not cfg.full_width:
-        kwargs.update(roi_size=(cfg.roi,) * 3, target_spacing=(4.0, 4.0, 4.0), n_folds=2)
-    settings = CacheSettings(tuple(FemurDataModule(**kwargs).hparams.target_spacing), (-200.0, 1800.0))
-    serial_dir, parallel_dir = tempfile.mkdtemp(prefix="stvnet-bench-cache-"), tempfile.mkdtemp(prefix="stvnet-bench-cache-")
-    t0 = time.perf_counter()
-    PreprocessedCache(serial_dir, settings).build(scans, workers=1)
-    serial = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    PreprocessedCache(parallel_dir, settings).build(scans, workers=cores)
-    parallel = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    dm = FemurDataModule(**kwargs, cache_dir=parallel_dir)
-    dm.prepare_data()
-    dm.setup("fit")
-    next(iter(dm.train_dataloader()))
-    warm = time.perf_counter() - t0
-    rss = peak_rss_mib()
-    for folder in (serial_dir, parallel_dir, kwargs["splits_dir"]):
-        shutil.rmtree(folder, ignore_errors=True)
-    scale = 397 / n
-    return [
-        {"what": f"cache build, {n} scans on {cores} cores (397: {parallel * scale / 60:.1f} min)", "ours": parallel / n,
-         "reference": serial / n / cores, "unit": "s/scan", "ratio": serial / cores / parallel,
-         "reference_name": "serial build / cores (ideal)"},
-        {"what": f"warm start to first batch, {n} scans (397: {warm * scale:.0f} s)", "ours": warm, "reference": 30.0 / scale,
-         "unit": "s", "ratio": 30.0 / scale / warm, "reference_name": "30 s target for 397 scans, scaled"},
-        {"what": f"main-process peak RSS after setup ({n} scans)", "ours": rss, "reference": float("nan"), "unit": "MiB",
-         "ratio": float("nan"), "reference_name": "-"},
-    ]
-
-
 def peak_rss_mib() -> float:
     """This process's peak resident memory (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
     with open("/proc/self/status") as fh:
@@ -445,15 +402,19 @@ def to_markdown(rows: list[dict], header: str) -> str:
 
 
 def run_bench(cfg: BenchConfig, out: str | Path | None = None, manifest: str | None = None,
-              sections: tuple[str, ...] = ("training", "inference", "metrics", "loader", "data", "memory", "ddp")) -> str:
-    """Run the chosen sections, print and optionally save the Markdown table; returns it."""
+              sections: tuple[str, ...] = ("training", "inference", "metrics", "loader", "data", "memory", "ddp"),
+              data_sizes: tuple[int, ...] = (), data_config: str | None = None) -> str:
+    """Run the chosen sections, print and optionally save the Markdown table; returns it. ``data_sizes`` and
+    ``data_config`` choose the data section's cohort sizes and experiment (see :mod:`stvnet.bench_data`)."""
+    from stvnet.bench_data import bench_data
+
     torch.manual_seed(0)
     header = machine_header(cfg)
     print(header, flush=True)
     rows: list[dict] = []
     funcs = {"training": bench_training, "inference": bench_inference, "metrics": bench_metrics,
              "loader": lambda c: bench_loader(c, manifest), "memory": bench_memory, "ddp": bench_ddp,
-             "gpu_memory": bench_gpu_memory, "data": lambda c: bench_data(c, manifest)}
+             "gpu_memory": bench_gpu_memory, "data": lambda c: bench_data(c, manifest, data_sizes, data_config)}
     for name in sections:
         t0 = time.perf_counter()
         section = funcs[name](cfg)

@@ -7,6 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from data_modules.errors import UserError, debugging, report
+
 SUBCOMMANDS = {
     "train": "train a model (LightningCLI: stvnet train --config experiments/vnet.yaml --data.fold 3 ...)",
     "synth": "write the synthetic QCT femur cohort (NIfTI + manifest.csv)",
@@ -30,7 +32,7 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _synth(argv: list[str]) -> int:
-    from data_modules.synthetic import make_cohort
+    from data_modules.synthetic import PRESETS, make_cohort
 
     parser = argparse.ArgumentParser(
         prog="stvnet synth",
@@ -44,9 +46,12 @@ def _synth(argv: list[str]) -> int:
     parser.add_argument("--female-fraction", type=float, default=216 / 397,
                         help="fraction of women (default: the paper's 216/397)")
     parser.add_argument("--workers", type=int, default=2, help="parallel processes (default: %(default)s)")
+    parser.add_argument("--preset", choices=PRESETS, default="default",
+                        help="default: the embedded cohort's grid (--spacing); clinical: hip QCT acquisitions of "
+                        "512 x 512 x 150-300 voxels at 0.6-0.9 x 1-1.25 mm, off-centre, with a calibration phantom")
     args = parser.parse_args(argv)
     manifest = make_cohort(args.out, n_subjects=args.subjects, seed=args.seed, spacing=tuple(args.spacing),
-                           female_fraction=args.female_fraction, workers=args.workers)
+                           female_fraction=args.female_fraction, workers=args.workers, preset=args.preset)
     print(f"Wrote {args.subjects} subjects; manifest: {manifest}")
     return 0
 
@@ -122,13 +127,12 @@ def _predict(argv: list[str]) -> int:
         written, errors, flagged = predict(args.inputs, args.checkpoint, args.out, threshold=args.threshold,
                                            keep_largest=args.largest_component, overwrite=args.overwrite,
                                            device=args.device, side=args.side)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"stvnet predict: {exc}", file=sys.stderr)
-        return 1
+    except (FileNotFoundError, ValueError) as exc:  # inputs or checkpoints that cannot be used, named in the message
+        raise UserError(str(exc)) from exc
     print(f"Wrote {len(written)} mask(s) and their QC records (qc.csv) to {args.out}; {flagged} flagged")
-    for line in errors:
-        print(f"stvnet predict: {line}", file=sys.stderr)
-    return 1 if errors or (args.strict and flagged) else 0
+    if errors:  # the other scans' masks are written; each failed scan gets its line
+        raise UserError(*errors)
+    return 1 if args.strict and flagged else 0
 
 
 def _compare(argv: list[str]) -> int:
@@ -196,6 +200,11 @@ def _sweep(argv: list[str]) -> int:
                       devices=args.devices, worker=args.worker, extra_args=extra)
     states = state_counts(study)
     print(f"study '{study.study_name}': {states}; results in {Path(args.out) / study.study_name}")
+    trials = study.get_trials(deepcopy=False)
+    if trials and all(t.state.name == "FAIL" for t in trials):  # a sweep that tuned nothing must not look done
+        reason = trials[0].user_attrs.get("fail_reason", "no reason recorded").splitlines()[-1]
+        print(f"stvnet sweep: error: all {len(trials)} trials failed; trial 0: {reason}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -218,6 +227,10 @@ def _bench(argv: list[str]) -> int:
                         choices=["training", "inference", "metrics", "loader", "data", "memory", "ddp", "gpu_memory"],
                         help="gpu_memory (minutes on a CPU: the GPU configs' full-size forward pass) runs only when named")
     parser.add_argument("--manifest", help="cohort for the loader and data benchmarks (default: the synthetic cohort)")
+    parser.add_argument("--data-sizes", type=int, nargs="+", default=[],
+                        help="data benchmark on the manifest's first N scans, for each N (default: all of them)")
+    parser.add_argument("--data-config", help="experiment whose data settings the data benchmark uses, e.g. "
+                        "experiments/gpu/stvnet.yaml (default: the datamodule's defaults, the CPU configuration's)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (used by the tests)")
     args = parser.parse_args(argv)
@@ -225,7 +238,8 @@ def _bench(argv: list[str]) -> int:
 
     cfg = BenchConfig.tiny() if args.tiny else BenchConfig()
     cfg.device = args.device
-    print(run_bench(cfg, out=args.out, manifest=args.manifest, sections=tuple(args.sections)))
+    print(run_bench(cfg, out=args.out, manifest=args.manifest, sections=tuple(args.sections),
+                    data_sizes=tuple(args.data_sizes), data_config=args.data_config))
     return 0
 
 
@@ -279,8 +293,9 @@ def _train(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch ``stvnet <subcommand> ...``."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Dispatch ``stvnet <subcommand> ...``; user errors become one line each and exit status 2 (see
+    :mod:`data_modules.errors`)."""
+    debug, argv = debugging(list(sys.argv[1:] if argv is None else argv))
     if not argv or argv[0] in ("-h", "--help"):
         width = max(map(len, SUBCOMMANDS))
         lines = "\n".join(f"  {name:<{width}}  {text}" for name, text in SUBCOMMANDS.items())
@@ -293,7 +308,10 @@ def main(argv: list[str] | None = None) -> int:
     if command not in handlers:
         print(f"stvnet: unknown subcommand '{command}'; choose from {', '.join(SUBCOMMANDS)}", file=sys.stderr)
         return 2
-    return handlers[command](rest)
+    try:
+        return handlers[command](rest)
+    except UserError as error:
+        return report(command, error, debug)
 
 
 if __name__ == "__main__":

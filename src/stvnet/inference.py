@@ -9,6 +9,7 @@ thresholded, so the mask lines up with the scan whatever its orientation and spa
 
 from __future__ import annotations
 
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from scipy import ndimage
 import torch
 import torchio as tio
 
+from data_modules.errors import UserError
 from data_modules.localisation import FemurLocator
 from data_modules.transforms import preprocessing
 from stvnet.lightning_module import FemurSegmenter
@@ -39,7 +41,7 @@ class CheckpointInfo:
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     """Read a ``stvnet train`` checkpoint's epoch, stage and data record (without building the model; memory-mapped,
     so the weights are not read)."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = _load(path)
     stage = ckpt.get("stvnet_stage") or {}
     schedule = (ckpt.get("callbacks") or {}).get("StageSchedule")
     final = schedule is None or stage.get("index") == len(schedule["stages"]) - 1
@@ -47,6 +49,22 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     locator = FemurLocator.from_state_dict(record["locator"]) if record and record.get("locator") else None
     return CheckpointInfo(Path(path), int(ckpt.get("epoch", -1)), str(stage.get("name", "single")), final,
                           dict(ckpt.get("datamodule_hyper_parameters") or {}), record, locator)
+
+
+#: what torch.load and Lightning raise for a file that is not a checkpoint they can read (truncated, another format)
+UNREADABLE = (RuntimeError, EOFError, OSError, KeyError, TypeError, ValueError, AttributeError, pickle.UnpicklingError)
+
+
+def _load(path: str | Path) -> dict:
+    """A checkpoint's dictionary (memory-mapped: the weights are not read), or one line saying why it is unusable."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except UNREADABLE as exc:
+        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]}); give a .ckpt "
+                        "written by stvnet train, or its run folder") from exc
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+        raise UserError(f"{path}: not a Lightning checkpoint (no state_dict); give a .ckpt written by stvnet train")
+    return ckpt
 
 
 def find_checkpoint(run: str | Path) -> Path:
@@ -90,9 +108,13 @@ class Predictor:
         """Load a model and its preprocessing from a Lightning checkpoint written by ``stvnet train``."""
         path = Path(path)
         dev = pick_device(device)
-        model = FemurSegmenter.load_from_checkpoint(path, map_location=dev)
+        info = read_checkpoint_info(path)  # one line if the file is no checkpoint at all
+        try:
+            model = FemurSegmenter.load_from_checkpoint(path, map_location=dev)
+        except UNREADABLE as exc:  # e.g. another model's checkpoint
+            raise UserError(f"{path}: not a checkpoint of a stvnet model ({type(exc).__name__}: {str(exc)[:200]}); "
+                            "give a .ckpt written by stvnet train") from exc
         model.eval().to(dev)
-        info = read_checkpoint_info(path)
         if info.data_hparams.get("roi_locator", "fraction") == "template" and info.locator is None:
             raise ValueError(f"{path}: trained with --data.roi_locator template but holds no femur template; "
                              "retrain it with this version of stvnet train")

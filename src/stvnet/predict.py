@@ -15,6 +15,7 @@ import pandas as pd
 import torchio as tio
 from tqdm.auto import tqdm
 
+from data_modules.manifest import scan_problems
 from data_modules.scan_io import NIFTI_SUFFIXES, is_nifti, read_header
 from stvnet.inference import Predictor, ensemble_segment, find_checkpoint
 from stvnet.qc import qc_record
@@ -88,11 +89,11 @@ def predict(inputs: list[str], checkpoints: list[str], out: str | Path, threshol
         if target.exists() and not overwrite:
             errors.append(f"{name}: {target} exists (pass --overwrite to replace it)")
             continue
-        try:
-            original = read_header(image)
-        except Exception as exc:
-            errors.append(f"{name}: cannot read {image} as NIfTI, NRRD or a DICOM series ({type(exc).__name__}: {exc})")
+        problems = scan_problems(name, image)  # never a mask from a scan that could not be read whole
+        if problems:
+            errors += problems
             continue
+        original = read_header(image)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="stvnet-predict-") as tmp:
             source = mirrored(image, Path(tmp)) if side == "right" else image

@@ -18,11 +18,15 @@ trial's config, ready for ``stvnet train --config``) and the study's plots.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import difflib
+import io
 import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +34,8 @@ import optuna
 import pandas as pd
 import yaml
 from optuna.trial import TrialState
+
+from data_modules.errors import UserError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -107,6 +113,89 @@ def suggest(trial: optuna.trial.Trial, name: str, spec: dict) -> Any:
     raise ValueError(f"parameter {name}: type must be float, int or categorical, got '{kind}'")
 
 
+#: the sections a search space file may have
+SPACE_SECTIONS = ("study", "base_config", "overrides", "space", "objective", "sampler", "pruner")
+#: options whose value is a mapping of the user's own keys (a search space may add a key to them)
+OPEN_MAPPINGS = ("loss_weights", "part_lr_scale")
+
+
+def resolved_config(base_config: str | Path) -> dict:
+    """The experiment's complete config as ``stvnet train --print_config`` resolves it (every default filled in)."""
+    from stvnet.training import main as train_main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
+        train_main(["--config", str(base_config), "--print_config"])
+    return yaml.safe_load(printed.getvalue())
+
+
+def _paths(node: Any, prefix: str = "") -> list[str]:
+    """Every dotted path of a nested config (list items by index)."""
+    items = enumerate(node) if isinstance(node, list) else node.items() if isinstance(node, dict) else []
+    out = []
+    for key, value in items:
+        path = f"{prefix}{key}"
+        out += [path, *_paths(value, path + ".")]
+    return out
+
+
+def _reaches(config: Any, dotted: str) -> bool:
+    """Whether ``dotted`` names an option of ``config`` (or a new key of one of :data:`OPEN_MAPPINGS`)."""
+    node = config
+    keys = dotted.split(".")
+    for i, key in enumerate(keys):
+        if isinstance(node, list) and key.isdigit() and int(key) < len(node):
+            node = node[int(key)]
+        elif isinstance(node, dict) and key in node:
+            node = node[key]
+        else:
+            return i == len(keys) - 1 and isinstance(node, dict) and keys[i - 1] in OPEN_MAPPINGS
+    return True
+
+
+def validate_space(spec: Any, resolved: dict, where: str) -> None:
+    """Refuse a search space that would tune nothing or the wrong thing: unknown sections, no parameters, parameters
+    or overrides the experiment does not have (named with the closest valid ones), bad ranges or types."""
+    if not isinstance(spec, dict):
+        raise UserError(f"{where}: a search space is a YAML mapping with a 'space' section")
+    problems = [f"{where}: unknown section '{key}'" + _closest(key, SPACE_SECTIONS, cutoff=0.5)
+                for key in spec if key not in SPACE_SECTIONS]
+    space = spec.get("space") or {}
+    if not space:
+        problems.append(f"{where}: 'space' names no parameters to tune; add at least one under 'space:'")
+    valid = _paths(resolved)
+    for section, keys in (("space", space), ("overrides", spec.get("overrides") or {})):
+        for key in keys:
+            if not _reaches(resolved, str(key)):
+                problems.append(f"{where}: {section} key '{key}' is not an option of {spec.get('base_config')}"
+                                + _closest(str(key), valid))
+    for name, param in space.items():
+        problems += _parameter_problems(where, name, param)
+    if problems:
+        raise UserError(*problems)
+
+
+def _closest(key: str, valid: Sequence[str], cutoff: float = 0.6) -> str:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=cutoff)
+    return f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+
+
+def _parameter_problems(where: str, name: str, param: Any) -> list[str]:
+    if not isinstance(param, dict) or param.get("type") not in ("float", "int", "categorical"):
+        return [f"{where}: parameter '{name}' needs type float, int or categorical"]
+    if param["type"] == "categorical":
+        return [] if param.get("choices") else [f"{where}: parameter '{name}' has no choices"]
+    try:
+        low, high = float(param["low"]), float(param["high"])
+    except (KeyError, TypeError, ValueError):
+        return [f"{where}: parameter '{name}' needs numeric low and high"]
+    if low > high:
+        return [f"{where}: parameter '{name}' has low {param['low']} > high {param['high']}"]
+    if param.get("log") and low <= 0:
+        return [f"{where}: parameter '{name}' is sampled on a log scale, so low must be > 0 (got {param['low']})"]
+    return []
+
+
 def trial_config(spec: dict, base: dict, params: dict, storage: str, study: str, number: int, run_dir: Path,
                  out: Path) -> dict:
     """The complete experiment config of one trial (base + fixed overrides + sampled values + pruning hook)."""
@@ -162,6 +251,9 @@ def run_sweep(space: str | Path, n_trials: int, study_name: str | None = None, s
               extra_args: list[str] | None = None) -> optuna.Study:
     """Run trials until the study holds ``n_trials`` finished or running trials; returns the study."""
     spec = yaml.safe_load(Path(space).read_text())
+    if not isinstance(spec, dict) or not Path(str(spec.get("base_config"))).is_file():
+        raise UserError(f"{space}: 'base_config' must name an experiment YAML file (e.g. experiments/vnet.yaml)")
+    validate_space(spec, resolved_config(spec["base_config"]), str(space))
     study_name = study_name or spec.get("study", Path(space).stem)
     out = Path(out)
     base = yaml.safe_load(Path(spec["base_config"]).read_text())
@@ -192,7 +284,9 @@ def run_sweep(space: str | Path, n_trials: int, study_name: str | None = None, s
                 if (run_dir / "pruned.json").is_file():
                     raise optuna.TrialPruned(f"pruned in fold {fold}")
                 if proc.returncode != 0:
-                    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+                    lines = (proc.stderr or proc.stdout).strip().splitlines()
+                    errors = [line for line in lines if line.startswith("stvnet train: error: ")]
+                    tail = "\n".join(errors or lines[-5:])  # the user errors, else the traceback's end
                     reason = "killed (out of memory?)" if proc.returncode in (-9, 137) else tail
                     raise RuntimeError(f"fold {fold} exited with {proc.returncode}: {reason}")
                 scores.append(objective_value(run_dir, metric, direction))

@@ -9,6 +9,7 @@ continues in that run's folder, appending to its ``metrics.csv``.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -21,6 +22,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.distributed import TCPStore
 
 from data_modules.datamodule import FemurDataModule
+from data_modules.errors import UserError
 from stvnet.callbacks import EpochSeed, RunFiles, StageSchedule
 from stvnet.lightning_module import FemurSegmenter
 from stvnet.loggers import ResumableCSVLogger
@@ -40,6 +42,8 @@ class RunOptions:
             ``online`` (after ``wandb login``) or ``disabled``. The ``WANDB_MODE`` environment variable wins.
         project: W&B project.
         study: W&B group (the study or experiment the run belongs to; default: ``name``).
+        overwrite: let ``dir`` replace a run already in it (otherwise such a folder is only resumed, through a
+            ``--ckpt_path`` inside it).
     """
 
     out: str = "runs"
@@ -48,6 +52,39 @@ class RunOptions:
     wandb: str = "offline"
     project: str = "stvnet"
     study: str | None = None
+    overwrite: bool = False
+
+
+#: what makes a folder a run's: a run folder holding any of these is never trained into except to resume it
+RUN_MARKERS = ("config.yaml", "metrics.csv", "splits.json", "checkpoints")
+#: the run folder this process created (removed again if the run fails on a user error before any checkpoint)
+_created: list[Path] = []
+
+
+def holds_a_run(path: Path) -> bool:
+    """Whether a folder holds (part of) a run: its config, metrics, splits or checkpoints."""
+    return path.is_dir() and any((path / marker).exists() for marker in RUN_MARKERS)
+
+
+def explicit_run_dir(path: Path, ckpt_path: str | None, overwrite: bool) -> Path:
+    """``--run.dir``: a new or empty folder, the folder of the run being resumed, or (``overwrite``) a run to
+    replace; a folder that holds another run is refused, so no run's files are ever mixed with another's."""
+    resuming = ckpt_path is not None and path.resolve() in Path(ckpt_path).resolve().parents
+    if holds_a_run(path) and not resuming:
+        if not overwrite:
+            raise UserError(f"--run.dir {path}: holds a run already (config.yaml, checkpoints, metrics); resume it "
+                            f"with --ckpt_path {path}/checkpoints/last.ckpt, choose a new --run.dir, or pass "
+                            "--run.overwrite true to replace it")
+        shutil.rmtree(path)
+    return path
+
+
+def discard_failed_run() -> None:
+    """Remove the run folder this process created if it holds no checkpoint (a run refused before training)."""
+    for path in _created:
+        if path.is_dir() and not any(path.glob("checkpoints/*.ckpt")):
+            shutil.rmtree(path, ignore_errors=True)
+    _created.clear()
 
 
 def new_run_dir(out: str, name: str, cohort: str, fold: int) -> Path:
@@ -102,7 +139,7 @@ def run_dir_for(options: RunOptions, cohort: str, fold: int, ckpt_path: str | No
     if os.environ.get(RUN_DIR_ENV):
         return Path(os.environ[RUN_DIR_ENV])
     if options.dir:
-        path = Path(options.dir)
+        path = explicit_run_dir(Path(options.dir), ckpt_path, options.overwrite)
     elif ckpt_path and Path(ckpt_path).parent.name == "checkpoints":
         path = Path(ckpt_path).parent.parent
     elif slurm_step_id():
@@ -114,6 +151,9 @@ def run_dir_for(options: RunOptions, cohort: str, fold: int, ckpt_path: str | No
                          "folder: pass the same --run.dir to every process, or launch with torchrun or srun")
     else:
         path = new_run_dir(options.out, options.name, cohort, fold)
+        _created.append(path)
+    if not path.exists():
+        _created.append(path)
     path.mkdir(parents=True, exist_ok=True)
     os.environ[RUN_DIR_ENV] = str(path)  # DDP launches re-run this command; they must share the folder
     return path
@@ -235,11 +275,15 @@ def main(args: list[str] | None = None) -> TrainCLI:
     """Run ``fit`` with the given command-line arguments (``stvnet train ...``)."""
     if "LOCAL_RANK" not in os.environ:  # the launching process never inherits an earlier run's folder
         os.environ.pop(RUN_DIR_ENV, None)
-    return TrainCLI(
-        FemurSegmenter,
-        FemurDataModule,
-        args=["fit", *configs_first(list(args or []))],
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"fit": {"default_config_files": []}},
-    )
+    try:
+        return TrainCLI(
+            FemurSegmenter,
+            FemurDataModule,
+            args=["fit", *configs_first(list(args or []))],
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"fit": {"default_config_files": []}},
+        )
+    except UserError:
+        discard_failed_run()  # a refused run leaves no folder behind
+        raise

@@ -1,0 +1,175 @@
+"""``stvnet bench --sections data``: the data pipeline at study scale, measured on cohorts of several sizes.
+
+For the first ``n`` scans of a manifest (each size of ``--data-sizes``), with the data settings of an experiment
+(``--data-config``, e.g. the GPU configuration's 1 mm spacing and 144³ ROI): the cold cache build serially and on all
+cores, the warm start of a training process to its first batch (manifest headers, splits, template, locating every
+subject from the cache), the peak resident memory of that process and of its loader workers, and the loader's
+throughput against one training step of the experiment's V-Net on this machine. Each figure is extrapolated to the
+paper's 397 scans and a node of 4 ranks: one cache build serves all ranks; each rank starts, holds and loads its own.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import torch
+import yaml
+
+from stvnet.bench import BenchConfig, _train_step_fn, cpu_width, peak_rss_mib, timeit
+from stvnet.models import VNet
+
+PAPER_SCANS = 397
+RANKS = 4
+
+
+def data_section(config: str | Path | None) -> dict:
+    """The ``data`` section of an experiment config (``None``: the datamodule's defaults)."""
+    if config is None:
+        return {}
+    data = dict(yaml.safe_load(Path(config).read_text()).get("data") or {})
+    data.pop("manifest", None)
+    return data
+
+
+def vnet_width(config: str | Path | None, cfg: BenchConfig) -> dict:
+    """The V-Net arguments of an experiment config (its ST-V-Net's V-Net), else the CPU benchmark's."""
+    if config is None or not cfg.full_width:
+        return cpu_width(cfg)
+    net = yaml.safe_load(Path(config).read_text())["model"]["net"]["init_args"]
+    args = net["vnet"]["init_args"] if "vnet" in net else net
+    return {k: v for k, v in args.items() if k in ("base_channels", "depth", "convs_per_stage", "kernel_size")}
+
+
+def child_pids() -> set[int]:
+    """Process ids of this process's children (from ``/proc``)."""
+    return {int(pid) for task in Path("/proc/self/task").iterdir() for pid in (task / "children").read_text().split()}
+
+
+def record_peak_rss(pids: set[int], peaks: dict[int, float]) -> None:
+    """Update ``peaks`` (pid -> MiB) with the peak resident memory of each of ``pids`` still alive (loader workers
+    come and go with each epoch, so they are sampled while the loader runs)."""
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:  # the process has exited
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmHWM:"):
+                peaks[pid] = max(peaks.get(pid, 0.0), int(line.split()[1]) / 1024.0)
+
+
+def _epochs(dm) -> Iterator[dict]:
+    """Training batches, epoch after epoch (a small cohort has few batches per epoch)."""
+    while True:
+        yield from dm.train_dataloader()
+
+
+def _warm_start(kwargs: dict, batches: int, queue: mp.Queue) -> None:
+    """In a fresh process: datamodule to the first training batch (timed), then ``batches`` more (throughput),
+    sampling the loader workers' peak memory; reports (seconds, samples/s, own peak MiB, worker peaks, batch, ROI)."""
+    from data_modules.datamodule import FemurDataModule
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    before = child_pids()
+    t0 = time.perf_counter()
+    dm = FemurDataModule(**kwargs)
+    dm.prepare_data()
+    dm.setup("fit")
+    stream = _epochs(dm)
+    next(stream)
+    warm = time.perf_counter() - t0
+    peaks: dict[int, float] = {}
+    record_peak_rss(child_pids() - before, peaks)
+    t0, samples = time.perf_counter(), 0
+    for _, batch in zip(range(batches), stream):
+        samples += batch["image"]["data"].shape[0]
+        record_peak_rss(child_pids() - before, peaks)
+    rate = samples / (time.perf_counter() - t0)
+    stream.close()
+    queue.put((warm, rate, peak_rss_mib(), list(peaks.values()), dm.batch_size, tuple(dm.hparams.roi_size)))
+
+
+def _sub_manifest(table: pd.DataFrame, n: int, folder: Path) -> Path:
+    path = folder / f"manifest_{n}.csv"
+    table.head(n)[["subject_id", "image", "label", "sex"]].to_csv(path, index=False)
+    return path
+
+
+def bench_data(cfg: BenchConfig, manifest: str | None, sizes: tuple[int, ...] = (),
+               config: str | Path | None = None) -> list[dict]:
+    """Rows of the data benchmark for each cohort size (default: the whole manifest)."""
+    from data_modules.datamodule import default_manifest
+    from data_modules.manifest import validate_manifest
+
+    table = validate_manifest(manifest or str(default_manifest()), voxels=False)
+    rows = []
+    for n in sizes or (len(table),):
+        if n > len(table):
+            raise ValueError(f"--data-sizes {n}: the manifest has {len(table)} scans")
+        work = Path(tempfile.mkdtemp(prefix="stvnet-bench-data-"))
+        try:
+            rows += _bench_cohort(cfg, _sub_manifest(table, n, work), n, data_section(config), vnet_width(config, cfg), work)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def _bench_cohort(cfg: BenchConfig, manifest: Path, n: int, data: dict, width: dict, work: Path) -> list[dict]:
+    from data_modules.cache import CacheSettings, PreprocessedCache
+    from data_modules.datamodule import FemurDataModule
+
+    kwargs: dict = {**data, "manifest": str(manifest), "splits_dir": str(work / "splits"),
+              "n_folds": min(int(data.get("n_folds", 10)), max(2, n // 4))}
+    if not cfg.full_width:
+        kwargs.update(roi_size=(cfg.roi,) * 3, target_spacing=(4.0, 4.0, 4.0), num_workers=1)
+    probe = FemurDataModule(**kwargs)
+    probe.subject_ids("train")  # reads the manifest (headers) and writes the splits
+    h, table = probe.hparams, probe.table
+    settings = CacheSettings(tuple(float(s) for s in h.target_spacing), tuple(float(v) for v in h.hu_window))
+    scans = list(zip(table["subject_id"], table["image"], table["label"]))
+    cores = os.cpu_count() or 1
+    t0 = time.perf_counter()
+    PreprocessedCache(work / "serial", settings).build(scans, workers=1)
+    serial = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    PreprocessedCache(work / "parallel", settings).build(scans, workers=cores)
+    parallel = time.perf_counter() - t0
+
+    # a training process's start, in a fresh process (peak memory is per process lifetime: this one built caches)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_warm_start, args=({**kwargs, "cache_dir": str(work / "parallel")}, cfg.loader_batches,
+                                                  queue))
+    child.start()
+    warm, loader_rate, main, workers, batch_size, roi = queue.get(timeout=3600)
+    child.join()
+    x = torch.randn(batch_size, 1, *roi)
+    step = timeit(_train_step_fn(VNet(**width), x), repeats=1)
+    model_rate = batch_size / step
+
+    scale, size = PAPER_SCANS / n, f"{n} scans"
+    worker_rss = max(workers) if workers else float("nan")
+    return [
+        {"what": f"cache build, {size}, {cores} workers (397 scans: {parallel * scale / 60:.1f} min, once for all "
+                 f"ranks)", "ours": parallel / n, "reference": serial / n / cores, "unit": "s/scan",
+         "ratio": serial / cores / parallel, "reference_name": f"serial {serial / n:.2f} s/scan / cores (ideal)"},
+        {"what": f"warm start to first batch, {size} (397 scans: ~{warm * scale:.0f} s per rank)", "ours": warm,
+         "reference": 30.0 / scale, "unit": "s", "ratio": 30.0 / scale / warm,
+         "reference_name": "30 s target for 397 scans, scaled"},
+        {"what": f"main-process peak RSS, {size} (x{RANKS} ranks: {RANKS * main / 1024:.1f} GiB)", "ours": main,
+         "reference": float("nan"), "unit": "MiB", "ratio": float("nan"), "reference_name": "-"},
+        {"what": f"loader worker peak RSS, {size} ({len(workers)} workers; x{RANKS} ranks: "
+                 f"{RANKS * len(workers) * worker_rss / 1024:.1f} GiB)", "ours": worker_rss,
+         "reference": float("nan"), "unit": "MiB", "ratio": float("nan"), "reference_name": "-"},
+        {"what": f"loader vs V-Net train step {tuple(roi)} x {batch_size}, {size}",
+         "ours": loader_rate, "reference": model_rate, "unit": "samples/s", "ratio": loader_rate / model_rate,
+         "reference_name": "model consumption on this machine"},
+    ]
+
