@@ -129,6 +129,8 @@ class PreprocessedCache:
     def __init__(self, root: str | Path, settings: CacheSettings):
         self.settings = settings
         self.root = Path(root) / settings.digest()
+        self._found: dict[str, dict] = {}  # locator digest -> entry name -> where its ROI lies (see locate)
+        self._new: set[str] = set()
 
     def folder(self, image: str, label: str | None) -> Path:
         return self.root / entry_name(image, label, self.settings)
@@ -198,21 +200,58 @@ class PreprocessedCache:
             box = Box(affine, tuple(int(n) for n in shape))
             center_mm = (affine @ np.append((np.asarray(shape) - 1) / 2.0, 1.0))[:3]
         else:
-            center_mm, rotation = None, None
+            center_mm, rotation, found = None, None, None
             if locator is not None:
-                location = locator.locate_coarse(self.coarse(image, label))
-                center_mm, rotation = location.center_mm, location.rotation
-                attributes.update(locator_score=location.score, roi_rotation=rotation)
+                found = self.locate(locator, image, label)
+                center_mm, rotation = np.asarray(found["center_mm"]), np.asarray(found["rotation"])
+                attributes.update(locator_score=found["score"], roi_rotation=rotation)
             box = RoiCrop(roi_size, roi_center).box(affine, shape, center_mm, rotation)
             if center_mm is None:
                 center_mm = (box.affine @ np.append(np.asarray(box.size) / 2.0, 1.0))[:3]
         images: dict[str, tio.Image] = {"image": tio.ScalarImage(
             folder / "image.npy", reader=RoiReader(affine, box, meta["minimum"]))}
         if label:
-            attributes.update(zip(("label_in_roi", "label_cut"),
-                                  label_coverage(np.load(folder / "label.npy", mmap_mode="r"), affine, box)))
+            coverage = (found or {}).setdefault("coverage", {})
+            key = json.dumps([list(box.size), np.round(box.affine, 4).tolist()])
+            if key not in coverage:  # reading the whole label: once per box, then from the locations file
+                coverage[key] = list(label_coverage(np.load(folder / "label.npy", mmap_mode="r"), affine, box))
+                if locator is not None:
+                    self._new.add(locator.digest())
+            attributes.update(label_in_roi=coverage[key][0], label_cut=coverage[key][1])
             images["label"] = tio.LabelMap(folder / "label.npy", reader=RoiReader(affine, box, 0.0, nearest=True))
         return tio.Subject(**images, roi_center_mm=np.asarray(center_mm, float), **attributes)
+
+
+    def locate(self, locator: FemurLocator, image: str, label: str | None) -> dict:
+        """Where ``locator`` puts the ROI of an entry (centre, rotation, score; and label coverages once computed),
+        read from ``locations/<locator digest>.json`` when any process found it before (every rank, trial and run of
+        a fold shares its template), else found now and kept for :meth:`save_locations`."""
+        digest = locator.digest()
+        if digest not in self._found:
+            path = self.root / "locations" / f"{digest}.json"
+            self._found[digest] = json.loads(path.read_text()) if path.is_file() else {}
+        table, name = self._found[digest], entry_name(image, label, self.settings)
+        if name not in table:
+            location = locator.locate_coarse(self.coarse(image, label))
+            table[name] = {"center_mm": location.center_mm.tolist(), "rotation": location.rotation.tolist(),
+                           "score": location.score}
+            self._new.add(digest)
+        return table[name]
+
+    def save_locations(self) -> None:
+        """Write the locations found since the last save (merged with what other processes wrote; atomic)."""
+        folder = self.root / "locations"
+        folder.mkdir(parents=True, exist_ok=True)
+        for digest in sorted(self._new):
+            path = folder / f"{digest}.json"
+            with FileLock(str(path) + ".lock"):
+                merged = json.loads(path.read_text()) if path.is_file() else {}
+                for name, record in self._found[digest].items():
+                    merged.setdefault(name, {}).update(record)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps(merged))
+                os.replace(tmp, path)
+        self._new.clear()
 
 
 class RoiReader:

@@ -4,9 +4,9 @@ hip QCT scan, for study-scale benchmarks and tests of the data pipeline.
 Per subject: a 512 x 512 matrix at 0.6-0.9 mm pixels, 1 or 1.25 mm slices, 150-300 slices placed anywhere that keeps
 the labelled femur and the acetabulum in view, the patient off the scanner's centre (lateral ±30 mm, the table at any
 height that keeps the phantom and the patient's front in view) and turned by a few degrees (the subject's own pose),
-and a calibration phantom under the patient (a water-equivalent block with five rods, as QCT phantoms carry). Fast enough for many scans: the anatomy's distance fields
-are evaluated on a 2 mm grid and interpolated (trilinear) onto the clinical grid, where tissues, cortex, phantom,
-partial volume and noise are rendered at full resolution. The acquisition is drawn from its own random stream, so
+and a calibration phantom under the patient (a water-equivalent block with five rods, as QCT phantoms carry).
+Fast enough for many scans: the anatomy's distance fields are evaluated on a 2 mm grid and interpolated (trilinear)
+onto the clinical grid, where tissues, cortex, phantom, partial volume and noise are rendered at full resolution. The acquisition is drawn from its own random stream, so
 the default cohort's anatomy parameters and bytes do not change.
 """
 

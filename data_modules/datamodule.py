@@ -252,6 +252,7 @@ class FemurDataModule(L.LightningDataModule):
                     self.store.subject(row["image"], row["label"], h.roi_size, locator=self.locator,
                                        roi_center=h.roi_center, subject_id=row["subject_id"], sex=row["sex"])
                     for _, row in rows.iterrows()]
+                self.store.save_locations()  # the next rank, trial or run of this fold reads them
         return self._subjects[split]
 
     def _dataset(self, split: str, train: bool) -> tio.SubjectsDataset:

@@ -13,8 +13,8 @@ The patient's pose. Patients lie turned by some degrees on the table; the networ
 of poses. Around the peak, the template is matched against the scan turned about each RAS axis (two coordinate
 sweeps over ``±max_rotation`` degrees in 5° steps, refined by Powell's method, the centre re-matched after each), and
 the ROI box is turned by the best rotation (:mod:`data_modules.roi`), so every ROI shows the femur in the training pose
-and predictions are mapped back through the turned box. ``max_rotation: 0`` keeps axis-aligned boxes. All of it runs the same way in
-training, evaluation and ``stvnet predict``.
+and predictions are mapped back through the turned box. ``max_rotation: 0`` keeps axis-aligned boxes. All of it runs
+the same way in training, evaluation and ``stvnet predict``.
 
 Limits (measured in the README): anatomy the template never saw lowers the peak; a scan without a left hip still
 has a peak somewhere, so predict checks the ROI's contents
@@ -23,6 +23,8 @@ against the training cohort (see :mod:`stvnet.qc`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -264,6 +266,11 @@ class FemurLocator:
                                       np.asarray(center_mm, float), rotation)
         match = _box(scan.data[0].numpy(), voxel_of(scan, center_mm), self.template.shape, fill=0.0)
         return float(np.corrcoef(match.ravel(), self.template.ravel())[0, 1])
+
+    def digest(self) -> str:
+        """A short hash of what decides where this locator puts a ROI (template, spacing, window, pose range)."""
+        payload = self.template.tobytes() + json.dumps([self.spacing, list(self.hu_window), self.max_rotation]).encode()
+        return hashlib.sha1(payload).hexdigest()[:16]
 
     def state_dict(self) -> dict:
         """What a checkpoint stores (tensors and plain types)."""

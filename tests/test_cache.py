@@ -166,3 +166,27 @@ def test_a_parallel_build_writes_the_same_entries_as_a_serial_one(tiny_cohort, t
         for name in ("image.npy", "label.npy", "coarse.npy"):
             assert np.array_equal(np.load(serial.folder(image, label) / name), np.load(parallel.folder(image, label) / name))
         assert serial.meta(image, label) == parallel.meta(image, label)
+
+
+def test_locations_are_found_once_per_fold_template_and_shared(tiny_cohort, tmp_path, monkeypatch):
+    args = tiny_data_args(tiny_cohort, tmp_path / "splits", roi_max_rotation=20.0)
+    first = FemurDataModule(**args)
+    found = {s["subject_id"]: s for s in first.subjects("train") + first.subjects("val")}
+    (table,) = list((first.store.root / "locations").glob("*.json"))
+    assert table.stem == first.locator.digest()
+
+    def no_search(*_):
+        raise AssertionError("located again")
+
+    monkeypatch.setattr(data_modules.cache.FemurLocator, "locate_coarse", no_search)
+    again = FemurDataModule(**args)  # another rank, sweep trial or run of the same fold
+    for s in again.subjects("train") + again.subjects("val"):
+        reference = found[s["subject_id"]]
+        assert np.array_equal(s["roi_center_mm"], reference["roi_center_mm"])
+        assert np.array_equal(s["roi_rotation"], reference["roi_rotation"])
+        assert (s["label_in_roi"], s["label_cut"]) == (reference["label_in_roi"], reference["label_cut"])
+        assert torch.equal(s["image"].data, reference["image"].data)
+    monkeypatch.undo()
+    other = FemurDataModule(**{**args, "fold": 1})  # another template: its own table
+    other.subjects("train")
+    assert len(list((first.store.root / "locations").glob("*.json"))) == 2
