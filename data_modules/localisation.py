@@ -35,6 +35,8 @@ from scipy import ndimage, optimize
 from scipy.spatial.transform import Rotation
 from skimage.feature import match_template
 
+from data_modules.roi import place_box, read_box
+
 #: coarse grid of the search (mm): fine enough for a ROI margin of ~20 mm, coarse enough for a whole scan in < 1 s
 COARSE_SPACING = 6.0
 #: template extent (mm, RAS): the proximal femur plus the acetabulum and part of the pelvis around it
@@ -86,11 +88,6 @@ def label_statistics(label: tio.LabelMap) -> dict[str, float]:
             **half_extents_mm(label)}
 
 
-def voxel_of(image: tio.Image, point_mm: Sequence[float]) -> np.ndarray:
-    """Continuous voxel index of a world point in ``image``'s grid."""
-    return voxel_of_affine(image.affine, point_mm)
-
-
 def template_shape(spacing: float = COARSE_SPACING) -> tuple[int, int, int]:
     """Voxels of the template box at a coarse spacing."""
     return tuple(int(round(s / spacing)) for s in TEMPLATE_MM)
@@ -100,7 +97,7 @@ def raw_statistics(image: tio.ScalarImage, center_mm: Sequence[float], spacing: 
     """HU median, 95th percentile and bone fraction (> ``BONE_HU``) in the template box around ``center_mm`` (raw HU
     resampled to the coarse spacing): what predict's QC compares with the training scans."""
     raw = tio.Resample(spacing)(tio.ToCanonical()(image))
-    box = _box(raw.data[0].numpy().astype(np.float32), voxel_of(raw, center_mm), template_shape(spacing), fill=np.nan)
+    box = _box(raw, center_mm, template_shape(spacing), fill=np.nan)
     inside = box[np.isfinite(box)]
     if not inside.size:
         return {"median_hu": float("nan"), "p95_hu": float("nan"), "bone_fraction": float("nan")}
@@ -108,15 +105,10 @@ def raw_statistics(image: tio.ScalarImage, center_mm: Sequence[float], spacing: 
             "bone_fraction": float((inside > BONE_HU).mean())}
 
 
-def _box(array: np.ndarray, center: np.ndarray, size: Sequence[int], fill: float) -> np.ndarray:
-    """A ``size`` box of ``array`` centred at voxel ``center`` (padded with ``fill`` outside the array)."""
-    out = np.full(tuple(size), fill, dtype=np.float32)
-    start = np.round(center - np.asarray(size) / 2.0).astype(int)
-    src = [slice(max(0, s), min(n, s + k)) for s, k, n in zip(start, size, array.shape)]
-    dst = [slice(sl.start - s, sl.stop - s) for sl, s in zip(src, start)]
-    if all(sl.stop > sl.start for sl in src):
-        out[tuple(dst)] = array[tuple(src)]
-    return out
+def _box(image: tio.Image, center_mm: Sequence[float], size: Sequence[int], fill: float) -> np.ndarray:
+    """A ``size`` box of ``image`` around ``center_mm`` (``fill`` outside the image), as float32."""
+    array = image.data[0].numpy().astype(np.float32)
+    return read_box(array, image.affine, place_box(image.affine, array.shape, size, center_mm), fill)
 
 
 def _subvoxel_offset(values: np.ndarray, peak: np.ndarray) -> np.ndarray:
@@ -203,7 +195,7 @@ class FemurLocator:
         if not scans:
             raise ValueError("the femur template needs at least one training subject")
         size = template_shape(spacing)
-        boxes = [_box(scan.data[0].numpy(), voxel_of(scan, center), size, fill=0.0) for scan, center in zip(scans, centers)]
+        boxes = [_box(scan, center, size, fill=0.0) for scan, center in zip(scans, centers)]
         locator = cls(np.mean(boxes, axis=0).astype(np.float32), float(spacing), (float(hu_window[0]), float(hu_window[1])),
                       float(max_rotation))
         rows = [{"score": locator.match_score(scan, center), **row} for scan, center, row in zip(scans, centers, stats)]
@@ -264,7 +256,7 @@ class FemurLocator:
         if rotation is not None:
             return self._turned_score(scan.data[0].numpy().astype(np.float32), scan.affine,
                                       np.asarray(center_mm, float), rotation)
-        match = _box(scan.data[0].numpy(), voxel_of(scan, center_mm), self.template.shape, fill=0.0)
+        match = _box(scan, center_mm, self.template.shape, fill=0.0)
         return float(np.corrcoef(match.ravel(), self.template.ravel())[0, 1])
 
     def digest(self) -> str:
