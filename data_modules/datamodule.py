@@ -28,13 +28,13 @@ from data_modules.folds import (
     splits_key,
 )
 from data_modules.localisation import FemurLocator
-from data_modules.manifest import filter_cohort, validate_manifest
+from data_modules.manifest import ManifestError, filter_cohort, validate_manifest
+from data_modules.options import check_options
 from data_modules.shape_prior import build_shape_prior
 from data_modules.synthetic import ROI_CENTER_FRACTION, make_cohort
 from data_modules.transforms import augmentation, preprocessing, sampler
 
 DEFAULT_SYNTHETIC_DIR = "data/synthetic"
-ROI_LOCATORS = ("template", "fraction")
 
 
 def default_manifest(synthetic_dir: str | Path = DEFAULT_SYNTHETIC_DIR, n_subjects: int = 40,
@@ -114,6 +114,7 @@ class FemurDataModule(L.LightningDataModule):
     ):  # pragma: no mutate block (save_hyperparameters reads this frame's arguments; a mutmut trampoline hides them)
         super().__init__()
         self.save_hyperparameters()
+        check_options(dict(self.hparams))  # every unusable option named at once, before any scan is read
         self.manifest = manifest
         self.cohort = cohort
         self.fold = fold
@@ -131,8 +132,6 @@ class FemurDataModule(L.LightningDataModule):
         self.store = PreprocessedCache(cache_dir, CacheSettings(
             tuple(float(v) for v in target_spacing) if target_spacing else None,
             (float(hu_window[0]), float(hu_window[1])))) if cache else None
-        if roi_locator not in ROI_LOCATORS:
-            raise ValueError(f"roi_locator must be one of {ROI_LOCATORS}, got '{roi_locator}'")
         self.roi_locator = roi_locator
         self._locator: FemurLocator | None = None
         self._preprocess: tio.Compose | None = None
@@ -175,7 +174,8 @@ class FemurDataModule(L.LightningDataModule):
         # with the cache, voxels are checked once per scan when its entry is built
         table = filter_cohort(validate_manifest(self.manifest_path, voxels=self.store is None), self.cohort)
         if table.empty:
-            raise ValueError(f"{self.manifest_path}: no subjects in cohort '{self.cohort}'")
+            raise ManifestError(self.manifest_path, [f"no subjects in cohort '{self.cohort}' (column 'sex' holds "
+                                                     "M for male, F for female); choose another --data.cohort"])
         self.splits = load_or_create_splits(
             self.splits_path(table), table, n_folds=self.n_folds, test_fraction=self.test_fraction,
             seed=self.split_seed, strata=self.strata, cohort=self.cohort,

@@ -21,6 +21,15 @@ class UserError(Exception):
         super().__init__("\n".join(self.lines))
 
 
+class InvalidInput(UserError, ValueError):
+    """A user error that is also a ``ValueError``, for library callers that catch that (an option out of range, a
+    cohort too small for its folds)."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """A user error that is also a ``FileNotFoundError`` (a run folder, checkpoint or file that is not there)."""
+
+
 def debugging(argv: list[str]) -> tuple[bool, list[str]]:
     """Whether tracebacks are wanted (``--debug`` anywhere in ``argv``, or ``STVNET_DEBUG=1``), and ``argv`` without
     the flag."""

@@ -22,6 +22,8 @@ import pandas as pd
 from filelock import FileLock
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
+from data_modules.errors import InvalidInput
+
 SPLITS_VERSION = 2
 
 
@@ -64,6 +66,10 @@ def make_splits(
     table = table.assign(subject_id=table["subject_id"].astype(str)).sort_values("subject_id", kind="stable")
     ids = table["subject_id"].tolist()
     key = strata_key(table, strata).tolist()
+    if n_folds < 2:
+        raise InvalidInput(f"data.n_folds {n_folds}: cross-validation needs at least 2 folds")
+    if not 0.0 <= test_fraction < 1.0:
+        raise InvalidInput(f"data.test_fraction {test_fraction}: must be in [0, 1) (the paper holds out 0.1)")
     n_test = int(round(len(ids) * test_fraction))
     if n_test > 0:
         counts = pd.Series(key).value_counts()
@@ -73,12 +79,11 @@ def make_splits(
         )
     else:
         dev_ids, test_ids, dev_key = ids, [], key
-    if n_folds < 2:
-        raise ValueError(f"n_folds must be >= 2, got {n_folds}")
-    if len(dev_ids) < n_folds:
-        raise ValueError(
-            f"{len(dev_ids)} subjects remain after holding out the test set, too few for {n_folds} folds; "
-            "use fewer folds or a larger cohort"
+    if len(dev_ids) < n_folds or pd.Series(dev_key).value_counts().max() < n_folds:
+        raise InvalidInput(
+            f"cohort '{cohort}': {len(dev_ids)} subjects remain after holding out the test set "
+            f"({pd.Series(dev_key).value_counts().to_dict()} by {'/'.join(strata) or 'stratum'}), too few for "
+            f"{n_folds} stratified folds; use fewer folds (--data.n_folds) or a larger cohort"
         )
     skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
     with warnings.catch_warnings():
@@ -126,11 +131,12 @@ def load_or_create_splits(
     path = Path(path)
     expected = splits_key(table, n_folds, test_fraction, seed, strata, cohort)
     if not path.is_file():
+        # deterministic, so made outside the lock; a protocol the cohort cannot fill is refused before any file
+        splits = make_splits(table, n_folds=n_folds, test_fraction=test_fraction, seed=seed, strata=strata,
+                             cohort=cohort)
         path.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path) + ".lock"):
             if not path.is_file():
-                splits = make_splits(table, n_folds=n_folds, test_fraction=test_fraction, seed=seed, strata=strata,
-                                     cohort=cohort)
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
                 tmp.write_text(json.dumps(splits, indent=2))
                 tmp.replace(path)  # atomic: a reader without the lock never sees half a file
@@ -143,13 +149,13 @@ def load_or_create_splits(
 def check_key(path: str | Path, saved: dict | None, expected: dict) -> None:
     """Refuse splits whose key differs from the one this run needs, naming what differs."""
     if saved is None:
-        raise ValueError(f"{path}: these splits record no key (written by an older version); "
+        raise InvalidInput(f"{path}: these splits record no key (written by an older version); "
                          "delete the file or set data.splits_dir elsewhere to make new ones")
     differ = [k for k in expected if saved.get(k) != expected[k]]
     if differ:
         what = "; ".join("the subjects or their strata differ" if k == "subjects" else
                          f"{k} {saved.get(k)!r} != {expected[k]!r}" for k in differ)
-        raise ValueError(f"{path}: saved splits were made for another cohort or protocol ({what}); "
+        raise InvalidInput(f"{path}: saved splits were made for another cohort or protocol ({what}); "
                          "delete the file or set data.splits_dir elsewhere to make new ones")
 
 
@@ -157,7 +163,7 @@ def fold_subjects(splits: dict, fold: int) -> dict[str, list[str]]:
     """The train / val / test subject ids of one fold."""
     n = len(splits["folds"])
     if not 0 <= fold < n:
-        raise ValueError(f"fold must be in 0..{n - 1}, got {fold}")
+        raise InvalidInput(f"data.fold {fold}: must be in 0..{n - 1} (data.n_folds is {n})")
     return {"train": splits["folds"][fold]["train"], "val": splits["folds"][fold]["val"], "test": splits["test"]}
 
 
@@ -170,11 +176,11 @@ def check_same_split(source: dict | None, target: dict, origin: str) -> None:
     """Refuse weights trained on other data than this run's fold: a network trained on another fold, cohort or
     set of splits has seen this fold's validation or test scans in training."""
     if not source or "subjects" not in source:
-        raise ValueError(f"{origin}: the checkpoint records no training subjects, so it cannot be shown not to have "
+        raise InvalidInput(f"{origin}: the checkpoint records no training subjects, so it cannot be shown not to have "
                          "seen this fold's validation and test scans; train it with this version of stvnet train")
     seen = set(source["subjects"]["train"]) & (set(target["subjects"]["val"]) | set(target["subjects"]["test"]))
     if source.get("key") != target.get("key") or source.get("fold") != target.get("fold") or seen:
         cohort = (source.get("key") or {}).get("cohort")
-        raise ValueError(f"{origin}: trained on fold {source.get('fold')} of other splits or another cohort "
+        raise InvalidInput(f"{origin}: trained on fold {source.get('fold')} of other splits or another cohort "
                          f"('{cohort}'); it saw {len(seen)} of this run's validation/test subjects in training. "
                          "Start from a network trained on the same fold, cohort and splits")

@@ -35,7 +35,14 @@ def read_manifest(path: str | Path, require_labels: bool = True) -> pd.DataFrame
     path = Path(path)
     if not path.is_file():
         raise ManifestError(path, [f"manifest file not found: {path}"])
-    table = pd.read_csv(path, dtype={"subject_id": str, "sex": str})
+    try:
+        table = pd.read_csv(path, dtype={"subject_id": str, "sex": str})
+    except pd.errors.EmptyDataError:
+        raise ManifestError(path, ["the file is empty; a manifest is a CSV with a header row "
+                                   "(subject_id,image,label,sex) and one row per subject"]) from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as exc:
+        raise ManifestError(path, [f"not a readable CSV ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                                   "a manifest is a comma-separated text file, one row per subject"]) from None
     problems = [f"missing column '{c}'" for c in REQUIRED_COLUMNS if c not in table.columns]
     if problems:
         raise ManifestError(path, problems + [f"columns present: {', '.join(map(str, table.columns))}"])

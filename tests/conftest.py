@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,22 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 TINY_SPACING = (3.0, 3.0, 4.0)
+# under `make mutate`, tests whose unmutated run took longer than this are left out of the mutant runs
+MUTATION_MAX_TEST_S = float(os.environ.get("STVNET_MUTATION_MAX_TEST_S", "8"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under mutmut (a mutant named in ``MUTANT_UNDER_TEST``), run the covering tests fastest first, so that a mutant
+    is killed by the cheapest test that can kill it (mutmut stops at the first failure), and leave out the few tests
+    slower than ``MUTATION_MAX_TEST_S``: with them a whole run does not fit the hour it may take on two cores."""
+    mutant = os.environ.get("MUTANT_UNDER_TEST", "")
+    stats = Path("mutmut-stats.json")
+    if "__mutmut_" not in mutant or not stats.exists():
+        return
+    duration = json.loads(stats.read_text()).get("duration_by_test", {})
+    kept = [item for item in items if duration.get(item.nodeid, 0.0) <= MUTATION_MAX_TEST_S]
+    config.hook.pytest_deselected(items=[item for item in items if item not in kept])
+    items[:] = sorted(kept, key=lambda item: duration.get(item.nodeid, 0.0))
 
 
 @pytest.fixture(scope="session")

@@ -97,8 +97,9 @@ def test_evaluate_cli_refuses_existing_folder(trained_runs, tmp_path, capsys):
     out = tmp_path / "exists"
     out.mkdir()
     (out / "keep.txt").write_text("results")
-    assert cli_main(["evaluate", str(trained_runs["vnet"]), "--out", str(out)]) == 1
-    assert "--overwrite" in capsys.readouterr().err
+    assert cli_main(["evaluate", str(trained_runs["vnet"]), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"stvnet evaluate: error: {out} already exists; pass --overwrite to replace it or choose another --out"]
     assert (out / "keep.txt").read_text() == "results"
 
 

@@ -75,7 +75,7 @@ def test_splits_do_not_depend_on_the_manifests_row_order():
 
 
 def test_too_few_subjects_for_folds():
-    with pytest.raises(ValueError, match="too few for 10 folds"):
+    with pytest.raises(ValueError, match="too few for 10 stratified folds"):
         make_splits(_cohort(4, 4), n_folds=10)
 
 

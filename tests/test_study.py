@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from stvnet.cli import main as cli_main
 from stvnet.compare import compare_runs
@@ -24,7 +25,9 @@ def _tiny_extra(manifest: Path) -> list[str]:
 @pytest.mark.multiprocess
 def test_ablation_matrix_records_failures_resumes_and_reports(tiny_cohort, tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
-    broken.write_text("model:\n  net:\n    class_path: stvnet.models.NoSuchNet\n")
+    config = yaml.safe_load((ROOT / "experiments" / "vnet.yaml").read_text())
+    config["model"]["lr"] = -1.0  # valid options that crash once training starts (torch refuses the rate)
+    broken.write_text(yaml.safe_dump(config))
     out = tmp_path / "study"
     configs = [str(ROOT / "experiments" / "vnet.yaml"), str(ROOT / "experiments" / "stvnet.yaml"), str(broken)]
     argv = ["ablate", "--configs", *configs, "--cohorts", "all", "female", "--folds", "0", "--out", str(out),
@@ -34,7 +37,7 @@ def test_ablation_matrix_records_failures_resumes_and_reports(tiny_cohort, tmp_p
     assert len(status) == 6
     assert {k for k, v in status.items() if v["status"] == "done"} == {
         "vnet/all/fold0", "vnet/female/fold0", "stvnet/all/fold0", "stvnet/female/fold0"}
-    assert "NoSuchNet" in status["broken/all/fold0"]["error"]
+    assert "Invalid learning rate" in status["broken/all/fold0"]["error"]
     # ... and the others were evaluated and compared
     report = (out / "report.md").read_text()
     for model in ("vnet", "stvnet", "vnet-female", "stvnet-female"):

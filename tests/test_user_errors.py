@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import gzip
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -70,6 +69,32 @@ def _break(kind: str, table: pd.DataFrame, tmp: Path) -> tuple[pd.DataFrame, str
     if kind == "truncated scan":
         table.loc[0, "image"] = _truncated(tmp, image)  # its header reads: the cache build reads the voxels
         return table, f"{sid}: image {tmp / 'truncated.nii.gz'} cannot be read to its end (EOFError: "
+    if kind == "missing label file":
+        table.loc[0, "label"] = str(tmp / "gone.nii.gz")
+        return table, f"{sid}: label file not found: {tmp / 'gone.nii.gz'}"
+    if kind == "label not an image":
+        (tmp / "text.nii.gz").write_text("not an image")
+        table.loc[0, "label"] = str(tmp / "text.nii.gz")
+        return table, f"{sid}: label is not a readable NIfTI or NRRD (ImageFileError: "
+    if kind == "NaN voxels":  # the header is fine: the cache build reads the voxels once
+        data = np.asanyarray(nib.load(image).dataobj).astype(np.float32)
+        data[3, 3, 3] = np.nan
+        table.loc[0, "image"] = _nifti(tmp, "nan.nii.gz", data, image)
+        return table, f"{sid}: image contains NaN or inf values"
+    if kind == "zero spacing":
+        bad = nib.load(image)
+        bad = nib.Nifti1Image(np.asanyarray(bad.dataobj), bad.affine)
+        bad.header["pixdim"][2] = 0.0
+        nib.save(bad, str(tmp / "flat_voxels.nii.gz"))
+        table.loc[0, "image"] = str(tmp / "flat_voxels.nii.gz")
+        return table, f"{sid}: image voxel spacing (3.0, 0.0, 4.0) is not positive (fix the image header)"
+    if kind == "label shifted off the image":
+        moved = nib.load(label)
+        affine = moved.affine.copy()
+        affine[0, 3] += 30.0
+        nib.save(nib.Nifti1Image(np.asanyarray(moved.dataobj), affine), str(tmp / "moved.nii.gz"))
+        table.loc[0, "label"] = str(tmp / "moved.nii.gz")
+        return table, f"{sid}: image and label affines differ (they must share one voxel grid)"
     if kind == "folder without DICOM":
         (tmp / "series").mkdir()
         table.loc[0, "image"] = str(tmp / "series")
@@ -83,7 +108,8 @@ def _run_files(out: Path) -> list[Path]:
 
 
 KINDS = ("missing image", "empty image cell", "non-binary label", "empty label", "2D image", "label on another grid",
-         "unknown sex", "duplicate id", "truncated scan", "folder without DICOM")
+         "unknown sex", "duplicate id", "truncated scan", "folder without DICOM", "missing label file",
+         "label not an image", "NaN voxels", "zero spacing", "label shifted off the image")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -98,6 +124,21 @@ def test_train_refuses_a_bad_manifest_in_one_line_and_leaves_no_run(kind, tiny_c
     assert lines and lines[0].startswith(f"stvnet train: error: {manifest}: {expected}"), err[-2000:]
     assert "Traceback" not in err
     assert not _run_files(out), "a refused run left files behind"
+
+
+@pytest.mark.parametrize(("kind", "content", "expected"), [
+    ("empty file", "", "the file is empty; a manifest is a CSV with a header row"),
+    ("header only", "subject_id,image,label,sex\n", "the manifest lists no subjects"),
+    ("missing column", "subject_id,image,sex\ns1,a.nii.gz,F\n", "missing column 'label'"),
+])
+def test_train_refuses_a_manifest_without_subjects_in_one_line(kind, content, expected, tmp_path, capsys):
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(content)
+    out = tmp_path / "runs"
+    assert cli_main(["train", *tiny_train_args(manifest, out, epochs=1)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(f"stvnet train: error: {manifest}: {expected}"), err
+    assert all(line.startswith("stvnet train: error: ") for line in err) and not _run_files(out)
 
 
 def test_a_folder_that_holds_a_run_is_never_trained_into(tiny_cohort, tmp_path, capsys):

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from data_modules.errors import InvalidInput, MissingInput
 from stvnet.compare import compare_runs
 from stvnet.evaluation import evaluate_runs
 
@@ -31,6 +32,33 @@ def _save_status(path: Path, status: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(status, indent=2))
     tmp.replace(path)
+
+
+def check_study(configs: list[str], folds: list[int], extra_args: list[str]) -> None:
+    """Refuse, before any cell trains, configs that are not there, options ``stvnet train`` would refuse, and folds
+    that the configs' ``data.n_folds`` does not have."""
+    from stvnet.sweep import resolved_config
+
+    missing = [f"--configs {c}: no such experiment file" for c in configs if not Path(c).is_file()]
+    if missing:
+        raise MissingInput(*missing)
+    problems = []
+    for config in configs:
+        n_folds = int(resolved_config(config, extra_args)["data"]["n_folds"])
+        problems += [f"--folds {f}: {config} has folds 0..{n_folds - 1} (data.n_folds {n_folds})"
+                     for f in folds if not 0 <= f < n_folds]
+    if problems:
+        raise InvalidInput(*problems)
+
+
+def user_errors(status: dict) -> list[str]:
+    """The failed cells' ``stvnet train`` user errors (exit status 2), one line each, when every failure was one."""
+    failed = {k: v for k, v in status.items() if v["status"] != "done"}
+    if not failed or any(v.get("exit") != 2 for v in failed.values()):
+        return []
+    prefix = "stvnet train: error: "
+    return [f"cell {k}: {line[len(prefix):]}" for k, v in failed.items()
+            for line in v.get("error", "").splitlines() if line.startswith(prefix)]
 
 
 def run_ablation(configs: list[str], cohorts: list[str], folds: list[int], out: str | Path,
@@ -67,7 +95,8 @@ def run_ablation(configs: list[str], cohorts: list[str], folds: list[int], out: 
                 with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
                     log.write(proc.stdout + proc.stderr)
                 ok = proc.returncode == 0 and (run_dir / "metrics.csv").is_file()
-                status[key].update(status="done" if ok else "failed", seconds=round(time.perf_counter() - t0, 1))
+                status[key].update(status="done" if ok else "failed", seconds=round(time.perf_counter() - t0, 1),
+                                   exit=proc.returncode)
                 if not ok:
                     status[key]["error"] = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
                 _save_status(status_path, status)

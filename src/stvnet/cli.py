@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 from pathlib import Path
 
 from data_modules.errors import UserError, debugging, report
@@ -22,6 +21,13 @@ SUBCOMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors as one user-error line (``<problem>; see stvnet <cmd> --help``), not the usage text."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UserError(f"{message}; see {self.prog} --help")
+
+
 def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
     """Split ``[own args] -- [args for every stvnet train]``."""
     argv = list(argv)
@@ -34,7 +40,7 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
 def _synth(argv: list[str]) -> int:
     from data_modules.synthetic import PRESETS, make_cohort
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="stvnet synth",
         description="Write a deterministic synthetic QCT hip cohort with the left proximal femur labelled.",
     )
@@ -50,6 +56,15 @@ def _synth(argv: list[str]) -> int:
                         help="default: the embedded cohort's grid (--spacing); clinical: hip QCT acquisitions of "
                         "512 x 512 x 150-300 voxels at 0.6-0.9 x 1-1.25 mm, off-centre, with a calibration phantom")
     args = parser.parse_args(argv)
+    problems = [f"{option} {value}: {problem}" for option, value, ok, problem in (
+        ("--subjects", args.subjects, args.subjects >= 2, "a cohort needs at least 2 subjects"),
+        ("--spacing", " ".join(map(str, args.spacing)), min(args.spacing) > 0, "voxel spacings must be > 0 mm"),
+        ("--female-fraction", args.female_fraction, 0.0 <= args.female_fraction <= 1.0, "must be in [0, 1]"),
+        ("--workers", args.workers, args.workers >= 1, "must be at least 1"),
+        ("--out", args.out, not Path(args.out).is_file(), "is a file; give a folder"),
+    ) if not ok]
+    if problems:
+        raise UserError(*problems)
     manifest = make_cohort(args.out, n_subjects=args.subjects, seed=args.seed, spacing=tuple(args.spacing),
                            female_fraction=args.female_fraction, workers=args.workers, preset=args.preset)
     print(f"Wrote {args.subjects} subjects; manifest: {manifest}")
@@ -59,7 +74,7 @@ def _synth(argv: list[str]) -> int:
 def _evaluate(argv: list[str]) -> int:
     import os
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="stvnet evaluate",
         description="Predict the held-out test set (and/or each run's validation fold) with trained runs, save the "
         "masks as NIfTI in each scan's own geometry, and write per_subject.csv, summary.csv/.md (mean ± sd per "
@@ -79,29 +94,28 @@ def _evaluate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from stvnet.evaluation import describe_run, evaluate_runs
 
-    if args.out:
-        out = Path(args.out)
-    elif len(args.runs) == 1:
-        run = Path(args.runs[0])
-        out = (run.parent.parent if run.is_file() else run) / "evaluation"
-    else:
-        names = "_vs_".join(dict.fromkeys(describe_run(r).model for r in args.runs))
-        out = Path(os.path.commonpath([str(Path(r).resolve()) for r in args.runs])) / f"evaluation_{names}"
     splits = ("test", "val") if args.split == "both" else (args.split,)
     try:
+        if args.out:
+            out = Path(args.out)
+        elif len(args.runs) == 1:
+            run = Path(args.runs[0])
+            out = (run.parent.parent if run.is_file() else run) / "evaluation"
+        else:
+            names = "_vs_".join(dict.fromkeys(describe_run(r).model for r in args.runs))
+            out = Path(os.path.commonpath([str(Path(r).resolve()) for r in args.runs])) / f"evaluation_{names}"
         evaluate_runs(args.runs, out, manifest=args.manifest, splits=splits, overwrite=args.overwrite,
                       device=args.device, save_masks=not args.no_masks, figures=not args.no_masks,
                       keep_largest=args.largest_component)
-    except (FileExistsError, FileNotFoundError) as exc:
-        print(f"stvnet evaluate: {exc}", file=sys.stderr)
-        return 1
+    except (FileExistsError, FileNotFoundError) as exc:  # an output folder in use, a run or scan that is not there
+        raise UserError(str(exc)) from exc
     print((out / "summary.md").read_text())
     print(f"Wrote {out}")
     return 0
 
 
 def _predict(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="stvnet predict",
         description="Segment the left proximal femur in new scans of any orientation and spacing. Masks are written "
         "in each input's own grid and affine as <out>/<name>.nii.gz; inputs are never overwritten.",
@@ -136,7 +150,7 @@ def _predict(argv: list[str]) -> int:
 
 
 def _compare(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="stvnet compare",
         description="Compare trained models from local records only (metrics.csv, config.yaml, and optionally an "
         "evaluation's per_subject.csv): per-cohort tables of mean ± sd over folds, learning curves, epochs to a "
@@ -155,7 +169,7 @@ def _compare(argv: list[str]) -> int:
 
 
 def _ablate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="stvnet ablate",
         description="Train every cell of {configs} x {cohorts} x {folds} in its own process (finished cells are "
         "skipped on re-runs, a crashed cell does not stop the others), then evaluate on the held-out test sets and "
@@ -168,19 +182,22 @@ def _ablate(argv: list[str]) -> int:
     parser.add_argument("--no-evaluate", action="store_true", help="only train")
     own, extra = _split_passthrough(argv)
     args = parser.parse_args(own)
-    from stvnet.ablate import run_ablation
+    from stvnet.ablate import check_study, run_ablation, user_errors
 
+    check_study(args.configs, args.folds, extra)
     status = run_ablation(args.configs, args.cohorts, args.folds, args.out, extra_args=extra, evaluate=not args.no_evaluate)
     failed = [k for k, v in status.items() if v["status"] != "done"]
     report = Path(args.out) / "report.md"
     if report.is_file():
         print(report.read_text())
     print(f"{len(status) - len(failed)} cell(s) done, {len(failed)} failed; study folder: {args.out}")
+    if user_errors(status):  # every failed cell was refused by stvnet train: the user can fix it
+        raise UserError(*user_errors(status))
     return 1 if failed else 0
 
 
 def _sweep(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="stvnet sweep",
         description="Run Optuna trials from a search space (sweeps/*.yaml). Workers started with the same --study and "
         "--storage share one study; re-running resumes it. Arguments after '--' go to every 'stvnet train'.",
@@ -217,7 +234,7 @@ def state_counts(study) -> str:
 
 
 def _bench(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="stvnet bench",
         description="Benchmark our V-Net, inference, metrics and data loading against MONAI in the same run; "
         "prints a Markdown table of medians and ratios.",
@@ -234,6 +251,8 @@ def _bench(argv: list[str]) -> int:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--tiny", action="store_true", help="seconds-long smoke run (used by the tests)")
     args = parser.parse_args(argv)
+    if any(n < 2 for n in args.data_sizes):
+        raise UserError(f"--data-sizes {' '.join(map(str, args.data_sizes))}: each size must be at least 2 scans")
     from stvnet.bench import BenchConfig, run_bench
 
     cfg = BenchConfig.tiny() if args.tiny else BenchConfig()
@@ -249,7 +268,7 @@ def _localise(argv: list[str]) -> int:
     from data_modules.datamodule import FemurDataModule
     from stvnet.localise import markdown, run
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="stvnet localise",
         description="Build the femur template from one fold's training scans (as stvnet train does) and measure, on "
         "that fold's validation and test scans re-framed many ways (longer field of view, off-centre, rotated), the "
@@ -270,6 +289,8 @@ def _localise(argv: list[str]) -> int:
         predictor = Predictor.from_checkpoint(find_checkpoint(args.checkpoint), device="auto")
         data = {k: v for k, v in predictor.data_hparams.items() if not k.startswith("_")}
     else:
+        if not Path(args.config).is_file():
+            raise UserError(f"--config {args.config}: no such experiment file")
         data = dict(yaml.safe_load(Path(args.config).read_text()).get("data") or {})
     data.update({k: v for k, v in (("manifest", args.manifest), ("fold", args.fold)) if v is not None},
                 roi_locator="template", num_workers=0)
@@ -282,12 +303,6 @@ def _localise(argv: list[str]) -> int:
 def _train(argv: list[str]) -> int:
     from stvnet.training import main as train_main
 
-    # sys.argv stays intact: Lightning's DDP launcher re-runs this very command line for the other ranks
-    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python.*")
-    # Frozen stages are put in eval mode on purpose (StageSchedule); Lightning 2.6 warns about it at fit start.
-    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-    # Lightning 2.6's pytree helper on torch >= 2.10; harmless and not ours to fix.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     train_main(argv)
     return 0
 

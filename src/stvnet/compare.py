@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from data_modules.errors import InvalidInput, MissingInput  # noqa: E402
 from stvnet.evaluation import summarize, summary_markdown  # noqa: E402
 
 VAL_METRICS = ("dice", "sensitivity", "specificity", "hd", "hd95", "assd")
@@ -50,10 +51,15 @@ def best_epoch_row(val: pd.DataFrame, final_index: int | None) -> pd.Series:
 def read_run(run: str | Path, threshold: float) -> tuple[dict, pd.DataFrame]:
     """Summary row and per-epoch validation curve of one run folder."""
     run = Path(run)
+    missing = [name for name in ("config.yaml", "metrics.csv") if not (run / name).is_file()]
+    if missing:
+        raise MissingInput(f"{run}: not a run folder (no {' or '.join(missing)}); give the folders written by stvnet "
+                           "train (runs/<name>/<cohort>/fold<k>/<time>)")
     config = yaml.safe_load((run / "config.yaml").read_text())
     metrics = pd.read_csv(run / "metrics.csv")
     if "val/dice" not in metrics:
-        raise ValueError(f"{run}: metrics.csv has no validation Dice (did the run validate?)")
+        raise InvalidInput(f"{run}: metrics.csv has no validation Dice (the run never validated); train it for at "
+                           "least one epoch, or leave it out")
     val = metrics.dropna(subset=["val/dice"]).groupby("epoch", as_index=False).last()
     best = best_epoch_row(val, final_stage_index(config))
     reached = val[val["val/dice"] >= threshold]
@@ -94,8 +100,8 @@ def compare_runs(runs: list[str | Path], out: str | Path, evaluation: str | Path
                  threshold: float = 0.9) -> pd.DataFrame:
     """Build the comparison report; returns the per-run table."""
     out = Path(out)
+    rows, curves = zip(*(read_run(r, threshold) for r in runs))  # every run is checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
-    rows, curves = zip(*(read_run(r, threshold) for r in runs))
     table = pd.DataFrame(rows)
     table.to_csv(out / "runs.csv", index=False)
     learning_curves(pd.concat(curves), out / "learning_curves.png", threshold)

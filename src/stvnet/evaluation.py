@@ -27,6 +27,7 @@ from scipy import stats
 from tqdm.auto import tqdm
 
 from data_modules.datamodule import FemurDataModule
+from data_modules.errors import InvalidInput, MissingInput
 from data_modules.folds import fold_subjects
 from data_modules.manifest import filter_cohort, validate_manifest
 from data_modules.scan_io import read_header, read_voxels
@@ -64,7 +65,7 @@ def run_subjects(run_dir: Path, info: CheckpointInfo) -> tuple[dict[str, list[st
         return fold_subjects(splits, int(splits.get("fold", fold))), str(splits.get("manifest") or "")
     if info.split and "subjects" in info.split:
         return info.split["subjects"], str(info.data_hparams.get("manifest") or "")
-    raise FileNotFoundError(f"{info.path}: neither {record} nor the checkpoint records the run's subjects; "
+    raise MissingInput(f"{info.path}: neither {record} nor the checkpoint records the run's subjects; "
                             "evaluate the run folder written by stvnet train")
 
 
@@ -96,7 +97,7 @@ def cohort_table(info: RunInfo, manifest: str | None) -> pd.DataFrame:
     table = filter_cohort(validate_manifest(path), info.cohort)
     missing = sorted((set(info.subjects["test"]) | set(info.subjects["val"])) - set(table["subject_id"]))
     if missing:
-        raise ValueError(f"{path}: {len(missing)} subject(s) of run {info.checkpoint} are not in this manifest "
+        raise InvalidInput(f"{path}: {len(missing)} subject(s) of run {info.checkpoint} are not in this manifest "
                          f"(e.g. {missing[0]}); pass the manifest the run was trained on with --manifest")
     return table.set_index("subject_id")
 
@@ -119,12 +120,12 @@ def evaluate_runs(
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     infos = [describe_run(r) for r in runs]
+    tables = [cohort_table(info, manifest) for info in infos]  # every run and manifest checked before any output
+    out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for info in infos:
+    for info, table in zip(infos, tables):
         predictor = Predictor.from_checkpoint(info.checkpoint, device=device)
-        table = cohort_table(info, manifest)
         for split in splits:
             ids = info.subjects[split]
             for sid in tqdm(ids, desc=f"{info.model} fold {info.fold} {split}", unit="scan"):

@@ -19,7 +19,7 @@ from scipy import ndimage
 import torch
 import torchio as tio
 
-from data_modules.errors import UserError
+from data_modules.errors import MissingInput, UserError
 from data_modules.localisation import FemurLocator
 from data_modules.transforms import preprocessing
 from stvnet.lightning_module import FemurSegmenter
@@ -41,7 +41,7 @@ class CheckpointInfo:
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     """Read a ``stvnet train`` checkpoint's epoch, stage and data record (without building the model; memory-mapped,
     so the weights are not read)."""
-    ckpt = _load(path)
+    ckpt = load_checkpoint(path)
     stage = ckpt.get("stvnet_stage") or {}
     schedule = (ckpt.get("callbacks") or {}).get("StageSchedule")
     final = schedule is None or stage.get("index") == len(schedule["stages"]) - 1
@@ -55,7 +55,7 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
 UNREADABLE = (RuntimeError, EOFError, OSError, KeyError, TypeError, ValueError, AttributeError, pickle.UnpicklingError)
 
 
-def _load(path: str | Path) -> dict:
+def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint's dictionary (memory-mapped: the weights are not read), or one line saying why it is unusable."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
@@ -77,13 +77,17 @@ def find_checkpoint(run: str | Path) -> Path:
     run = Path(run)
     if run.is_file():
         return run
+    if not run.exists():
+        raise MissingInput(f"{run}: no such run folder or checkpoint; give a folder written by stvnet train "
+                           "(runs/<name>/<cohort>/fold<k>/<time>) or a .ckpt file")
     folder = run / "checkpoints"
     best = [p for p in sorted(folder.glob("best-*.ckpt")) if read_checkpoint_info(p).final_stage]
     if best:
         return best[-1]
     if (folder / "last.ckpt").is_file():
         return folder / "last.ckpt"
-    raise FileNotFoundError(f"{run}: no checkpoint found (expected {folder}/best-*.ckpt or last.ckpt)")
+    raise MissingInput(f"{run}: no checkpoint found (expected {folder}/best-*.ckpt or last.ckpt); give a run folder "
+                       "written by stvnet train, or a .ckpt file")
 
 
 def pick_device(device: str = "auto") -> torch.device:

@@ -15,6 +15,7 @@ import pandas as pd
 import torchio as tio
 from tqdm.auto import tqdm
 
+from data_modules.errors import InvalidInput, MissingInput
 from data_modules.manifest import scan_problems
 from data_modules.scan_io import NIFTI_SUFFIXES, is_nifti, read_header
 from stvnet.inference import Predictor, ensemble_segment, find_checkpoint
@@ -40,9 +41,12 @@ def collect_inputs(inputs: list[str]) -> list[tuple[str, Path]]:
                 items.append((path.name, path))
             items += [(_stem(p), p) for p in files]
         elif path.suffix == ".csv":
-            table = pd.read_csv(path, dtype=str)
+            try:
+                table = pd.read_csv(path, dtype=str)
+            except pd.errors.EmptyDataError:
+                raise InvalidInput(f"{path}: the file is empty; a manifest CSV needs an 'image' column") from None
             if "image" not in table.columns:
-                raise ValueError(f"{path}: a manifest needs an 'image' column")
+                raise InvalidInput(f"{path}: a manifest needs an 'image' column")
             for i, row in table.iterrows():
                 image = Path(row["image"])
                 image = image if image.is_absolute() else path.parent / image
@@ -50,7 +54,7 @@ def collect_inputs(inputs: list[str]) -> list[tuple[str, Path]]:
         elif path.is_file():
             items.append((_stem(path), path))
         else:
-            raise FileNotFoundError(f"{path}: no such file or folder")
+            raise MissingInput(f"{path}: no such file or folder")
     return items
 
 
@@ -76,6 +80,10 @@ def predict(inputs: list[str], checkpoints: list[str], out: str | Path, threshol
     if side not in ("left", "right"):
         raise ValueError(f"side must be 'left' or 'right', got '{side}'")
     out = Path(out)
+    if not 0.0 < threshold < 1.0:
+        raise InvalidInput(f"--threshold {threshold}: must be a probability in (0, 1), e.g. 0.5")
+    if out.exists() and not out.is_dir():
+        raise InvalidInput(f"--out {out}: is a file; give a folder for the masks")
     items = collect_inputs(inputs)
     resolved_inputs = {p.resolve() for _, p in items}
     predictors = [Predictor.from_checkpoint(find_checkpoint(c), device=device) for c in checkpoints]

@@ -35,7 +35,7 @@ import pandas as pd
 import yaml
 from optuna.trial import TrialState
 
-from data_modules.errors import UserError
+from data_modules.errors import InvalidInput, MissingInput, UserError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -119,13 +119,14 @@ SPACE_SECTIONS = ("study", "base_config", "overrides", "space", "objective", "sa
 OPEN_MAPPINGS = ("loss_weights", "part_lr_scale")
 
 
-def resolved_config(base_config: str | Path) -> dict:
-    """The experiment's complete config as ``stvnet train --print_config`` resolves it (every default filled in)."""
+def resolved_config(base_config: str | Path, extra_args: Sequence[str] = ()) -> dict:
+    """The experiment's complete config as ``stvnet train --config <base_config> <extra_args> --print_config``
+    resolves it (every default filled in); an unknown option or a broken config file raises a :class:`UserError`."""
     from stvnet.training import main as train_main
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
-        train_main(["--config", str(base_config), "--print_config"])
+        train_main(["--config", str(base_config), *extra_args, "--print_config"])
     return yaml.safe_load(printed.getvalue())
 
 
@@ -246,11 +247,40 @@ def _create_or_load(name: str, storage, sampler, pruner, direction: str) -> optu
     raise AssertionError("unreachable")
 
 
+def read_space(space: str | Path) -> Any:
+    """A search space file's YAML, or one line saying why it cannot be read."""
+    path = Path(space)
+    if not path.is_file():
+        raise MissingInput(f"{space}: no such search space file; give a YAML like sweeps/vnet.yaml")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        raise UserError(f"{space}: not valid YAML ({getattr(exc, 'problem', None) or exc}{at}); fix the file") from None
+
+
+def open_study(name: str, url: str, out: Path, sampler, pruner, direction: str) -> optuna.Study:
+    """Create or reopen the study in its storage, or one line naming a storage that cannot be opened."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        return _create_or_load(name, make_storage(url, out, name), sampler, pruner, direction)
+    except (ImportError, ValueError, OSError, RuntimeError, SQLAlchemyError) as exc:  # no driver, bad URL, no server
+        if isinstance(exc, UserError):
+            raise
+        raise UserError(f"--storage {url}: cannot be opened ({type(exc).__name__}: {str(exc).splitlines()[0]}); give "
+                        "journal:<file>, sqlite:///<file>.db, or a reachable database URL whose driver is "
+                        "installed") from exc
+
+
 def run_sweep(space: str | Path, n_trials: int, study_name: str | None = None, storage: str | None = None,
               out: str | Path = "runs/sweeps", devices: int | None = None, worker: int = 0,
               extra_args: list[str] | None = None) -> optuna.Study:
     """Run trials until the study holds ``n_trials`` finished or running trials; returns the study."""
-    spec = yaml.safe_load(Path(space).read_text())
+    if n_trials < 1:
+        raise InvalidInput(f"--trials {n_trials}: a sweep needs at least 1 trial")
+    spec = read_space(space)
     if not isinstance(spec, dict) or not Path(str(spec.get("base_config"))).is_file():
         raise UserError(f"{space}: 'base_config' must name an experiment YAML file (e.g. experiments/vnet.yaml)")
     validate_space(spec, resolved_config(spec["base_config"]), str(space))
@@ -262,8 +292,8 @@ def run_sweep(space: str | Path, n_trials: int, study_name: str | None = None, s
     direction = objective.get("direction", "maximize")
     folds = objective.get("folds", [0])
     url = storage_url(storage, out, study_name)
-    study = _create_or_load(study_name, make_storage(url, out, study_name), make_sampler(spec.get("sampler", {}), worker),
-                            make_pruner(spec.get("pruner", {})), direction)
+    study = open_study(study_name, url, out, make_sampler(spec.get("sampler", {}), worker),
+                       make_pruner(spec.get("pruner", {})), direction)
     # a resumed study must not replay the seeded stream of the first session: offset by the trials already there
     study.sampler = make_sampler(spec.get("sampler", {}), worker + 1000 * len(study.get_trials(deepcopy=False)))
     while len(study.get_trials(deepcopy=False)) < n_trials:

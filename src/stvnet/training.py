@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import warnings
+from argparse import ArgumentError
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,8 +24,9 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.distributed import TCPStore
 
 from data_modules.datamodule import FemurDataModule
-from data_modules.errors import UserError
+from data_modules.errors import MissingInput, UserError
 from stvnet.callbacks import EpochSeed, RunFiles, StageSchedule
+from stvnet.inference import load_checkpoint
 from stvnet.lightning_module import FemurSegmenter
 from stvnet.loggers import ResumableCSVLogger
 
@@ -84,6 +87,9 @@ def discard_failed_run() -> None:
     for path in _created:
         if path.is_dir() and not any(path.glob("checkpoints/*.ckpt")):
             shutil.rmtree(path, ignore_errors=True)
+            for parent in path.parents[:3]:  # <fold>, <cohort>, <name>: made for this run, removed when left empty
+                if parent.is_dir() and not any(parent.iterdir()):
+                    parent.rmdir()
     _created.clear()
 
 
@@ -222,6 +228,13 @@ class TrainCLI(LightningCLI):
         parser.add_class_arguments(RunOptions, "run")
         parser.link_arguments("run.out", "data.splits_dir", compute_fn=lambda out: str(Path(out) / "splits"))
 
+    def parse_arguments(self, parser, args) -> None:
+        """Parse, then check ``--ckpt_path`` before Lightning reads hyperparameters from it."""
+        super().parse_arguments(parser, args)
+        ckpt_path = self.config.get("fit", self.config).get("ckpt_path")
+        if ckpt_path:
+            check_resume_checkpoint(ckpt_path)
+
     def instantiate_trainer(self, **kwargs):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         run = config["run"]
@@ -252,6 +265,20 @@ class TrainCLI(LightningCLI):
                 logger.experiment.finish()
 
 
+def check_resume_checkpoint(path: str) -> None:
+    """Refuse a ``--ckpt_path`` that is not there or is not a Lightning checkpoint, before a run folder is made."""
+    if not Path(path).is_file():
+        raise MissingInput(f"--ckpt_path {path}: no such checkpoint; resume from <run>/checkpoints/last.ckpt of the "
+                           "run to continue")
+    load_checkpoint(path)  # one line if it is not a readable checkpoint (memory-mapped: the weights are not read)
+
+
+def parse_error(error: ArgumentError) -> UserError:
+    """jsonargparse's complaint about an option or a config file, as one line instead of the whole usage text."""
+    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return UserError(f"{text}; see stvnet train --help")
+
+
 def configs_first(args: list[str]) -> list[str]:
     """Move ``--config`` files ahead of the other arguments (keeping their order).
 
@@ -273,6 +300,12 @@ def configs_first(args: list[str]) -> list[str]:
 
 def main(args: list[str] | None = None) -> TrainCLI:
     """Run ``fit`` with the given command-line arguments (``stvnet train ...``)."""
+    # sys.argv stays intact: Lightning's DDP launcher re-runs this very command line for the other ranks
+    warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within Python.*")
+    # Frozen stages are put in eval mode on purpose (StageSchedule); Lightning 2.6 warns about it at fit start.
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    # Lightning 2.6's pytree helper on torch >= 2.10; harmless and not ours to fix.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     if "LOCAL_RANK" not in os.environ:  # the launching process never inherits an earlier run's folder
         os.environ.pop(RUN_DIR_ENV, None)
     try:
@@ -282,8 +315,10 @@ def main(args: list[str] | None = None) -> TrainCLI:
             args=["fit", *configs_first(list(args or []))],
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"fit": {"default_config_files": []}},
+            parser_kwargs={"exit_on_error": False, "fit": {"default_config_files": [], "exit_on_error": False}},
         )
+    except ArgumentError as error:
+        raise parse_error(error) from error
     except UserError:
         discard_failed_run()  # a refused run leaves no folder behind
         raise
