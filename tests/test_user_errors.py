@@ -218,7 +218,7 @@ def test_the_shipped_search_spaces_name_real_options(space):
     validate_space(spec, resolved_config(root / spec["base_config"]), space)  # raises on any unknown key
 
 
-@pytest.mark.parametrize("kind", ["truncated", "not a checkpoint", "no state_dict"])
+@pytest.mark.parametrize("kind", ["truncated", "not a checkpoint", "no state_dict", "another model's"])
 def test_predict_refuses_an_unusable_checkpoint_in_one_line(kind, tiny_cohort, tmp_path, capsys):
     import torch
 
@@ -228,8 +228,10 @@ def test_predict_refuses_an_unusable_checkpoint_in_one_line(kind, tiny_cohort, t
         ckpt.write_bytes(ckpt.read_bytes()[:200])
     elif kind == "not a checkpoint":
         ckpt.write_text("epoch: 3\n")
-    else:
+    elif kind == "no state_dict":
         torch.save({"weights": torch.zeros(3)}, ckpt)
+    else:  # a Lightning checkpoint of some other network
+        torch.save({"state_dict": {"encoder.weight": torch.zeros(3)}, "epoch": 3, "hyper_parameters": {}}, ckpt)
     scan = _absolute(tiny_cohort).loc[0, "image"]
     out = tmp_path / "masks"
     assert cli_main(["predict", scan, "-c", str(ckpt), "--out", str(out)]) == 2
