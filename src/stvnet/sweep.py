@@ -56,10 +56,12 @@ def storage_url(storage: str | None, out: Path, study: str) -> str:
 
 def open_trial(storage: str, study_name: str, number: int, pruner: dict | None = None) -> optuna.trial.Trial:
     """Reattach to a running trial from another process (the training run of a sweep trial)."""
-    study = optuna.load_study(study_name=study_name, storage=make_storage(storage, Path("."), study_name),
-                              pruner=make_pruner(pruner or {}))
-    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
-    return optuna.trial.Trial(study, trial_id)
+    backend = make_storage(storage, Path("."), study_name)
+    study = optuna.load_study(study_name=study_name, storage=backend, pruner=make_pruner(pruner or {}))
+    if isinstance(backend, str):  # a database URL: the storage object Optuna opened for it
+        backend = optuna.storages.get_storage(backend)
+    study_id = backend.get_study_id_from_name(study_name)
+    return optuna.trial.Trial(study, backend.get_trial_id_from_study_id_trial_number(study_id, number))
 
 
 def make_sampler(spec: dict, worker: int) -> optuna.samplers.BaseSampler:

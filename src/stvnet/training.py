@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import WandbLogger
 from torch.distributed import TCPStore
 
 from data_modules.datamodule import FemurDataModule
-from data_modules.errors import MissingInput, UserError
+from data_modules.errors import InvalidInput, MissingInput, UserError
 from stvnet.callbacks import EpochSeed, RunFiles, StageSchedule
 from stvnet.inference import load_checkpoint
 from stvnet.lightning_module import FemurSegmenter
@@ -179,7 +179,7 @@ def make_wandb_logger(options: RunOptions, run_dir: Path, cohort: str, fold: int
     """
     mode = os.environ.get("WANDB_MODE") or options.wandb
     if mode not in ("offline", "online", "disabled", "dryrun", "run"):
-        raise ValueError(f"run.wandb must be offline, online or disabled, got '{mode}'")
+        raise InvalidInput(f"run.wandb {mode}: must be offline, online or disabled (WANDB_MODE, when set, wins)")
     if mode == "disabled":
         return None
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -257,12 +257,13 @@ class TrainCLI(LightningCLI):
             print(f"Run folder: {self.run_dir}", flush=True)
         return trainer
 
-
     def after_fit(self) -> None:
         """Close W&B runs so offline files are complete when the command returns."""
-        for logger in self.trainer.loggers:
-            if isinstance(logger, WandbLogger) and logger._experiment is not None:
-                logger.experiment.finish()
+        if any(isinstance(logger, WandbLogger) for logger in self.trainer.loggers):
+            import wandb
+
+            if wandb.run is not None:  # the run this process logged to (none on ranks > 0)
+                wandb.finish()
 
 
 def check_resume_checkpoint(path: str) -> None:
