@@ -19,7 +19,7 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), str(RO
 
 TINY_SPACING = (3.0, 3.0, 4.0)
 # under `make mutate`, tests whose unmutated run took longer than this are left out of the mutant runs
-MUTATION_MAX_TEST_S = float(os.environ.get("STVNET_MUTATION_MAX_TEST_S", "8"))
+MUTATION_MAX_TEST_S = float(os.environ.get("STVNET_MUTATION_MAX_TEST_S", "20"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
