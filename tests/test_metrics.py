@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from stvnet.metrics import METRIC_KEYS, directed_surface_distances, evaluate_case
+from stvnet.metrics import METRIC_KEYS, dice, directed_surface_distances, evaluate_case
 
 
 def sphere(shape, center, radius, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
@@ -63,6 +63,7 @@ def test_overlap_counts():
     assert m["sensitivity"] == pytest.approx(0.5) and m["precision"] == pytest.approx(0.5)
     assert m["specificity"] == pytest.approx(400 / 600)
     assert m["hd"] == pytest.approx(2.0)
+    assert dice(a, b) == m["dice"] and dice(torch.from_numpy(a), b.astype(np.uint8)) == m["dice"]
 
 
 def test_empty_masks_are_handled_consistently():
@@ -70,7 +71,7 @@ def test_empty_masks_are_handled_consistently():
     full = sphere((20, 20, 20), (10, 10, 10), 5)
     both = evaluate_case(empty, empty, (1.0, 1.0, 2.0))
     assert both["dice"] == 1.0 and both["hd"] == 0.0 and both["hd95"] == 0.0 and both["assd"] == 0.0
-    assert both["rvd"] == 0.0
+    assert both["rvd"] == 0.0 and dice(empty, empty) == 1.0 and dice(empty, full) == dice(full, empty) == 0.0
     diag = float(np.linalg.norm([20, 20, 40]))
     missed = evaluate_case(empty, full, (1.0, 1.0, 2.0))
     assert missed["dice"] == 0.0 and missed["sensitivity"] == 0.0 and missed["rvd"] == -1.0

@@ -23,7 +23,7 @@ from torch import nn
 
 from data_modules.folds import check_same_split
 from stvnet.losses import segmentation_loss, soft_dice_loss
-from stvnet.metrics import evaluate_case
+from stvnet.metrics import dice, evaluate_case
 
 #: loss terms: ``seg`` on the final output, ``vnet`` on the V-Net branch, ``prior`` on the warped prior
 LOSS_TERMS = ("seg", "vnet", "prior")
@@ -199,6 +199,8 @@ class FemurSegmenter(L.LightningModule):
             progress = min((step - warmup) / max(total - warmup, 1), 1.0)
             return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
 
+        # LambdaLR, not SequentialLR(LinearLR, CosineAnnealingLR): the cosine's floor is 2% of *each* group's rate
+        # (stages scale parts' rates, part_lr_scale), while CosineAnnealingLR takes one absolute eta_min for all groups
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -271,12 +273,9 @@ class FemurSegmenter(L.LightningModule):
             if self.surface_metrics:
                 row.update(evaluate_case(pred[i, 0], gt[i, 0], spacing))
             else:
-                inter = float((pred[i, 0] & gt[i, 0]).sum())
-                row["dice"] = 2 * inter / max(float(pred[i, 0].sum() + gt[i, 0].sum()), 1.0)
+                row["dice"] = dice(pred[i, 0], gt[i, 0])
             if "prior" in out:
-                prior_mask = (out["prior"][i, 0] > 0.5).cpu().numpy()
-                inter = float((prior_mask & gt[i, 0]).sum())
-                row["prior_dice"] = 2 * inter / max(float(prior_mask.sum() + gt[i, 0].sum()), 1.0)
+                row["prior_dice"] = dice((out["prior"][i, 0] > 0.5).cpu().numpy(), gt[i, 0])
             self._val_rows.append(row)
 
     def on_validation_epoch_start(self) -> None:

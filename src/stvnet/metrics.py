@@ -102,6 +102,13 @@ def directed_surface_distances(
     return dist_to_t, dist_to_p
 
 
+def dice(pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor) -> float:
+    """Dice of two binary masks on one grid, by the same rules as :func:`evaluate_case` (1 when both are empty); for
+    the loops that need only the overlap (validation without surface metrics, the warped prior)."""
+    p, t = _as_bool(pred, "pred"), _as_bool(target, "target")
+    return _ratio(2 * np.count_nonzero(p & t), np.count_nonzero(p) + np.count_nonzero(t))
+
+
 def evaluate_case(
     pred: np.ndarray | torch.Tensor,
     target: np.ndarray | torch.Tensor,
