@@ -70,7 +70,8 @@ def tiny_train_args(manifest: Path, out: Path, epochs: int = 3, config: str | Pa
     experiments/ or any path)."""
     root = Path(__file__).resolve().parents[1]
     path = Path(config) if Path(config).is_absolute() else root / "experiments" / config
-    net = "--model.net.init_args.vnet.init_args" if "STVNet" in path.read_text() else "--model.net.init_args"
+    text = path.read_text()  # an ST-V-Net experiment names nets/stvnet*.yaml, a resolved one the class
+    net = "--model.net.init_args.vnet.init_args" if "nets/stvnet" in text or "STVNet" in text else "--model.net.init_args"
     return [
         "--config", str(path),
         "--data.manifest", str(manifest), "--data.n_folds", "3", "--data.num_workers", "0",

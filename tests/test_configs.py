@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import sys
 from pathlib import Path
@@ -15,11 +16,50 @@ from lightning.pytorch.cli import LightningCLI
 from data_modules.datamodule import FemurDataModule
 from stvnet.callbacks import StageSchedule
 from stvnet.lightning_module import FemurSegmenter
-from stvnet.training import RunOptions
+from stvnet.training import RunOptions, default_config_files
 from tests.conftest import tiny_data_args, vnet_checkpoint
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-CONFIGS = sorted(EXPERIMENTS.rglob("*.yaml"))
+# the experiments (defaults.yaml and nets/ are the parts they are composed of)
+CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "defaults.yaml" and "nets" not in p.parts)
+# each experiment's resolved config as it was before the experiments were composed from experiments/defaults.yaml and
+# experiments/nets/ (six full copies then); an intended change of an experiment updates its file here
+RESOLVED = Path(__file__).resolve().parent / "resolved_configs"
+
+
+@functools.lru_cache(maxsize=None)
+def _resolved_text(config: Path) -> str:
+    from stvnet.sweep import resolved_config
+
+    return yaml.safe_dump(resolved_config(config))
+
+
+def _resolved(config: Path) -> dict:
+    """``stvnet train --config <config> --print_config``, as a fresh dict."""
+    return yaml.safe_load(_resolved_text(config))
+
+
+def _effective_callbacks(callbacks: list[dict]) -> list[str]:
+    """Callbacks in the order Lightning runs them: checkpoint callbacks are moved after all others."""
+    from importlib import import_module
+
+    from lightning.pytorch.callbacks import Checkpoint
+
+    def is_checkpoint(c: dict) -> bool:
+        module, name = c["class_path"].rsplit(".", 1)
+        return issubclass(getattr(import_module(module), name), Checkpoint)
+
+    ordered = [c for c in callbacks if not is_checkpoint(c)] + [c for c in callbacks if is_checkpoint(c)]
+    return [yaml.safe_dump(c, sort_keys=True) for c in ordered]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(EXPERIMENTS)) for c in CONFIGS])
+def test_each_experiment_resolves_to_the_config_it_had_before_composition(config):
+    recorded = yaml.safe_load((RESOLVED / str(config.relative_to(EXPERIMENTS)).replace("/", "_")).read_text())
+    now = _resolved(config)
+    assert _effective_callbacks(now["trainer"].pop("callbacks")) == \
+        _effective_callbacks(recorded["trainer"].pop("callbacks"))
+    assert now == recorded
 
 
 class _BuildOnly(LightningCLI):
@@ -30,7 +70,7 @@ class _BuildOnly(LightningCLI):
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(EXPERIMENTS)) for c in CONFIGS])
 def test_experiment_builds(config, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["stvnet"])  # pytest's own arguments are not the CLI's
-    cli = _BuildOnly(FemurSegmenter, FemurDataModule, run=False,
+    cli = _BuildOnly(FemurSegmenter, FemurDataModule, run=False, parser_kwargs={"default_config_files": default_config_files()},
                      args=["--config", str(config), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
     expected = "STVNet" if "stvnet" in config.name else "VNet"
     assert type(cli.model.net).__name__ == expected
@@ -41,18 +81,16 @@ def test_experiment_builds(config, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("folder", [EXPERIMENTS, EXPERIMENTS / "gpu"])
 def test_vnet_and_stvnet_share_data_seed_and_budget(folder):
-    vnet = yaml.safe_load((folder / "vnet.yaml").read_text())
-    st = yaml.safe_load((folder / "stvnet.yaml").read_text())
+    vnet, st = _resolved(folder / "vnet.yaml"), _resolved(folder / "stvnet.yaml")
     assert vnet["data"] == st["data"] and vnet["seed_everything"] == st["seed_everything"]
     assert vnet["trainer"]["max_epochs"] == st["trainer"]["max_epochs"]
     assert vnet["model"]["net"]["init_args"] == st["model"]["net"]["init_args"]["vnet"]["init_args"]
 
 
 def test_staged_vnet_control_differs_from_the_baseline_only_in_its_schedule():
-    vnet = yaml.safe_load((EXPERIMENTS / "vnet.yaml").read_text())
-    staged = yaml.safe_load((EXPERIMENTS / "vnet_staged.yaml").read_text())
+    vnet, staged = _resolved(EXPERIMENTS / "vnet.yaml"), _resolved(EXPERIMENTS / "vnet_staged.yaml")
     assert staged["run"]["name"] == "vnet_staged"
-    for key in ("data", "model", "seed_everything"):
+    for key in ("data", "model", "seed_everything", "ckpt_path"):
         assert staged[key] == vnet[key], key
     assert {k: v for k, v in staged["trainer"].items() if k != "callbacks"} == \
         {k: v for k, v in vnet["trainer"].items() if k != "callbacks"}
@@ -70,7 +108,7 @@ def test_every_experiment_trains_and_validates_through_all_its_stages(config, ti
     gradients are wrong (relative error ~1.6 against fp32; 6^3 and up agree to 4e-3)."""
     from stvnet.cli import main as cli_main
 
-    resolved = yaml.safe_load(config.read_text())
+    resolved = _resolved(config)
     roi = 48 if config.parent.name == "gpu" else 32
     data = tiny_data_args(tiny_cohort, tmp_path / "runs" / "splits")
     args = ["--config", str(config), "--data.manifest", str(tiny_cohort), "--data.n_folds", "3",
@@ -78,7 +116,7 @@ def test_every_experiment_trains_and_validates_through_all_its_stages(config, ti
             "--trainer.accelerator", "cpu", "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "1",
             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
             "--run.out", str(tmp_path / "runs"), "--run.wandb", "disabled"]
-    if "init_weights" in resolved["model"]:
+    if "from_vnet" in config.name:
         args += ["--model.init_weights", str(vnet_checkpoint(resolved, data, tmp_path / "vnet.ckpt"))]
     assert cli_main(["train", *args]) == 0
     (run,) = list((tmp_path / "runs" / resolved["run"]["name"] / "all" / "fold0").iterdir())

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from stvnet.training import resolved_config
 from tests.conftest import tiny_train_args, train_in_subprocess
 from tests.wandb_records import history
 
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.multiprocess  # training subprocesses and DDP ranks: ma
 
 def _experiment(tmp_path: Path) -> Path:
     """experiments/stvnet.yaml with two epochs per stage (6 in all), so a kill after epoch 2 lands inside stage 2."""
-    config = yaml.safe_load((ROOT / "experiments" / "stvnet.yaml").read_text())
+    config = resolved_config(ROOT / "experiments" / "stvnet.yaml")
     schedule = next(c for c in config["trainer"]["callbacks"] if c["class_path"].endswith("StageSchedule"))
     for stage in schedule["init_args"]["stages"]:
         stage["epochs"] = 2

@@ -11,6 +11,7 @@ import yaml
 
 from stvnet.cli import main as cli_main
 from stvnet.compare import compare_runs
+from stvnet.training import resolved_config
 from tests.conftest import png_colours
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ def _tiny_extra(manifest: Path) -> list[str]:
 @pytest.mark.multiprocess
 def test_ablation_matrix_records_failures_resumes_and_reports(tiny_cohort, tmp_path, capsys):
     broken = tmp_path / "broken.yaml"
-    config = yaml.safe_load((ROOT / "experiments" / "vnet.yaml").read_text())
+    config = resolved_config(ROOT / "experiments" / "vnet.yaml")
     config["model"]["lr"] = -1.0  # valid options that crash once training starts (torch refuses the rate)
     broken.write_text(yaml.safe_dump(config))
     out = tmp_path / "study"

@@ -13,7 +13,9 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from stvnet.sweep import make_storage, run_sweep, set_path
+from data_modules.errors import UserError
+from stvnet.sweep import config_path, make_storage, run_sweep, set_path, trial_config, validate_space
+from stvnet.training import resolved_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,6 +44,38 @@ def test_set_path_reaches_into_lists():
     set_path(config, "trainer.callbacks.1.init_args.stages.0.epochs", 7)
     set_path(config, "model.lr", 0.1)
     assert config["trainer"]["callbacks"][1]["init_args"]["stages"][0]["epochs"] == 7 and config["model"]["lr"] == 0.1
+
+
+def test_a_space_tunes_stages_by_name_and_keeps_the_sampled_lengths(tmp_path):
+    base = resolved_config(ROOT / "experiments" / "stvnet.yaml")
+    spec = {"base_config": "experiments/stvnet.yaml", "space": {
+        "stages.stn.epochs": {"type": "int", "low": 1, "high": 3},
+        "stages.finetune.loss_weights.prior": {"type": "float", "low": 0.0, "high": 1.0}}}
+    validate_space(spec, base, "space.yaml")
+    # the StageSchedule moved to the front, its stages reversed: the names still find the same stages
+    moved = resolved_config(ROOT / "experiments" / "stvnet.yaml")
+    callbacks = moved["trainer"]["callbacks"]
+    callbacks.insert(0, callbacks.pop(next(i for i, c in enumerate(callbacks) if "StageSchedule" in c["class_path"])))
+    callbacks[0]["init_args"]["stages"].reverse()
+    assert config_path(moved, "stages.stn.epochs") == "trainer.callbacks.0.init_args.stages.1.epochs"
+    assert config_path(moved, "stages.vnet.lr_scale") == "trainer.callbacks.0.init_args.stages.2.lr_scale"
+    for config in (base, moved):
+        trial = trial_config(spec, config, {"stages.stn.epochs": 3, "stages.finetune.loss_weights.prior": 0.25},
+                             "journal:x", "s", 0, tmp_path / "run", tmp_path)
+        schedule = next(c for c in trial["trainer"]["callbacks"] if "StageSchedule" in c["class_path"])["init_args"]
+        stages = {stage["name"]: stage for stage in schedule["stages"]}
+        assert stages["stn"]["epochs"] == 3 and stages["finetune"]["loss_weights"]["prior"] == 0.25
+        # the sampled length is trained as sampled: no rescaling, the budget is the stages' sum
+        assert schedule["scale_to_max_epochs"] is False
+        assert trial["trainer"]["max_epochs"] == sum(stage["epochs"] for stage in schedule["stages"]) == 14 + 3 + 6
+    with pytest.raises(UserError) as refused:
+        validate_space({"base_config": "b.yaml", "space": {
+            "trainer.callbacks.2.init_args.stages.1.epochs": {"type": "int", "low": 1, "high": 3},
+            "stages.warmup.epochs": {"type": "int", "low": 1, "high": 3}}}, base, "space.yaml")
+    assert refused.value.lines == [
+        "space.yaml: space key 'trainer.callbacks.2.init_args.stages.1.epochs' addresses a callback by its position; "
+        "name a stage instead, e.g. 'stages.stn.epochs' or 'stages.finetune.lr_scale'",
+        "space.yaml: space key 'stages.warmup.epochs' names no stage of b.yaml (stages: vnet, stn, finetune)"]
 
 
 @pytest.mark.multiprocess

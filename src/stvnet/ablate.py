@@ -37,7 +37,7 @@ def _save_status(path: Path, status: dict) -> None:
 def check_study(configs: list[str], folds: list[int], extra_args: list[str]) -> None:
     """Refuse, before any cell trains, configs that are not there, options ``stvnet train`` would refuse, and folds
     that the configs' ``data.n_folds`` does not have."""
-    from stvnet.sweep import resolved_config
+    from stvnet.training import resolved_config
 
     missing = [f"--configs {c}: no such experiment file" for c in configs if not Path(c).is_file()]
     if missing:

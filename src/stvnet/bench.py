@@ -33,12 +33,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import yaml
 from jsonargparse import ArgumentParser
 from torch.nn.parallel import DistributedDataParallel
 
 from stvnet.metrics import evaluate_case
 from stvnet.models import STVNet, VNet
+from stvnet.training import resolved_config
 
 
 @dataclass
@@ -368,7 +368,7 @@ def bench_gpu_memory(cfg: BenchConfig) -> list[dict]:
     rows = []
     folder = Path(__file__).resolve().parents[2] / "experiments" / "gpu"
     for path in sorted(folder.glob("*.yaml")):
-        config = yaml.safe_load(path.read_text())
+        config = resolved_config(path)
         data = config["data"]
         roi = cfg.gpu_roi or int(data["roi_size"][0])
         net = build_network(config["model"]["net"])

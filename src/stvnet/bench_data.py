@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import yaml
 
 from stvnet.bench import BenchConfig, _train_step_fn, cpu_width, peak_rss_mib, timeit
 from stvnet.models import VNet
+from stvnet.training import resolved_config
 
 PAPER_SCANS = 397
 RANKS = 4
@@ -33,7 +33,7 @@ def data_section(config: str | Path | None) -> dict:
     """The ``data`` section of an experiment config (``None``: the datamodule's defaults)."""
     if config is None:
         return {}
-    data = dict(yaml.safe_load(Path(config).read_text()).get("data") or {})
+    data = dict(resolved_config(config)["data"])
     data.pop("manifest", None)
     return data
 
@@ -42,7 +42,7 @@ def vnet_width(config: str | Path | None, cfg: BenchConfig) -> dict:
     """The V-Net arguments of an experiment config (its ST-V-Net's V-Net), else the CPU benchmark's."""
     if config is None or not cfg.full_width:
         return cpu_width(cfg)
-    net = yaml.safe_load(Path(config).read_text())["model"]["net"]["init_args"]
+    net = resolved_config(config)["model"]["net"]["init_args"]
     args = net["vnet"]["init_args"] if "vnet" in net else net
     return {k: v for k, v in args.items() if k in ("base_channels", "depth", "convs_per_stage", "kernel_size")}
 

@@ -263,8 +263,6 @@ def _bench(argv: list[str]) -> int:
 
 
 def _localise(argv: list[str]) -> int:
-    import yaml
-
     from data_modules.datamodule import FemurDataModule
     from stvnet.localise import markdown, run
 
@@ -291,7 +289,9 @@ def _localise(argv: list[str]) -> int:
     else:
         if not Path(args.config).is_file():
             raise UserError(f"--config {args.config}: no such experiment file")
-        data = dict(yaml.safe_load(Path(args.config).read_text()).get("data") or {})
+        from stvnet.training import resolved_config
+
+        data = dict(resolved_config(args.config)["data"])
     data.update({k: v for k, v in (("manifest", args.manifest), ("fold", args.fold)) if v is not None},
                 roi_locator="template", num_workers=0)
     table = run(FemurDataModule(**data), args.out, predictor)

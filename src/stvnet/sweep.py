@@ -1,7 +1,9 @@
 """``stvnet sweep``: Optuna studies whose trials are full (optionally multi-GPU) Lightning trainings.
 
 A search space file (``sweeps/*.yaml``) names a base experiment, fixed overrides, the parameters to tune (dotted
-paths into the experiment YAML; list items by index), the objective, the sampler and the pruner. Each worker:
+paths into the experiment's resolved config, ``stvnet train --config <base> --print_config``; a stage's settings by
+the stage's name, ``stages.<name>.<field>``, never a callback's position), the objective, the sampler and the pruner.
+Sampled stage lengths are trained as sampled (``trainer.max_epochs`` becomes their sum). Each worker:
 
 1. asks the study for a trial and samples its parameters (before any launch, so DDP ranks share them);
 2. writes the trial's complete experiment YAML to ``<out>/<study>/trial_NNNN/config.yaml`` (re-runnable as is);
@@ -18,10 +20,8 @@ trial's config, ready for ``stvnet train --config``) and the study's plots.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import difflib
-import io
 import os
 import subprocess
 import sys
@@ -36,6 +36,7 @@ import yaml
 from optuna.trial import TrialState
 
 from data_modules.errors import InvalidInput, MissingInput, UserError
+from stvnet.training import resolved_config
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -121,15 +122,30 @@ SPACE_SECTIONS = ("study", "base_config", "overrides", "space", "objective", "sa
 OPEN_MAPPINGS = ("loss_weights", "part_lr_scale")
 
 
-def resolved_config(base_config: str | Path, extra_args: Sequence[str] = ()) -> dict:
-    """The experiment's complete config as ``stvnet train --config <base_config> <extra_args> --print_config``
-    resolves it (every default filled in); an unknown option or a broken config file raises a :class:`UserError`."""
-    from stvnet.training import main as train_main
+#: search-space keys that name a stage of the experiment's StageSchedule: ``stages.<stage name>.<field>``
+STAGE_PREFIX = "stages."
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
-        train_main(["--config", str(base_config), *extra_args, "--print_config"])
-    return yaml.safe_load(printed.getvalue())
+
+def stage_schedule_index(config: dict) -> int | None:
+    """Position of the StageSchedule among the config's callbacks (``None`` without stages)."""
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    found = [i for i, c in enumerate(callbacks) if str(c.get("class_path", "")).endswith("StageSchedule")]
+    return found[0] if found else None
+
+
+def config_path(config: dict, key: str) -> str:
+    """The dotted path a search-space key sets in ``config``: ``stages.stn.epochs`` becomes the position of the
+    stage named ``stn`` in the StageSchedule (found by name, so reordering callbacks or stages cannot make a space tune
+    another stage); other keys are paths already. Raises :class:`KeyError` naming the stages for an unknown one."""
+    if not key.startswith(STAGE_PREFIX):
+        return key
+    name, _, field = key[len(STAGE_PREFIX):].partition(".")
+    index = stage_schedule_index(config)
+    stages = config["trainer"]["callbacks"][index]["init_args"]["stages"] if index is not None else []
+    positions = [j for j, stage in enumerate(stages) if stage.get("name") == name]
+    if not positions or not field:
+        raise KeyError(f"stages: {', '.join(s.get('name', '?') for s in stages) or 'none (no StageSchedule)'}")
+    return f"trainer.callbacks.{index}.init_args.stages.{positions[0]}.{field}"
 
 
 def _paths(node: Any, prefix: str = "") -> list[str]:
@@ -168,10 +184,20 @@ def validate_space(spec: Any, resolved: dict, where: str) -> None:
         problems.append(f"{where}: 'space' names no parameters to tune; add at least one under 'space:'")
     valid = _paths(resolved)
     for section, keys in (("space", space), ("overrides", spec.get("overrides") or {})):
-        for key in keys:
-            if not _reaches(resolved, str(key)):
+        for key in map(str, keys):
+            if key.startswith("trainer.callbacks."):
+                problems.append(f"{where}: {section} key '{key}' addresses a callback by its position; name a stage "
+                                "instead, e.g. 'stages.stn.epochs' or 'stages.finetune.lr_scale'")
+                continue
+            try:
+                path = config_path(resolved, key)
+            except KeyError as exc:
+                problems.append(f"{where}: {section} key '{key}' names no stage of {spec.get('base_config')} "
+                                f"({exc.args[0]})")
+                continue
+            if not _reaches(resolved, path):
                 problems.append(f"{where}: {section} key '{key}' is not an option of {spec.get('base_config')}"
-                                + _closest(str(key), valid))
+                                + _closest(key, valid))
     for name, param in space.items():
         problems += _parameter_problems(where, name, param)
     if problems:
@@ -203,8 +229,11 @@ def trial_config(spec: dict, base: dict, params: dict, storage: str, study: str,
                  out: Path) -> dict:
     """The complete experiment config of one trial (base + fixed overrides + sampled values + pruning hook)."""
     config = copy.deepcopy(base)
-    for path, value in {**spec.get("overrides", {}), **params}.items():
-        set_path(config, path, value)
+    chosen = {**spec.get("overrides", {}), **params}
+    for key, value in chosen.items():
+        set_path(config, config_path(base, key), value)
+    if any(k.startswith(STAGE_PREFIX) and k.endswith(".epochs") for k in chosen):
+        keep_stage_lengths(config)
     config.setdefault("run", {})
     config["run"].update(name=study, study=study, dir=str(run_dir), out=str(out))  # splits shared under <out>/splits
     callbacks = config.setdefault("trainer", {}).setdefault("callbacks", []) or []
@@ -213,6 +242,14 @@ def trial_config(spec: dict, base: dict, params: dict, storage: str, study: str,
         "monitor": spec.get("objective", {}).get("metric", "val/dice"), "pruner": spec.get("pruner", {})}})
     config["trainer"]["callbacks"] = callbacks
     return config
+
+
+def keep_stage_lengths(config: dict) -> None:
+    """Train the stage lengths a trial sampled as they are: no rescaling to ``trainer.max_epochs``, whose budget
+    becomes their sum."""
+    schedule = config["trainer"]["callbacks"][stage_schedule_index(config)]["init_args"]
+    schedule["scale_to_max_epochs"] = False
+    config["trainer"]["max_epochs"] = sum(int(stage["epochs"]) for stage in schedule["stages"])
 
 
 def run_trial_training(config_path: Path, fold: int, devices: int | None, extra: list[str], log: Path) -> subprocess.CompletedProcess:
@@ -285,10 +322,10 @@ def run_sweep(space: str | Path, n_trials: int, study_name: str | None = None, s
     spec = read_space(space)
     if not isinstance(spec, dict) or not Path(str(spec.get("base_config"))).is_file():
         raise UserError(f"{space}: 'base_config' must name an experiment YAML file (e.g. experiments/vnet.yaml)")
-    validate_space(spec, resolved_config(spec["base_config"]), str(space))
+    base = resolved_config(spec["base_config"])  # the experiment composed and complete: what every trial starts from
+    validate_space(spec, base, str(space))
     study_name = study_name or spec.get("study", Path(space).stem)
     out = Path(out)
-    base = yaml.safe_load(Path(spec["base_config"]).read_text())
     objective = spec.get("objective", {})
     metric = objective.get("metric", "val/dice")
     direction = objective.get("direction", "maximize")

@@ -8,17 +8,21 @@ continues in that run's folder, appending to its ``metrics.csv``.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import shutil
 import time
 import warnings
 from argparse import ArgumentError
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from torch.distributed import TCPStore
@@ -280,6 +284,25 @@ def parse_error(error: ArgumentError) -> UserError:
     return UserError(f"{text}; see stvnet train --help")
 
 
+#: the shared defaults every experiment builds on (data protocol, trainer, checkpointing)
+DEFAULTS = Path(__file__).resolve().parents[2] / "experiments" / "defaults.yaml"
+
+
+def default_config_files() -> list[str]:
+    """``experiments/defaults.yaml`` of this checkout, applied before any ``--config`` (none outside a checkout)."""
+    return [str(DEFAULTS)] if DEFAULTS.is_file() else []
+
+
+def resolved_config(config: str | Path, extra_args: Sequence[str] = ()) -> dict:
+    """An experiment's complete config as ``stvnet train --config <config> <extra_args> --print_config`` resolves it
+    (experiments/defaults.yaml, the experiment's delta and its nets/ files, every default filled in); an unknown option
+    or a broken config file raises a :class:`UserError`."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
+        main(["--config", str(config), *extra_args, "--print_config"])
+    return yaml.safe_load(printed.getvalue())
+
+
 def configs_first(args: list[str]) -> list[str]:
     """Move ``--config`` files ahead of the other arguments (keeping their order).
 
@@ -316,7 +339,8 @@ def main(args: list[str] | None = None) -> TrainCLI:
             args=["fit", *configs_first(list(args or []))],
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False, "fit": {"default_config_files": [], "exit_on_error": False}},
+            parser_kwargs={"exit_on_error": False, "fit": {"default_config_files": default_config_files(),
+                                                           "exit_on_error": False}},
         )
     except ArgumentError as error:
         raise parse_error(error) from error
