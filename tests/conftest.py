@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")) if p)
 
 TINY_SPACING = (3.0, 3.0, 4.0)
+EXPERIMENTS = ROOT / "experiments"
+# the shipped experiments (experiments/defaults.yaml and experiments/nets/ are the parts they are composed of)
+EXPERIMENT_FILES = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "defaults.yaml" and "nets" not in p.parts)
 # under `make mutate`, tests whose unmutated run took longer than this are left out of the mutant runs
 MUTATION_MAX_TEST_S = float(os.environ.get("STVNET_MUTATION_MAX_TEST_S", "20"))
 

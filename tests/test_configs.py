@@ -17,11 +17,9 @@ from data_modules.datamodule import FemurDataModule
 from stvnet.callbacks import StageSchedule
 from stvnet.lightning_module import FemurSegmenter
 from stvnet.training import RunOptions, default_config_files
-from tests.conftest import tiny_data_args, vnet_checkpoint
+from tests.conftest import EXPERIMENT_FILES, EXPERIMENTS, tiny_data_args, vnet_checkpoint
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
-# the experiments (defaults.yaml and nets/ are the parts they are composed of)
-CONFIGS = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "defaults.yaml" and "nets" not in p.parts)
+CONFIGS = EXPERIMENT_FILES
 # each experiment's resolved config as it was before the experiments were composed from experiments/defaults.yaml and
 # experiments/nets/ (six full copies then); an intended change of an experiment updates its file here
 RESOLVED = Path(__file__).resolve().parent / "resolved_configs"

@@ -11,10 +11,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from stvnet.inference import find_checkpoint
-from tests.conftest import launch_env, tiny_data_args, tiny_train_args, train_in_subprocess, vnet_checkpoint
+from stvnet.training import resolved_config
+from tests.conftest import (EXPERIMENT_FILES, EXPERIMENTS, launch_env, tiny_data_args, tiny_train_args,
+                            train_in_subprocess, vnet_checkpoint)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multiprocess  # training subprocesses and DDP ranks: make test-multiprocess
@@ -102,14 +103,13 @@ def test_staged_stvnet_trains_under_ddp_as_a_user_types_it(tiny_cohort, tmp_path
     assert len(logged) == len(used) and logged.to_numpy() == pytest.approx(used.loc[logged.index].to_numpy(), rel=1e-6)
 
 
-EXPERIMENTS = ROOT / "experiments"
-CONFIGS = sorted(EXPERIMENTS.rglob("*.yaml"))
+CONFIGS = EXPERIMENT_FILES
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(EXPERIMENTS)) for c in CONFIGS])
 def test_every_experiment_trains_under_ddp_as_typed(config, tiny_cohort, tmp_path):
     """`--trainer.devices 2 --trainer.strategy ddp` works for every shipped experiment, through all its stages."""
-    resolved = yaml.safe_load(config.read_text())
+    resolved = resolved_config(config)
     roi = 48 if config.parent.name == "gpu" else 32  # see tests/test_configs.py
     out = tmp_path / "runs"
     args = ["--config", str(config), "--data.manifest", str(tiny_cohort), "--data.n_folds", "3",
@@ -117,7 +117,7 @@ def test_every_experiment_trains_under_ddp_as_typed(config, tiny_cohort, tmp_pat
             "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
             "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
             "--trainer.enable_progress_bar", "false", "--run.out", str(out), "--run.wandb", "disabled"]
-    if "init_weights" in resolved["model"]:
+    if "from_vnet" in config.name:
         data = tiny_data_args(tiny_cohort, out / "splits")
         args += ["--model.init_weights", str(vnet_checkpoint(resolved, data, tmp_path / "vnet.ckpt"))]
     proc = train_in_subprocess(args)
