@@ -35,7 +35,7 @@ class StageSnapshots(Callback):
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.record["states"][trainer.current_epoch] = self._snapshot(pl_module)
-        self.record["stage"][trainer.current_epoch] = pl_module.stage["name"]
+        self.record["stage"][trainer.current_epoch] = pl_module.stage.name
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.out.mkdir(parents=True, exist_ok=True)

@@ -170,13 +170,13 @@ def test_a_checkpoint_restores_the_stage_it_was_written_in(tmp_path):
     module = FemurSegmenter(STVNet(VNet(base_channels=4, depth=2, kernel_size=3), stn_features=(4,)))
     module.net.set_prior(torch.full((1, 1, 8, 8, 8), 0.5))
     schedule = StageSchedule([Stage(name="vnet", epochs=2, train=["vnet"]), Stage(name="stn", epochs=3, train=["stn"])])
-    module.set_stage(schedule.stage_setup(1, module.lr))
+    module.set_stage(schedule.active(1, module.lr))
     trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
     trainer.strategy.connect(module)
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
     net = STVNet(VNet(base_channels=4, depth=2, kernel_size=3), stn_features=(4,))
     restored = FemurSegmenter.load_from_checkpoint(tmp_path / "mid.ckpt", net=net, map_location="cpu")
-    assert restored.stage == module.stage and restored.stage["name"] == "stn" and restored.stage["train"] == ["stn"]
+    assert restored.stage == module.stage and restored.stage.name == "stn" and restored.stage.train == ("stn",)
     other = StageSchedule([Stage(name="vnet", epochs=14), Stage(name="stn", epochs=4)], scale_to_max_epochs=True)
     other.load_state_dict(schedule.state_dict())
     assert [s.epochs for s in other.stages] == [2, 3] and other.starts == [0, 2]

@@ -15,6 +15,7 @@ import torch
 from data_modules.datamodule import FemurDataModule
 from data_modules.shape_prior import build_shape_prior
 from stvnet.callbacks import Stage, StageSchedule
+from stvnet.stages import ActiveStage
 from stvnet.lightning_module import FemurSegmenter
 from stvnet.models import STVNet, VNet
 from tests.conftest import tiny_data_args
@@ -49,7 +50,7 @@ class Recorder(L.Callback):
         e = trainer.current_epoch
         if e not in self.epochs:
             self.epochs[e] = {
-                "stage": pl_module.stage["name"],
+                "stage": pl_module.stage.name,
                 "lr": trainer.optimizers[0].param_groups[0]["lr"],
                 "before": {k: v.detach().clone() for k, v in pl_module.net.named_parameters()},
                 "grads": set(),
@@ -115,7 +116,7 @@ def test_part_lr_scale_gives_a_part_its_own_rate():
     """The fusion can learn faster than the STN in the same stage; every trainable parameter is optimised once."""
     schedule = StageSchedule([Stage(name="stn", epochs=1, train=["stn", "fusion"], lr=1e-3, part_lr_scale={"fusion": 10})])
     module = FemurSegmenter(STVNet(VNet(base_channels=4, depth=2, kernel_size=3), stn_features=(4, 8)), scheduler="none")
-    module.set_stage(schedule.stage_setup(0, module.lr))
+    module.set_stage(schedule.active(0, module.lr))
     optimizer = module.configure_optimizers()
     rates = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(rates)
@@ -207,16 +208,20 @@ def test_stage_lengths_scale_to_max_epochs():
     assert [s.epochs for s in short.stages] == [3, 1, 1]
 
 
-def test_stage_setup_is_what_the_module_trains_with():
+def test_the_active_stage_is_what_the_module_trains_with():
     schedule = StageSchedule([
         Stage(name="a", epochs=2, train=["vnet"], lr_scale=0.5, loss_weights={"vnet": 1.0}, warmup_epochs=0.5,
               part_lr_scale={"vnet": 2.0}),
         Stage(name="b", epochs=3, lr=1e-4, lr_scale=0.5),
     ])
-    assert schedule.stage_setup(0, 0.01) == {
-        "index": 0, "name": "a", "train": ["vnet"], "lr": 0.005, "loss_weights": {"vnet": 1.0}, "epochs": 2,
-        "warmup_epochs": 0.5, "part_lr_scale": {"vnet": 2.0}}
-    assert schedule.stage_setup(1, 0.01)["lr"] == 1e-4  # an explicit rate wins over the scale
+    assert schedule.active(0, 0.01) == ActiveStage(
+        index=0, name="a", train=("vnet",), lr=0.005, loss_weights={"vnet": 1.0}, epochs=2, warmup_epochs=0.5,
+        part_lr_scale={"vnet": 2.0})
+    assert schedule.active(1, 0.01).lr == 1e-4  # an explicit rate wins over the scale
+    # what a checkpoint records reads back as the same stage
+    assert ActiveStage.from_checkpoint(schedule.active(0, 0.01).to_checkpoint()) == schedule.active(0, 0.01)
+    with pytest.raises(ValueError, match="unknown loss terms"):
+        ActiveStage(index=0, name="x", lr=1.0, loss_weights={"shape": 1.0})
     assert schedule.freezes_parts and schedule.final_index == 1
     assert not StageSchedule([Stage(name="all", epochs=1)]).freezes_parts
 

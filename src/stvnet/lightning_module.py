@@ -17,6 +17,7 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 import torchio as tio
+from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -24,9 +25,8 @@ from torch import nn
 from data_modules.folds import check_same_split
 from stvnet.losses import segmentation_loss, soft_dice_loss
 from stvnet.metrics import dice, evaluate_case
+from stvnet.stages import ActiveStage
 
-#: loss terms: ``seg`` on the final output, ``vnet`` on the V-Net branch, ``prior`` on the warped prior
-LOSS_TERMS = ("seg", "vnet", "prior")
 STAGE_KEY = "stvnet_stage"
 #: set while load_from_checkpoint rebuilds a module (its init_weights file is then not needed)
 _RESTORING: ContextVar[bool] = ContextVar("stvnet_restoring", default=False)
@@ -77,12 +77,8 @@ class FemurSegmenter(L.LightningModule):
         self.threshold = threshold
         self.prior_alignment = prior_alignment
         self.surface_metrics = surface_metrics
-        weights = dict(loss_weights or {"seg": 1.0})
-        unknown = set(weights) - set(LOSS_TERMS)
-        if unknown:
-            raise ValueError(f"unknown loss terms {sorted(unknown)}; use {LOSS_TERMS}")
-        self.stage: dict[str, Any] = {"index": 0, "name": "single", "train": None, "lr": lr,
-                                      "loss_weights": weights, "epochs": None}
+        # one stage for the whole run unless a StageSchedule sets others
+        self.stage = ActiveStage(index=0, name="single", lr=lr, loss_weights=dict(loss_weights or {"seg": 1.0}))
         self._val_rows: list[dict[str, Any]] = []
         self.init_split: dict[str, Any] | None = None
         if init_weights and not _RESTORING.get():
@@ -100,11 +96,9 @@ class FemurSegmenter(L.LightningModule):
 
     # ------------------------------------------------------------------ parts and weights
     def parts(self) -> dict[str, nn.Module]:
-        """Trainable parts by name: the network's children (``vnet``, ``stn``, ``fusion`` for ST-V-Net)."""
-        children = dict(self.net.named_children())
-        if hasattr(self.net, "vnet"):
-            return children
-        return {"vnet": self.net}
+        """Trainable parts by name, as the network declares them (``vnet``; ``stn``, ``fusion`` for ST-V-Net); a
+        network that declares none is one part, ``net``."""
+        return dict(self.net.parts()) if hasattr(self.net, "parts") else {"net": self.net}
 
     def load_net_weights(self, path: str) -> None:
         """Copy matching ``net.*`` weights from a checkpoint (V-Net <-> ST-V-Net compatible)."""
@@ -135,61 +129,56 @@ class FemurSegmenter(L.LightningModule):
         rank_zero_info(f"Initialised {len(picked)}/{len(own)} tensors of the network from {path}")
 
     # ------------------------------------------------------------------ stages
-    def set_stage(self, stage: dict[str, Any]) -> None:
-        """Adopt a training setup (called by stage callbacks); takes effect at the next optimiser build."""
-        weights = dict(stage.get("loss_weights") or {"seg": 1.0})
-        unknown = set(weights) - set(LOSS_TERMS)
-        if unknown:
-            raise ValueError(f"stage '{stage.get('name')}': unknown loss terms {sorted(unknown)}")
-        self.stage = dict(stage, loss_weights=weights)
+    def set_stage(self, stage: ActiveStage) -> None:
+        """Adopt the stage in force (called by the stage schedule); takes effect at the next optimiser build."""
+        self.stage = stage
 
     def apply_trainable(self) -> None:
-        """Freeze every part not listed in the current stage (``None`` trains all)."""
-        train = self.stage.get("train")
+        """Freeze every part the stage does not train, with Lightning's ``BaseFinetuning`` helpers; frozen parts are
+        also put in eval mode, so they keep their normalisation statistics."""
         for name, module in self.parts().items():
-            trainable = train is None or name in train
-            for p in module.parameters():
-                p.requires_grad_(trainable)
-            if train is not None and name not in train:
-                module.eval()  # frozen parts keep their normalisation statistics
-            else:
+            if self.stage.trains(name):
+                BaseFinetuning.make_trainable(module)
                 module.train(self.training)
+            else:
+                BaseFinetuning.freeze(module, train_bn=False)
+                module.eval()
 
     def on_train_epoch_start(self) -> None:
         self.apply_trainable()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[STAGE_KEY] = dict(self.stage)
+        checkpoint[STAGE_KEY] = self.stage.to_checkpoint()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if STAGE_KEY in checkpoint:
-            self.stage = dict(checkpoint[STAGE_KEY])
+            self.stage = ActiveStage.from_checkpoint(checkpoint[STAGE_KEY])
 
     def _param_groups(self) -> list[dict[str, Any]]:
         """Trainable parameters grouped by learning rate (the stage's, times any ``part_lr_scale``)."""
-        scales = self.stage.get("part_lr_scale") or {}
+        scales = self.stage.part_lr_scale
         groups: dict[float, list[nn.Parameter]] = {}
         for name, module in self.parts().items():
             trainable = [p for p in module.parameters() if p.requires_grad]
             if trainable:
                 groups.setdefault(float(scales.get(name, 1.0)), []).extend(trainable)
         if not groups:
-            raise ValueError(f"stage '{self.stage.get('name')}' trains no parameters")
-        return [{"params": params, "lr": self.stage["lr"] * scale} for scale, params in groups.items()]
+            raise ValueError(f"stage '{self.stage.name}' trains no parameters")
+        return [{"params": params, "lr": self.stage.lr * scale} for scale, params in groups.items()]
 
     def configure_optimizers(self) -> Any:
         self.apply_trainable()
-        optimizer = torch.optim.AdamW(self._param_groups(), lr=self.stage["lr"], weight_decay=self.weight_decay)
+        optimizer = torch.optim.AdamW(self._param_groups(), lr=self.stage.lr, weight_decay=self.weight_decay)
         if self.scheduler_kind == "none":
             return optimizer
         if self.scheduler_kind != "cosine":
             raise ValueError(f"scheduler must be 'cosine' or 'none', got '{self.scheduler_kind}'")
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 100
-        epochs = self.stage.get("epochs") or max_epochs
+        epochs = self.stage.epochs or max_epochs
         total_steps = self.trainer.estimated_stepping_batches
         per_epoch = max(1, int(total_steps // max_epochs)) if math.isfinite(total_steps) else 100
         total = epochs * per_epoch
-        warmup = int(round(float(self.stage.get("warmup_epochs") or 0.0) * per_epoch))
+        warmup = int(round(float(self.stage.warmup_epochs) * per_epoch))
 
         def factor(step: int) -> float:
             # linear warm-up (a stage starts with fresh AdamW moments), then cosine down to 2% over the stage;
@@ -227,7 +216,7 @@ class FemurSegmenter(L.LightningModule):
         return torch.sigmoid(self(x)["logits"])
 
     def _losses(self, out: dict[str, torch.Tensor], target: torch.Tensor) -> dict[str, torch.Tensor]:
-        weights = self.stage["loss_weights"]
+        weights = self.stage.loss_weights
         terms: dict[str, torch.Tensor] = {}
         if weights.get("seg", 0):
             terms["seg"] = segmentation_loss(out["logits"], target, self.loss_kind)
@@ -238,7 +227,7 @@ class FemurSegmenter(L.LightningModule):
                 raise ValueError("loss term 'prior' needs a network with a shape prior (ST-V-Net)")
             terms["prior"] = soft_dice_loss(out["prior"], target)
         if not terms:
-            raise ValueError(f"stage '{self.stage.get('name')}' has no loss term with non-zero weight")
+            raise ValueError(f"stage '{self.stage.name}' has no loss term with non-zero weight")
         return terms
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -246,7 +235,7 @@ class FemurSegmenter(L.LightningModule):
         target = batch["label"][tio.DATA].float()
         out = self(image)
         terms = self._losses(out, target)
-        weights = self.stage["loss_weights"]
+        weights = self.stage.loss_weights
         loss = sum(weights[k] * v for k, v in terms.items())
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step}")
@@ -254,7 +243,7 @@ class FemurSegmenter(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs)
         for k, v in terms.items():
             self.log(f"train/loss_{k}", v, on_step=False, on_epoch=True, batch_size=bs)
-        self.log("stage", float(self.stage["index"]), on_step=True, on_epoch=False, batch_size=bs)
+        self.log("stage", float(self.stage.index), on_step=True, on_epoch=False, batch_size=bs)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -299,7 +288,7 @@ class FemurSegmenter(L.LightningModule):
         metrics = [c for c in table.columns if c not in ("subject_id", "sex")]
         for m in metrics:
             self.log(f"val/{m}", float(table[m].mean()), prog_bar=m == "dice", sync_dist=False, rank_zero_only=False)
-        self.log("val/stage", float(self.stage["index"]), sync_dist=False)  # which stage each validation row is from
+        self.log("val/stage", float(self.stage.index), sync_dist=False)  # which stage each validation row is from
         self.log("val/subjects", float(len(table)), sync_dist=False)
         for sex, name in (("M", "male"), ("F", "female")):
             part = table[table["sex"] == sex]
@@ -308,6 +297,6 @@ class FemurSegmenter(L.LightningModule):
         if not self.trainer.sanity_checking:
             extra = f", HD95 {table['hd95'].mean():.2f} mm" if "hd95" in table else ""
             rank_zero_info(
-                f"epoch {self.current_epoch:3d} [stage {self.stage['name']}]: val Dice {table['dice'].mean():.4f}{extra}"
+                f"epoch {self.current_epoch:3d} [stage {self.stage.name}]: val Dice {table['dice'].mean():.4f}{extra}"
                 f" ({len(table)} subjects)"
             )

@@ -25,7 +25,7 @@ class FinalStageCheckpoint(ModelCheckpoint):
 
     def _in_final_stage(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
         schedule = stage_schedule(trainer)
-        return schedule is None or pl_module.stage.get("index") == schedule.final_index
+        return schedule is None or pl_module.stage.index == schedule.final_index
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._in_final_stage(trainer, pl_module):

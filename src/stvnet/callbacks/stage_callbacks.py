@@ -3,10 +3,13 @@ and with which loss terms.
 
 The paper trains ST-V-Net in several stages; the default schedule (``experiments/stvnet.yaml``) is
 (1) V-Net alone, (2) the STN (and fusion) with the V-Net frozen so the prior learns to align, (3) everything
-at a lower learning rate. Following Lightning's ``BaseFinetuning`` pattern, frozen parts get
-``requires_grad=False`` (and eval mode, keeping their statistics) via ``BaseFinetuning.freeze``-style
-switching in the LightningModule; on a stage change the optimiser and scheduler are rebuilt for the new
-trainable parameters. The stage index and the stage lengths in force are checkpointed, so a run resumed
+at a lower learning rate. The schedule hands the LightningModule an :class:`~stvnet.stages.ActiveStage` (a typed
+record, no string keys); the module freezes the parts the stage does not train (the network declares its parts,
+``parts()``) with Lightning's ``BaseFinetuning.freeze``/``make_trainable`` when it builds its optimiser, and on a
+stage change the optimiser and scheduler are rebuilt for the new trainable parameters. Freezing is done there rather
+than by subclassing ``BaseFinetuning`` because that callback adds parameter groups to a live optimiser, while a stage
+here also changes the rate, the warm-up and the loss terms, and a resumed run must rebuild its optimiser for the
+restored stage before Lightning restores the optimiser state. The stage index and the stage lengths in force are checkpointed, so a run resumed
 mid-stage continues that stage even when it is resumed with another ``max_epochs``.
 
 Under DDP, the parameters of frozen parts get no gradient: the strategy must detect unused parameters
@@ -15,7 +18,7 @@ Under DDP, the parameters of frozen parts get no gradient: the strategy must det
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import lightning as L
@@ -23,33 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
-
-@dataclass
-class Stage:
-    """One training stage.
-
-    Attributes:
-        name: shown in logs and checkpoints.
-        epochs: length of the stage in epochs.
-        train: parts that train (``vnet``, ``stn``, ``fusion``); ``None`` trains everything.
-        lr: learning rate of the stage; ``None`` uses the module's ``lr`` times ``lr_scale``.
-        lr_scale: multiplier of the module's base learning rate when ``lr`` is not given.
-        loss_weights: weights of the loss terms ``seg`` (final output), ``vnet`` (V-Net branch) and
-            ``prior`` (warped shape prior vs ground truth).
-        warmup_epochs: linear learning-rate warm-up at the start of the stage; the optimiser is rebuilt with
-            fresh moments at each switch, and a warm-up keeps its first steps from undoing trained weights.
-        part_lr_scale: multipliers of the stage's rate for single parts, e.g. ``{fusion: 10}``: the fusion's three
-            scalars move about ``lr`` per Adam step, too slowly to weigh the prior in within a short stage.
-    """
-
-    name: str
-    epochs: int
-    train: list[str] | None = None
-    lr: float | None = None
-    lr_scale: float = 1.0
-    loss_weights: dict[str, float] = field(default_factory=lambda: {"seg": 1.0})
-    warmup_epochs: float = 0.0
-    part_lr_scale: dict[str, float] = field(default_factory=dict)
+from stvnet.stages import ActiveStage, Stage
 
 
 class StageSchedule(Callback):
@@ -120,12 +97,9 @@ class StageSchedule(Callback):
                 index = i
         return index
 
-    def stage_setup(self, index: int, base_lr: float) -> dict[str, Any]:
-        """The LightningModule's training setup for stage ``index``."""
-        s = self.stages[index]
-        lr = s.lr if s.lr is not None else base_lr * s.lr_scale
-        return {"index": index, "name": s.name, "train": s.train, "lr": lr, "loss_weights": dict(s.loss_weights),
-                "epochs": s.epochs, "warmup_epochs": s.warmup_epochs, "part_lr_scale": dict(s.part_lr_scale)}
+    def active(self, index: int, base_lr: float) -> ActiveStage:
+        """Stage ``index`` as the LightningModule trains it (its rate resolved against ``base_lr``)."""
+        return ActiveStage.of(self.stages[index], index, base_lr)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -149,7 +123,7 @@ class StageSchedule(Callback):
                 f"(the stages need {self.total_epochs} epochs)"
             )
         # stage 0 unless a checkpoint being resumed restores another one (restored after setup)
-        pl_module.set_stage(self.stage_setup(0, pl_module.lr))
+        pl_module.set_stage(self.active(0, pl_module.lr))
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         wrapped = trainer.strategy.model
@@ -161,27 +135,27 @@ class StageSchedule(Callback):
             )
         s = pl_module.stage
         fresh = trainer.current_epoch == 0 and not trainer.ckpt_path
-        if fresh and s["train"] is not None and "vnet" not in s["train"] and not pl_module.hparams.get("init_weights"):
+        if fresh and not s.trains("vnet") and not pl_module.hparams.get("init_weights"):
             raise ValueError(
-                f"stage '{s['name']}' freezes the V-Net from the first epoch, but it was never trained: pass "
+                f"stage '{s.name}' freezes the V-Net from the first epoch, but it was never trained: pass "
                 "--model.init_weights <a trained V-Net checkpoint>, or start with a stage that trains vnet"
             )
         rank_zero_info(
-            f"==> epoch {trainer.current_epoch}: stage {s['index']} '{s['name']}' (train {s['train'] or 'all'}, "
-            f"lr {s['lr']:.2e}, losses {s['loss_weights']}); schedule: "
+            f"==> epoch {trainer.current_epoch}: stage {s.index} '{s.name}' (train {list(s.train or []) or 'all'}, "
+            f"lr {s.lr:.2e}, losses {s.loss_weights}); schedule: "
             + ", ".join(f"{st.name} x{st.epochs}" for st in self.stages)
         )
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         index = self.index_for_epoch(trainer.current_epoch)
-        if index == pl_module.stage.get("index"):
+        if index == pl_module.stage.index:
             return
-        pl_module.set_stage(self.stage_setup(index, pl_module.lr))
+        pl_module.set_stage(self.active(index, pl_module.lr))
         trainer.strategy.setup_optimizers(trainer)  # new trainable set, fresh optimiser state and schedule
         s = pl_module.stage
         rank_zero_info(
-            f"==> epoch {trainer.current_epoch}: stage switch to {index} '{s['name']}' (train {s['train'] or 'all'}, "
-            f"lr {s['lr']:.2e}, losses {s['loss_weights']})"
+            f"==> epoch {trainer.current_epoch}: stage switch to {index} '{s.name}' (train "
+            f"{list(s.train or []) or 'all'}, lr {s.lr:.2e}, losses {s.loss_weights})"
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -73,6 +73,10 @@ class STVNet(nn.Module):
         if key in state_dict and state_dict[key].shape != self.prior.shape:
             self.prior = torch.zeros_like(state_dict[key], device=self.prior.device)
 
+    def parts(self) -> dict[str, nn.Module]:
+        """The parts a training stage can train or freeze, by name."""
+        return {"vnet": self.vnet, "stn": self.stn, "fusion": self.fusion}
+
     @property
     def has_prior(self) -> bool:
         """Whether a shape prior has been set (from training labels or a checkpoint)."""
