@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from contextvars import ContextVar
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,8 +22,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from data_modules.folds import check_same_split
+from stvnet.init_weights import load_vnet_weights
 from stvnet.losses import segmentation_loss, soft_dice_loss
 from stvnet.metrics import dice, evaluate_case
+from stvnet.prior_handover import hand_over_prior
 from stvnet.stages import ActiveStage
 
 STAGE_KEY = "stvnet_stage"
@@ -101,32 +102,11 @@ class FemurSegmenter(L.LightningModule):
         return dict(self.net.parts()) if hasattr(self.net, "parts") else {"net": self.net}
 
     def load_net_weights(self, path: str) -> None:
-        """Copy matching ``net.*`` weights from a checkpoint (V-Net <-> ST-V-Net compatible)."""
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"model.init_weights: checkpoint {path} not found (resuming a run that started "
-                                    "from it? its weights are in the run's own checkpoint: pass --model.init_weights null)")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-        # the data the source was trained on: checked against this run's fold when training starts (setup)
-        self.init_split = {"path": path, "record": checkpoint.get("FemurDataModule")}
-        state = checkpoint.get("state_dict", checkpoint)
-        own = self.net.state_dict()
-        source = {k[4:] if k.startswith("net.") else k: v for k, v in state.items()}
-        if any(k.startswith("vnet.") for k in source):  # an ST-V-Net checkpoint: its V-Net part must land
-            required = {k for k in source if k.startswith("vnet.")}
-        else:
-            required = set(source)
-        picked = {}
-        for name, value in source.items():
-            for candidate in (name, "vnet." + name, name.removeprefix("vnet.")):
-                if candidate in own and own[candidate].shape == value.shape:
-                    picked[candidate] = value
-                    break
-        landed = {n for n in required if any(c in picked for c in (n, "vnet." + n, n.removeprefix("vnet.")))}
-        if not picked or landed != required:
-            raise ValueError(f"{path}: no weights match this network for {len(required - landed)} of {len(required)} "
-                             "V-Net tensors (different width, depth or kernel size?)")
-        self.net.load_state_dict(picked, strict=False)
-        rank_zero_info(f"Initialised {len(picked)}/{len(own)} tensors of the network from {path}")
+        """Start from another run's V-Net weights (:func:`~stvnet.init_weights.load_vnet_weights`); the data they were
+        trained on is checked against this run's fold when training starts."""
+        n, record = load_vnet_weights(self.net, path)
+        self.init_split = {"path": path, "record": record}
+        rank_zero_info(f"Initialised {n}/{len(self.net.state_dict())} tensors of the network from {path}")
 
     # ------------------------------------------------------------------ stages
     def set_stage(self, stage: ActiveStage) -> None:
@@ -200,10 +180,7 @@ class FemurSegmenter(L.LightningModule):
             target = datamodule.state_dict()
             if "subjects" in target:
                 check_same_split(self.init_split["record"], target, f"model.init_weights {self.init_split['path']}")
-        if stage == "fit" and getattr(self.net, "has_prior", True) is False:
-            if datamodule is None or not hasattr(datamodule, "shape_prior"):
-                raise RuntimeError("ST-V-Net needs a datamodule with shape_prior() to build its prior")
-            self.net.set_prior(datamodule.shape_prior(alignment=self.prior_alignment))
+        if stage == "fit" and hand_over_prior(self.net, datamodule, self.prior_alignment):
             rank_zero_info(f"Shape prior built from {len(datamodule.subject_ids('train'))} training subjects")
 
     # ------------------------------------------------------------------ steps
