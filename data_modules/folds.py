@@ -52,6 +52,18 @@ def key_digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 
+def hold_out_test(ids: list[str], key: list[str], test_fraction: float, seed: int) -> tuple[list, list, list]:
+    """``(development ids, test ids, development strata)``: ``round(n * test_fraction)`` subjects held out,
+    stratified when every stratum can give one (else at random)."""
+    n_test = int(round(len(ids) * test_fraction))
+    if n_test == 0:
+        return ids, [], key
+    counts = pd.Series(key).value_counts()
+    stratify = key if counts.min() >= 2 and n_test >= len(counts) else None
+    dev_ids, test_ids, dev_key, _ = train_test_split(ids, key, test_size=n_test, random_state=seed, stratify=stratify)
+    return dev_ids, test_ids, dev_key
+
+
 def make_splits(
     table: pd.DataFrame,
     n_folds: int = 10,
@@ -70,15 +82,7 @@ def make_splits(
         raise InvalidInput(f"data.n_folds {n_folds}: cross-validation needs at least 2 folds")
     if not 0.0 <= test_fraction < 1.0:
         raise InvalidInput(f"data.test_fraction {test_fraction}: must be in [0, 1) (the paper holds out 0.1)")
-    n_test = int(round(len(ids) * test_fraction))
-    if n_test > 0:
-        counts = pd.Series(key).value_counts()
-        stratify = key if counts.min() >= 2 and n_test >= len(counts) else None
-        dev_ids, test_ids, dev_key, _ = train_test_split(
-            ids, key, test_size=n_test, random_state=seed, stratify=stratify
-        )
-    else:
-        dev_ids, test_ids, dev_key = ids, [], key
+    dev_ids, test_ids, dev_key = hold_out_test(ids, key, test_fraction, seed)
     if len(dev_ids) < n_folds or pd.Series(dev_key).value_counts().max() < n_folds:
         raise InvalidInput(
             f"cohort '{cohort}': {len(dev_ids)} subjects remain after holding out the test set "

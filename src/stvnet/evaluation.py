@@ -126,24 +126,39 @@ def evaluate_runs(
     rows = []
     for info, table in zip(infos, tables):
         predictor = Predictor.from_checkpoint(info.checkpoint, device=device)
+        masks = out / "predictions" / info.model / f"fold{info.fold}" if save_masks else None
         for split in splits:
-            ids = info.subjects[split]
-            for sid in tqdm(ids, desc=f"{info.model} fold {info.fold} {split}", unit="scan"):
-                row = table.loc[sid]
-                mask, affine = predictor.segment(row["image"])
-                if keep_largest:
-                    mask = largest_component(mask)
-                label = read_voxels(row["label"]).reshape(mask.shape) > 0
-                spacing = read_header(row["label"]).spacing
-                metrics = evaluate_case(mask, label, spacing)
-                if save_masks:
-                    folder = out / "predictions" / info.model / f"fold{info.fold}"
-                    folder.mkdir(parents=True, exist_ok=True)
-                    nib.save(nib.Nifti1Image(mask, affine), folder / f"{sid}.nii.gz")
-                rows.append({"subject_id": sid, "sex": row["sex"], "fold": info.fold, "model": info.model,
-                             "split": split, "cohort": info.cohort, "image": row["image"], "label": row["label"],
-                             "ckpt_epoch": info.epoch, "ckpt_stage": info.stage, **metrics})
+            rows += score_run(info, table, predictor, split, masks, keep_largest)
     per_subject = pd.DataFrame(rows)
+    write_report(per_subject, out, figures)
+    return per_subject
+
+
+def score_run(info: RunInfo, table: pd.DataFrame, predictor: Predictor, split: str, masks: Path | None,
+              keep_largest: bool) -> list[dict]:
+    """One row per subject of a run's ``split``: the checkpoint's mask scored against the label in the label's own
+    grid and spacing; each mask saved under ``masks`` when given."""
+    rows = []
+    for sid in tqdm(info.subjects[split], desc=f"{info.model} fold {info.fold} {split}", unit="scan"):
+        row = table.loc[sid]
+        mask, affine = predictor.segment(row["image"])
+        if keep_largest:
+            mask = largest_component(mask)
+        label = read_voxels(row["label"]).reshape(mask.shape) > 0
+        spacing = read_header(row["label"]).spacing
+        metrics = evaluate_case(mask, label, spacing)
+        if masks is not None:
+            masks.mkdir(parents=True, exist_ok=True)
+            nib.save(nib.Nifti1Image(mask, affine), masks / f"{sid}.nii.gz")
+        rows.append({"subject_id": sid, "sex": row["sex"], "fold": info.fold, "model": info.model,
+                     "split": split, "cohort": info.cohort, "image": row["image"], "label": row["label"],
+                     "ckpt_epoch": info.epoch, "ckpt_stage": info.stage, **metrics})
+    return rows
+
+
+def write_report(per_subject: pd.DataFrame, out: Path, figures: bool) -> None:
+    """per_subject.csv, summary.csv/.md, paired_tests.csv and, with ``figures``, box plots and overlays of each
+    model's worst, median and best subject."""
     per_subject.to_csv(out / "per_subject.csv", index=False)
     summary = summarize(per_subject)
     summary.to_csv(out / "summary.csv", index=False)
@@ -151,19 +166,17 @@ def evaluate_runs(
     tests = pd.concat([paired_tests(per_subject).assign(comparison="architecture"),
                        paired_tests(per_subject, training_cohort_pairs(per_subject)).assign(comparison="training cohort")])
     tests.to_csv(out / "paired_tests.csv", index=False)
-    if figures:
-        box_plots(per_subject, PAPER_METRICS, out / "boxplots.png")
-        for model, part in per_subject.groupby("model"):
-            ranked = part.sort_values("dice").reset_index(drop=True)
-            picks = {"worst": 0, "median": len(ranked) // 2, "best": len(ranked) - 1}
-            for tag, i in picks.items():
-                r = ranked.iloc[i]
-                pred = out / "predictions" / model / f"fold{r['fold']}" / f"{r['subject_id']}.nii.gz"
-                if pred.is_file():
-                    overlay_png(r["image"], r["label"], pred,
-                                out / f"overlay_{model}_{tag}_{r['subject_id']}.png",
-                                title=f"{model} {tag}: {r['subject_id']} (Dice {r['dice']:.3f}, HD {r['hd']:.1f} mm)")
-    return per_subject
+    if not figures:
+        return
+    box_plots(per_subject, PAPER_METRICS, out / "boxplots.png")
+    for model, part in per_subject.groupby("model"):
+        ranked = part.sort_values("dice").reset_index(drop=True)
+        for tag, i in {"worst": 0, "median": len(ranked) // 2, "best": len(ranked) - 1}.items():
+            r = ranked.iloc[i]
+            pred = out / "predictions" / model / f"fold{r['fold']}" / f"{r['subject_id']}.nii.gz"
+            if pred.is_file():
+                overlay_png(r["image"], r["label"], pred, out / f"overlay_{model}_{tag}_{r['subject_id']}.png",
+                            title=f"{model} {tag}: {r['subject_id']} (Dice {r['dice']:.3f}, HD {r['hd']:.1f} mm)")
 
 
 def summarize(per_subject: pd.DataFrame) -> pd.DataFrame:

@@ -56,9 +56,10 @@ UNREADABLE = (RuntimeError, EOFError, OSError, KeyError, TypeError, ValueError, 
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """A checkpoint's dictionary (memory-mapped: the weights are not read), or one line saying why it is unusable."""
+    """A checkpoint's dictionary (memory-mapped: the weights are not read; ``weights_only``: nothing is unpickled but
+    tensors and plain containers, which is all stvnet writes), or one line saying why it is unusable."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except UNREADABLE as exc:
         raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]}); give a .ckpt "
                         "written by stvnet train, or its run folder") from exc

@@ -19,7 +19,7 @@ def load_vnet_weights(net: nn.Module, path: str | Path) -> tuple[int, dict[str, 
     if not Path(path).is_file():
         raise FileNotFoundError(f"model.init_weights: checkpoint {path} not found (resuming a run that started "
                                 "from it? its weights are in the run's own checkpoint: pass --model.init_weights null)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     state = checkpoint.get("state_dict", checkpoint)
     source = {k.removeprefix("net."): v for k, v in state.items()}
     # an ST-V-Net checkpoint: only its V-Net part must land

@@ -14,7 +14,6 @@ from typing import Any
 import lightning as L
 import pandas as pd
 import torch
-import torch.distributed as dist
 import torchio as tio
 from lightning.pytorch.callbacks import BaseFinetuning
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
@@ -26,6 +25,8 @@ from stvnet.init_weights import load_vnet_weights
 from stvnet.losses import segmentation_loss, soft_dice_loss
 from stvnet.metrics import dice, evaluate_case
 from stvnet.prior_handover import hand_over_prior
+from stvnet.schedules import warmup_cosine
+from stvnet.validation_rows import gather_unique
 from stvnet.stages import ActiveStage
 
 STAGE_KEY = "stvnet_stage"
@@ -159,18 +160,7 @@ class FemurSegmenter(L.LightningModule):
         per_epoch = max(1, int(total_steps // max_epochs)) if math.isfinite(total_steps) else 100
         total = epochs * per_epoch
         warmup = int(round(float(self.stage.warmup_epochs) * per_epoch))
-
-        def factor(step: int) -> float:
-            # linear warm-up (a stage starts with fresh AdamW moments), then cosine down to 2% over the stage;
-            # ``step`` counts from this optimiser's creation and is restored on resume
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
-            return 0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-        # LambdaLR, not SequentialLR(LinearLR, CosineAnnealingLR): the cosine's floor is 2% of *each* group's rate
-        # (stages scale parts' rates, part_lr_scale), while CosineAnnealingLR takes one absolute eta_min for all groups
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ shape prior
@@ -247,18 +237,8 @@ class FemurSegmenter(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_rows = []
 
-    def gathered_validation_rows(self) -> list[dict[str, Any]]:
-        """Per-subject validation rows from all processes, each subject once (DDP padding removed)."""
-        rows = self._val_rows
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            everything: list[list[dict[str, Any]] | None] = [None] * dist.get_world_size()
-            dist.all_gather_object(everything, rows)
-            rows = [r for part in everything for r in (part or [])]
-        unique = {r["subject_id"]: r for r in rows}
-        return [unique[k] for k in sorted(unique)]
-
     def on_validation_epoch_end(self) -> None:
-        rows = self.gathered_validation_rows()
+        rows = gather_unique(self._val_rows)  # each subject once, from every rank
         if not rows:
             return
         table = pd.DataFrame(rows)

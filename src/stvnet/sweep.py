@@ -326,40 +326,20 @@ def run_sweep(space: str | Path, n_trials: int, study_name: str | None = None, s
     validate_space(spec, base, str(space))
     study_name = study_name or spec.get("study", Path(space).stem)
     out = Path(out)
-    objective = spec.get("objective", {})
-    metric = objective.get("metric", "val/dice")
-    direction = objective.get("direction", "maximize")
-    folds = objective.get("folds", [0])
+    metric = spec.get("objective", {}).get("metric", "val/dice")
     url = storage_url(storage, out, study_name)
     study = open_study(study_name, url, out, make_sampler(spec.get("sampler", {}), worker),
-                       make_pruner(spec.get("pruner", {})), direction)
+                       make_pruner(spec.get("pruner", {})), spec.get("objective", {}).get("direction", "maximize"))
     # a resumed study must not replay the seeded stream of the first session: offset by the trials already there
     study.sampler = make_sampler(spec.get("sampler", {}), worker + 1000 * len(study.get_trials(deepcopy=False)))
     while len(study.get_trials(deepcopy=False)) < n_trials:
         trial = study.ask()
         params = {name: suggest(trial, name, p) for name, p in spec.get("space", {}).items()}
-        trial_dir = out / study_name / f"trial_{trial.number:04d}"
-        trial_dir.mkdir(parents=True, exist_ok=True)
-        scores = []
         try:
-            for k, fold in enumerate(folds):
-                run_dir = trial_dir / f"fold{fold}"
-                config = trial_config(spec, base, params, url, study_name, trial.number, run_dir, out)
-                if k > 0:  # only the first fold reports to the pruner
-                    config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"] if "OptunaPruning" not in c["class_path"]]
-                config_path = trial_dir / ("config.yaml" if k == 0 else f"config_fold{fold}.yaml")
-                config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-                proc = run_trial_training(config_path, fold, devices, extra_args or [], trial_dir / f"fold{fold}.log")
-                if (run_dir / "pruned.json").is_file():
-                    raise optuna.TrialPruned(f"pruned in fold {fold}")
-                if proc.returncode != 0:
-                    lines = (proc.stderr or proc.stdout).strip().splitlines()
-                    errors = [line for line in lines if line.startswith("stvnet train: error: ")]
-                    tail = "\n".join(errors or lines[-5:])  # the user errors, else the traceback's end
-                    reason = "killed (out of memory?)" if proc.returncode in (-9, 137) else tail
-                    raise RuntimeError(f"fold {fold} exited with {proc.returncode}: {reason}")
-                scores.append(objective_value(run_dir, metric, direction))
-            value = sum(scores) / len(scores)
+            configs = [trial_config(spec, base, params, url, study_name, trial.number,
+                                    out / study_name / f"trial_{trial.number:04d}" / f"fold{fold}", out)
+                       for fold in spec.get("objective", {}).get("folds", [0])]
+            value = score_trial(spec, configs, devices, extra_args or [])
             study.tell(trial, value)
             print(f"[sweep] trial {trial.number}: {metric} = {value:.4f} {params}", flush=True)
         except optuna.TrialPruned as exc:
@@ -371,6 +351,41 @@ def run_sweep(space: str | Path, n_trials: int, study_name: str | None = None, s
             print(f"[sweep] trial {trial.number}: FAILED: {str(exc)[-300:]}", flush=True)
     write_results(study, out / study_name)
     return study
+
+
+def score_trial(spec: dict, configs: list[dict], devices: int | None, extra: list[str]) -> float:
+    """Train one trial's config on each objective fold (only the first reports to the pruner); the mean objective.
+    Raises ``TrialPruned`` when the pruner stopped it, ``RuntimeError`` with the trainer's own error lines when a
+    fold failed."""
+    objective = spec.get("objective", {})
+    folds = objective.get("folds", [0])
+    scores = []
+    for k, (fold, config) in enumerate(zip(folds, configs)):
+        run_dir = Path(config["run"]["dir"])
+        trial_dir = run_dir.parent
+        trial_dir.mkdir(parents=True, exist_ok=True)
+        if k > 0:
+            config["trainer"]["callbacks"] = [c for c in config["trainer"]["callbacks"]
+                                              if "OptunaPruning" not in c["class_path"]]
+        config_path = trial_dir / ("config.yaml" if k == 0 else f"config_fold{fold}.yaml")
+        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        proc = run_trial_training(config_path, fold, devices, extra, trial_dir / f"fold{fold}.log")
+        if (run_dir / "pruned.json").is_file():
+            raise optuna.TrialPruned(f"pruned in fold {fold}")
+        if proc.returncode != 0:
+            raise RuntimeError(f"fold {fold} exited with {proc.returncode}: {failure_reason(proc)}")
+        scores.append(objective_value(run_dir, objective.get("metric", "val/dice"),
+                                      objective.get("direction", "maximize")))
+    return sum(scores) / len(scores)
+
+
+def failure_reason(proc: subprocess.CompletedProcess) -> str:
+    """Why a trial's training failed: its user-error lines, else the end of its traceback (or an OOM kill)."""
+    if proc.returncode in (-9, 137):
+        return "killed (out of memory?)"
+    lines = (proc.stderr or proc.stdout).strip().splitlines()
+    errors = [line for line in lines if line.startswith("stvnet train: error: ")]
+    return "\n".join(errors or lines[-5:])
 
 
 def write_results(study: optuna.Study, folder: Path) -> None:
