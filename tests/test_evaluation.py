@@ -201,3 +201,46 @@ def test_report_tables_hold_the_summary_and_the_sex_specific_comparison():
     assert line.split(" | ")[4].startswith(f"{diff:+.3g} (p=")
     assert "## Checkpoints evaluated" in md and "finetune" in md
     assert training_cohort_pairs(per_subject) == [("vnet", "vnet-female")]
+
+
+def test_the_report_files_hold_the_sex_specific_comparison(tmp_path):
+    """write_report: per_subject.csv as given, and paired_tests.csv with the pooled vs female-trained model rows
+    labelled 'training cohort', paired on the women both scored."""
+    from stvnet.evaluation import write_report
+
+    per_subject = _per_subject_with_a_female_model()
+    write_report(per_subject, tmp_path, figures=False)
+    assert pd.read_csv(tmp_path / "per_subject.csv").equals(per_subject)
+    tests = pd.read_csv(tmp_path / "paired_tests.csv")
+    sex_specific = tests[tests["comparison"] == "training cohort"]
+    assert set(zip(sex_specific["model_a"], sex_specific["model_b"])) == {("vnet", "vnet-female")}
+    women = per_subject[per_subject["sex"] == "F"].pivot(index="subject_id", columns="model", values="dice")
+    row = sex_specific[(sex_specific["metric"] == "dice") & (sex_specific["cohort"] == "female")].iloc[0]
+    assert row["n_pairs"] == 4 and row["median_diff"] == pytest.approx((women["vnet-female"] - women["vnet"]).median())
+    assert not list(tmp_path.glob("*.png"))  # figures=False draws nothing
+
+
+def test_a_run_is_scored_in_each_labels_own_grid_and_its_masks_saved(tmp_path):
+    """score_run on a label stored as X x Y x Z x 1 at 2 x 1 x 3 mm: the mask (the label moved one voxel along z)
+    is scored against the label reshaped to 3D, in mm of the label's own spacing, and saved as given."""
+    import nibabel as nib
+
+    from stvnet.evaluation import RunInfo, score_run
+
+    truth = np.zeros((12, 12, 12), np.uint8)
+    truth[3:9, 3:9, 3:9] = 1
+    affine = np.diag([2.0, 1.0, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(truth[..., None], affine), str(tmp_path / "label.nii.gz"))
+    moved = np.roll(truth, 1, axis=2)
+
+    class Predictor:
+        def segment(self, image):
+            return moved, affine
+
+    info = RunInfo(tmp_path / "x.ckpt", "vnet", 2, "all", {}, 7, "single", {"test": ["s1"]}, "")
+    table = pd.DataFrame({"image": ["scan.nii.gz"], "label": [str(tmp_path / "label.nii.gz")], "sex": ["F"]},
+                         index=pd.Index(["s1"], name="subject_id"))
+    (row,) = score_run(info, table, Predictor(), "test", tmp_path / "masks", keep_largest=False)
+    assert row["dice"] == pytest.approx(2 * 5 / 12) and row["hd"] == pytest.approx(3.0)  # one slice of 3 mm
+    assert (row["subject_id"], row["fold"], row["split"], row["ckpt_epoch"]) == ("s1", 2, "test", 7)
+    assert np.array_equal(np.asanyarray(nib.load(str(tmp_path / "masks" / "s1.nii.gz")).dataobj), moved)
