@@ -4,6 +4,12 @@ The sweep worker samples a trial's parameters *before* launching training (so ev
 config file) and passes the storage URL, study name and trial number here. Only rank 0 talks to Optuna; its
 pruning decision is broadcast so every rank stops together. A pruned run leaves ``pruned.json`` in its run
 folder for the worker to record the trial as PRUNED.
+
+Why not ``optuna_integration.PyTorchLightningPruningCallback``: under DDP it accepts only an RDB storage (it checks
+for ``RDBStorage`` behind the study and refuses others), while these sweeps default to Optuna's journal file so that
+several local workers share a study without a database server; it also expects the trial object of the launching
+process, where here each training is a subprocess (or several DDP ranks) that reattaches to its trial by number, and
+it is written against the ``pytorch_lightning`` package rather than ``lightning``.
 """
 
 from __future__ import annotations
