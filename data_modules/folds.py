@@ -83,10 +83,11 @@ def make_splits(
     if not 0.0 <= test_fraction < 1.0:
         raise InvalidInput(f"data.test_fraction {test_fraction}: must be in [0, 1) (the paper holds out 0.1)")
     dev_ids, test_ids, dev_key = hold_out_test(ids, key, test_fraction, seed)
-    if len(dev_ids) < n_folds or pd.Series(dev_key).value_counts().max() < n_folds:
+    per_stratum = pd.Series(dev_key).value_counts()
+    if len(dev_ids) < n_folds or per_stratum.max() < n_folds:
         raise InvalidInput(
             f"cohort '{cohort}': {len(dev_ids)} subjects remain after holding out the test set "
-            f"({pd.Series(dev_key).value_counts().to_dict()} by {'/'.join(strata) or 'stratum'}), too few for "
+            f"({per_stratum.to_dict()} by {'/'.join(strata) or 'stratum'}), too few for "
             f"{n_folds} stratified folds; use fewer folds (--data.n_folds) or a larger cohort"
         )
     skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)

@@ -9,9 +9,9 @@ from typing import Any
 
 from data_modules.errors import InvalidInput
 from data_modules.manifest import COHORTS
+from data_modules.transforms import PATCH_SAMPLERS
 
 ROI_LOCATORS = ("template", "fraction")
-PATCH_SAMPLERS = ("uniform", "label")
 
 
 def _positive(values: Sequence[Any] | None, integral: bool) -> bool:

@@ -102,6 +102,10 @@ def augmentation(strength: float = 1.0) -> tio.Transform | None:
     ])
 
 
+#: patch samplers for queue-based training
+PATCH_SAMPLERS = ("uniform", "label")
+
+
 def sampler(kind: str, patch_size: Sequence[int]) -> tio.data.PatchSampler:
     """Patch sampler for queue-based training: ``uniform`` or ``label`` (half the patches centred on femur)."""
     size = tuple(int(s) for s in patch_size)

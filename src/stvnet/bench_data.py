@@ -21,6 +21,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from data_modules.errors import InvalidInput
 from stvnet.bench import BenchConfig, _train_step_fn, cpu_width, peak_rss_mib, timeit
 from stvnet.models import VNet
 from stvnet.training import resolved_config
@@ -109,13 +110,14 @@ def bench_data(cfg: BenchConfig, manifest: str | None, sizes: tuple[int, ...] = 
     from data_modules.manifest import validate_manifest
 
     table = validate_manifest(manifest or str(default_manifest()), voxels=False)
+    data, width = data_section(config), vnet_width(config, cfg)  # each resolves the experiment once
     rows = []
     for n in sizes or (len(table),):
         if n > len(table):
-            raise ValueError(f"--data-sizes {n}: the manifest has {len(table)} scans")
+            raise InvalidInput(f"--data-sizes {n}: the manifest has {len(table)} scans")
         work = Path(tempfile.mkdtemp(prefix="stvnet-bench-data-"))
         try:
-            rows += _bench_cohort(cfg, _sub_manifest(table, n, work), n, data_section(config), vnet_width(config, cfg), work)
+            rows += _bench_cohort(cfg, _sub_manifest(table, n, work), n, data, width, work)
         finally:
             shutil.rmtree(work, ignore_errors=True)
     return rows
