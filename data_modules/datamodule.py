@@ -1,14 +1,14 @@
-"""TorchIO LightningDataModule: manifest -> validated cohort -> stratified folds -> loaders.
+"""TorchIO LightningDataModule: manifest -> validated cohort -> stratified folds (:mod:`data_modules.cohort`) ->
+loaders.
 
-Training uses whole ROIs (``patch_size: null``) or patches drawn through ``tio.Queue``; validation and test
-run on whole ROIs, one subject per batch. Preprocessed subjects are cached in memory once per process
-(``cache: true``) so augmentation is the only per-epoch cost.
+Training uses whole ROIs (``patch_size: null``) or patches drawn through ``tio.Queue``; validation and test run on
+whole ROIs, one subject per batch. With ``cache: true`` each scan is preprocessed once into the persistent on-disk
+cache (:mod:`data_modules.cache`) and loader workers read its ROI lazily, so augmentation is the only per-epoch cost.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import lightning as L
@@ -19,17 +19,11 @@ from filelock import FileLock
 from torch.utils.data import DataLoader
 
 from data_modules.cache import CacheSettings, PreprocessedCache
-from data_modules.errors import UserError
-from data_modules.folds import (
-    fold_subjects,
-    key_digest,
-    load_or_create_splits,
-    split_record,
-    splits_key,
-)
+from data_modules.cohort import CohortSplits, raw_subject
+from data_modules.folds import split_record
 from data_modules.localisation import FemurLocator
-from data_modules.manifest import ManifestError, filter_cohort, validate_manifest
 from data_modules.options import check_options
+from data_modules.roi import refuse_cut_labels
 from data_modules.shape_prior import build_shape_prior
 from data_modules.synthetic import ROI_CENTER_FRACTION, make_cohort
 from data_modules.transforms import augmentation, preprocessing, sampler
@@ -119,25 +113,20 @@ class FemurDataModule(L.LightningDataModule):
         self.cohort = cohort
         self.fold = fold
         self.n_folds = n_folds
-        self.test_fraction = test_fraction
-        self.split_seed = split_seed
-        self.strata = list(strata) if strata is not None else ["sex"]
-        self.splits_dir = Path(splits_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.patch_size = patch_size
-        self.patch_sampler = patch_sampler
-        self.samples_per_volume = samples_per_volume
-        self.queue_length = queue_length
         self.store = PreprocessedCache(cache_dir, CacheSettings(
             tuple(float(v) for v in target_spacing) if target_spacing else None,
             (float(hu_window[0]), float(hu_window[1])))) if cache else None
+        # with the cache, voxels are checked once per scan when its entry is built
+        self.folds = CohortSplits(self.manifest_path, cohort, n_folds, test_fraction, split_seed,
+                                  list(strata) if strata is not None else ["sex"], Path(splits_dir),
+                                  voxels=not cache)
         self.roi_locator = roi_locator
         self._locator: FemurLocator | None = None
         self._preprocess: tio.Compose | None = None
         self.augment = augmentation(augment)
-        self.table: pd.DataFrame | None = None
-        self.splits: dict | None = None
         self._subjects: dict[str, list[tio.Subject]] = {}
 
     # ------------------------------------------------------------------ cohort and splits
@@ -148,45 +137,27 @@ class FemurDataModule(L.LightningDataModule):
             return Path(self.manifest)
         return Path(self.hparams.synthetic_dir) / "manifest.csv"
 
-    def splits_path(self, table: pd.DataFrame) -> Path:
-        """Where this cohort's splits live: one file per manifest and splits key (subjects, cohort, protocol)."""
-        key = splits_key(table, self.n_folds, self.test_fraction, self.split_seed, self.strata, self.cohort)
-        stem = self.manifest_path.resolve().parent.name + "_" + self.manifest_path.stem
-        return self.splits_dir / f"{stem}_{self.cohort}_k{self.n_folds}_seed{self.split_seed}_{key_digest(key)}.json"
+    @property
+    def table(self) -> pd.DataFrame:
+        """The cohort's validated manifest rows."""
+        return self.folds.table
 
     def prepare_data(self) -> None:
         """Generate the synthetic cohort if needed, validate the manifest, write the splits and build the
         preprocessed cache (local rank 0; the other ranks wait)."""
         if not self.manifest:
             default_manifest(self.hparams.synthetic_dir, self.hparams.synthetic_subjects, self.hparams.synthetic_seed)
-        self._load_table()
         self._build_cache()
 
     def _build_cache(self) -> None:
         if self.store is not None:
-            assert self.table is not None
-            self.store.build(list(zip(self.table["subject_id"], self.table["image"], self.table["label"])),
+            table = self.folds.table
+            self.store.build(list(zip(table["subject_id"], table["image"], table["label"])),
                              self.hparams.preprocess_workers, source=self.manifest_path)
-
-    def _load_table(self) -> None:
-        if self.table is not None:
-            return
-        # with the cache, voxels are checked once per scan when its entry is built
-        table = filter_cohort(validate_manifest(self.manifest_path, voxels=self.store is None), self.cohort)
-        if table.empty:
-            raise ManifestError(self.manifest_path, [f"no subjects in cohort '{self.cohort}' (column 'sex' holds "
-                                                     "M for male, F for female); choose another --data.cohort"])
-        self.splits = load_or_create_splits(
-            self.splits_path(table), table, n_folds=self.n_folds, test_fraction=self.test_fraction,
-            seed=self.split_seed, strata=self.strata, cohort=self.cohort,
-        )
-        self.table = table
 
     def subject_ids(self, split: str) -> list[str]:
         """Subject ids of ``train``, ``val`` or ``test`` for the configured fold."""
-        self._load_table()
-        assert self.splits is not None
-        return fold_subjects(self.splits, self.fold)[split]
+        return self.folds.subject_ids(self.fold, split)
 
     # ------------------------------------------------------------------ localisation and preprocessing
     @property
@@ -195,13 +166,13 @@ class FemurDataModule(L.LightningDataModule):
         if self.roi_locator != "template" or self.hparams.roi_size is None:
             return None
         if self._locator is None:
-            train = self._rows("train")
+            train = self.folds.rows(self.fold, "train")
             if self.store is not None:
                 self._build_cache()
                 self._locator = self.store.locator(zip(train["image"], train["label"]), self.hparams.hu_window,
                                                    self.hparams.roi_max_rotation)
             else:
-                self._locator = FemurLocator.build((self.make_subject(row) for _, row in train.iterrows()),
+                self._locator = FemurLocator.build((raw_subject(row) for _, row in train.iterrows()),
                                                    self.hparams.hu_window, max_rotation=self.hparams.roi_max_rotation)
         return self._locator
 
@@ -213,38 +184,14 @@ class FemurDataModule(L.LightningDataModule):
             self._preprocess = preprocessing(h.target_spacing, h.roi_size, h.roi_center, h.hu_window, self.locator)
         return self._preprocess
 
-    def check_labels_in_roi(self, subjects: list[tio.Subject]) -> None:
-        """Refuse to train on cut labels: every training and validation label must lie wholly inside its ROI."""
-        problems = [f"{s['subject_id']}: {100 * (1 - s['label_in_roi']):.1f}% of the femur label lies outside the "
-                    f"ROI ({s['label_cut']} beyond its edge)" for s in subjects if s.get("label_in_roi", 1.0) < 1.0]
-        if problems:
-            raise UserError(*problems, f"{len(problems)} subject(s) would train on cut labels: enlarge "
-                            f"--data.roi_size, or check the ROI placement (--data.roi_locator {self.roi_locator})")
-
     # ------------------------------------------------------------------ subjects
-    def make_subject(self, row: pd.Series) -> tio.Subject:
-        """A TorchIO subject (scan, label when present, id, sex) of one manifest row, not yet read or preprocessed."""
-        fields: dict[str, object] = {
-            "image": tio.ScalarImage(row["image"]),
-            "subject_id": row["subject_id"],
-            "sex": row["sex"],
-        }
-        if row["label"] is not None:
-            fields["label"] = tio.LabelMap(row["label"])
-        return tio.Subject(**fields)
-
-    def _rows(self, split: str) -> pd.DataFrame:
-        self._load_table()
-        assert self.table is not None
-        return self.table[self.table["subject_id"].isin(set(self.subject_ids(split)))]
-
     def subjects(self, split: str) -> list[tio.Subject]:
         """Subjects of a split: with the cache, preprocessed subjects whose ROI a loader reads from the memory-mapped
         cache when it needs it (nothing is held in memory); without, raw subjects that loaders preprocess."""
         if split not in self._subjects:
-            rows = self._rows(split)
+            rows = self.folds.rows(self.fold, split)
             if self.store is None:
-                self._subjects[split] = [self.make_subject(row) for _, row in rows.iterrows()]
+                self._subjects[split] = [raw_subject(row) for _, row in rows.iterrows()]
             else:
                 self._build_cache()
                 h = self.hparams
@@ -263,11 +210,11 @@ class FemurDataModule(L.LightningDataModule):
         return tio.SubjectsDataset(self.subjects(split), transform=transform)
 
     def setup(self, stage: str | None = None) -> None:
-        self._load_table()
         if stage == "fit":
             for split in ("train", "val"):
                 subjects = self.subjects(split)
-                self.check_labels_in_roi(subjects if self.store is not None else [self.preprocess(s) for s in subjects])
+                refuse_cut_labels(subjects if self.store is not None else [self.preprocess(s) for s in subjects],
+                                  self.roi_locator)
 
     # ------------------------------------------------------------------ loaders
     def train_dataloader(self) -> DataLoader:
@@ -280,8 +227,8 @@ class FemurDataModule(L.LightningDataModule):
                 drop_last=len(dataset) > self.batch_size, persistent_workers=False,
             )
         queue = tio.Queue(
-            dataset, max_length=self.queue_length, samples_per_volume=self.samples_per_volume,
-            sampler=sampler(self.patch_sampler, self.patch_size), num_workers=self.num_workers,
+            dataset, max_length=self.hparams.queue_length, samples_per_volume=self.hparams.samples_per_volume,
+            sampler=sampler(self.hparams.patch_sampler, self.patch_size), num_workers=self.num_workers,
         )
         return tio.SubjectsLoader(queue, batch_size=self.batch_size, num_workers=0)
 
@@ -303,31 +250,21 @@ class FemurDataModule(L.LightningDataModule):
         return build_shape_prior([s["label"].data[0] for s in prepared], alignment=alignment)
 
     def save_splits(self, folder: str | Path) -> Path:
-        """Copy the splits JSON (plus the chosen fold, cohort and absolute manifest path) into a run folder: the
-        run's own record of its subjects, which evaluate and compare read."""
-        self._load_table()
-        out = Path(folder) / "splits.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        payload = dict(self.splits or {}, fold=self.fold, cohort=self.cohort, manifest=str(self.manifest_path.resolve()))
-        out.write_text(json.dumps(payload, indent=2))
-        return out
+        """The run's own ``splits.json`` (see :meth:`CohortSplits.save`)."""
+        return self.folds.save(folder, self.fold)
 
     # ------------------------------------------------------------------ checkpoint record
     def state_dict(self) -> dict:
         """Saved in every checkpoint: the splits key, fold and subjects the network was trained and validated on, and
         the femur locator (so a checkpoint alone places the ROI in a new scan)."""
-        self._load_table()
-        assert self.splits is not None
-        record = split_record(self.splits, self.fold)
+        record = split_record(self.folds.splits, self.fold)
         if self.locator is not None:
             record["locator"] = self.locator.state_dict()
         return record
 
     def load_state_dict(self, state_dict: dict) -> None:
         """A resumed run must go on with the subjects it started with."""
-        self._load_table()
-        assert self.splits is not None
-        if state_dict.get("subjects") and split_record(self.splits, self.fold) != {k: v for k, v in state_dict.items()
+        if state_dict.get("subjects") and split_record(self.folds.splits, self.fold) != {k: v for k, v in state_dict.items()
                                                                                    if k != "locator"}:
             raise ValueError("the checkpoint was trained on other subjects than this configuration selects (another "
                              "fold, cohort, manifest or split protocol): resume with the run's own config.yaml")

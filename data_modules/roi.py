@@ -10,11 +10,13 @@ resampled (linear for images, nearest for labels), so the network sees every pat
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from scipy import ndimage
+
+from data_modules.errors import UserError
 
 #: names of the low and high side of each canonical (RAS) axis
 SIDES = (("left", "right"), ("posterior", "anterior"), ("inferior", "superior"))
@@ -109,3 +111,13 @@ def label_coverage(label: np.ndarray, volume_affine: np.ndarray, box: Box) -> tu
         cuts += [f"{low_name} {below:.0f} mm"] if below > 0 else []
         cuts += [f"{high_name} {above:.0f} mm"] if above > 0 else []
     return inside, ", ".join(cuts)
+
+
+def refuse_cut_labels(subjects: Sequence[Mapping], roi_locator: str) -> None:
+    """Refuse to train on cut labels: every training and validation label must lie wholly inside its ROI (the
+    ``label_in_roi`` fraction and ``label_cut`` sides the ROI reader records on each subject)."""
+    problems = [f"{s['subject_id']}: {100 * (1 - s['label_in_roi']):.1f}% of the femur label lies outside the "
+                f"ROI ({s['label_cut']} beyond its edge)" for s in subjects if s.get("label_in_roi", 1.0) < 1.0]
+    if problems:
+        raise UserError(*problems, f"{len(problems)} subject(s) would train on cut labels: enlarge --data.roi_size, "
+                        f"or check the ROI placement (--data.roi_locator {roi_locator})")

@@ -33,8 +33,8 @@ class Bug:
 
 
 BUGS = (
-    Bug("fold index off by one", "data_modules/datamodule.py",
-        "fold_subjects(self.splits, self.fold)", "fold_subjects(self.splits, self.fold - 1)",
+    Bug("fold index off by one", "data_modules/cohort.py",
+        "fold_subjects(self.splits, fold)", "fold_subjects(self.splits, fold - 1)",
         ("tests/test_seams.py::test_each_loader_serves_exactly_its_splits_subjects_for_every_fold",)),
     Bug("val_dataloader serves the training subjects", "data_modules/datamodule.py",
         'return self._eval_loader("val")', 'return self._eval_loader("train")',
@@ -45,7 +45,7 @@ BUGS = (
     Bug("HU window bounds negated", "data_modules/transforms.py",
         "lo, hi = float(hu_window[0]), float(hu_window[1])", "lo, hi = -float(hu_window[1]), -float(hu_window[0])",
         ("tests/test_seams.py::test_hu_window_clamps_and_scales_to_exact_values",)),
-    Bug("validation metrics in voxels, not mm", "src/stvnet/lightning_module.py",
+    Bug("validation metrics in voxels, not mm", "src/stvnet/validation_rows.py",
         "spacing = torch.linalg.norm(affine[:3, :3], dim=0).tolist()", "spacing = [1.0, 1.0, 1.0]",
         ("tests/test_seams.py::test_validation_metrics_get_the_roi_spacing_in_array_order",)),
     Bug("evaluate passes the spacing in reversed axis order", "src/stvnet/evaluation.py",

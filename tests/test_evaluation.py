@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pandas as pd
@@ -245,3 +248,21 @@ def test_a_run_is_scored_in_each_labels_own_grid_and_its_masks_saved(tmp_path):
     assert row["dice"] == pytest.approx(2 * 5 / 12) and row["hd"] == pytest.approx(3.0)  # one slice of 3 mm
     assert (row["subject_id"], row["fold"], row["split"], row["ckpt_epoch"]) == ("s1", 2, "test", 7)
     assert np.array_equal(np.asanyarray(nib.load(str(tmp_path / "masks" / "s1.nii.gz")).dataobj), moved)
+
+
+GOLDEN_REPORT = Path(__file__).parent / "golden" / "report.md"
+
+
+def test_the_report_reads_exactly_as_the_golden_file():
+    """The whole Markdown report (headings, explanations, column titles, p-value notes, the checkpoint table) of a
+    fixed table with two architectures and a sex-specific model, word for word. After an intended change of the
+    report, rewrite the file with ``STVNET_UPDATE_GOLDEN=1 pytest -k golden`` and review its diff."""
+    per_subject = _per_subject_with_a_female_model()
+    stvnet = per_subject[per_subject["model"] == "vnet"].assign(model="stvnet", ckpt_epoch=9)
+    stvnet["dice"] += np.linspace(0.01, 0.06, len(stvnet))
+    per_subject = pd.concat([per_subject, stvnet], ignore_index=True)
+    md = summary_markdown(summarize(per_subject), per_subject)
+    if os.environ.get("STVNET_UPDATE_GOLDEN"):
+        GOLDEN_REPORT.parent.mkdir(exist_ok=True)
+        GOLDEN_REPORT.write_text(md)
+    assert md == GOLDEN_REPORT.read_text()

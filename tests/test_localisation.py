@@ -13,6 +13,7 @@ import torch
 import torchio as tio
 from scipy.spatial.transform import Rotation
 
+from data_modules.cohort import raw_subject
 from data_modules.datamodule import FemurDataModule
 from data_modules.errors import UserError
 from data_modules.localisation import FemurLocator, box_center_mm, rotation_matrix
@@ -81,7 +82,7 @@ def test_the_template_is_built_from_training_scans_only(fold0):
     train = set(fold0.subject_ids("train"))
     assert len(fold0.locator.stats["volume_ml"]) == len(train)
     rows = fold0.table[fold0.table["subject_id"].isin(train)]
-    again = FemurLocator.build([fold0.make_subject(r) for _, r in rows.iterrows()], fold0.hparams.hu_window,
+    again = FemurLocator.build([raw_subject(r) for _, r in rows.iterrows()], fold0.hparams.hu_window,
                                max_rotation=20.0)
     assert np.array_equal(again.template, fold0.locator.template)
     restored = FemurLocator.from_state_dict(fold0.state_dict()["locator"])  # what a checkpoint carries
@@ -218,7 +219,7 @@ def test_the_roi_turns_with_the_patient(fold0):
     """A patient turned 12 degrees: the locator finds the turn and the ROI shows the femur as in the original scan; an
     axis-aligned ROI (``roi_max_rotation: 0``) does not."""
     row = fold0.table.set_index("subject_id").loc[fold0.subject_ids("test")[0]]
-    subject = fold0.make_subject(row.rename_axis(None).to_frame().T.assign(subject_id=row.name).iloc[0])
+    subject = raw_subject(row.rename_axis(None).to_frame().T.assign(subject_id=row.name).iloc[0])
     original, turned = fold0.preprocess(subject), fold0.preprocess(reframe(subject, Framing("t", degrees=(0, 0, 12))))
     found = turned["roi_rotation"] @ original["roi_rotation"].T  # the turn between the two scans' poses
     assert np.degrees(Rotation.from_matrix(found.T @ rotation_matrix((0, 0, 12))).magnitude()) < 4.0

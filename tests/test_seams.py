@@ -20,7 +20,7 @@ import torch
 import torchio as tio
 
 import stvnet.evaluation
-import stvnet.lightning_module
+import stvnet.validation_rows
 from data_modules.datamodule import FemurDataModule, default_manifest
 from data_modules.transforms import RoiCrop, preprocessing, sampler
 from stvnet.callbacks import Stage, StageSchedule
@@ -102,7 +102,7 @@ class _SpacingRecorder:
 
 def test_validation_metrics_get_the_roi_spacing_in_array_order(tiny_cohort, tmp_path, monkeypatch):
     recorder = _SpacingRecorder(evaluate_case)
-    monkeypatch.setattr(stvnet.lightning_module, "evaluate_case", recorder)
+    monkeypatch.setattr(stvnet.validation_rows, "evaluate_case", recorder)
     dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", target_spacing=(3.0, 4.0, 5.0)))
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, limit_val_batches=2)
     trainer.validate(FemurSegmenter(VNet(base_channels=4, depth=2, kernel_size=3)), datamodule=dm)

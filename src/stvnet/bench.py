@@ -21,9 +21,9 @@ import multiprocessing as mp
 import os
 import platform
 import resource
+import shutil
 import socket
 import statistics
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -315,6 +315,7 @@ def _ddp_rank(rank: int, world: int, port: int, cfg: BenchConfig, queue: mp.Queu
         times[label] = timeit(step, max(cfg.ddp_steps, 1))
     if rank == 0:
         queue.put(times)
+    dist.barrier()  # both ranks leave together: a gloo rank whose peer has gone can hang in its teardown
     dist.destroy_process_group()
 
 
@@ -327,7 +328,9 @@ def bench_ddp(cfg: BenchConfig) -> list[dict]:
         proc.start()
     times = queue.get(timeout=1200)
     for proc in procs:
-        proc.join()
+        proc.join(timeout=60)
+        if proc.is_alive():  # its result is in: a rank stuck in gloo's teardown must not hold the bench
+            proc.terminate()
     plain = times.pop("plain")
     return [{"what": f"DDP step, 2 gloo ranks, ST-V-Net 2x1x{cfg.roi}^3, {label}", "ours": t, "reference": plain,
              "unit": "s", "ratio": plain / t, "reference_name": "DDP find_unused_parameters=False, all parts training"}

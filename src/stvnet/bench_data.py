@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -154,24 +155,47 @@ def _bench_cohort(cfg: BenchConfig, manifest: Path, n: int, data: dict, width: d
     child.join()
     x = torch.randn(batch_size, 1, *roi)
     step = timeit(_train_step_fn(VNet(**width), x), repeats=1)
-    model_rate = batch_size / step
+    return CohortMeasures(n, cores, serial, parallel, warm, main, workers, loader_rate, batch_size / step,
+                          batch_size, tuple(roi)).rows()
 
-    scale, size = PAPER_SCANS / n, f"{n} scans"
-    worker_rss = max(workers) if workers else float("nan")
-    return [
-        {"what": f"cache build, {size}, {cores} workers (397 scans: {parallel * scale / 60:.1f} min, once for all "
-                 f"ranks)", "ours": parallel / n, "reference": serial / n / cores, "unit": "s/scan",
-         "ratio": serial / cores / parallel, "reference_name": f"serial {serial / n:.2f} s/scan / cores (ideal)"},
-        {"what": f"warm start to first batch, {size} (397 scans: ~{warm * scale:.0f} s per rank)", "ours": warm,
-         "reference": 30.0 / scale, "unit": "s", "ratio": 30.0 / scale / warm,
-         "reference_name": "30 s target for 397 scans, scaled"},
-        {"what": f"main-process peak RSS, {size} (x{RANKS} ranks: {RANKS * main / 1024:.1f} GiB)", "ours": main,
-         "reference": float("nan"), "unit": "MiB", "ratio": float("nan"), "reference_name": "-"},
-        {"what": f"loader worker peak RSS, {size} ({len(workers)} workers; x{RANKS} ranks: "
-                 f"{RANKS * len(workers) * worker_rss / 1024:.1f} GiB)", "ours": worker_rss,
-         "reference": float("nan"), "unit": "MiB", "ratio": float("nan"), "reference_name": "-"},
-        {"what": f"loader vs V-Net train step {tuple(roi)} x {batch_size}, {size}",
-         "ours": loader_rate, "reference": model_rate, "unit": "samples/s", "ratio": loader_rate / model_rate,
-         "reference_name": "model consumption on this machine"},
-    ]
+
+@dataclass
+class CohortMeasures:
+    """What the data bench measured for one cohort size (times in s, memory in MiB, rates in samples/s)."""
+
+    n: int
+    cores: int
+    serial: float  # cache build with one worker
+    parallel: float  # cache build with every core
+    warm: float  # a fresh training process's start to its first batch, cache built
+    main: float  # its main process's peak RSS
+    workers: list[float]  # its loader workers' peak RSS
+    loader_rate: float
+    model_rate: float  # the V-Net's training step on this machine
+    batch_size: int
+    roi: tuple
+
+    def rows(self) -> list[dict]:
+        """The bench table's rows, each extrapolated to the paper's 397 scans and RANKS ranks."""
+        n, cores, serial, parallel, warm, main, workers = (self.n, self.cores, self.serial, self.parallel, self.warm,
+                                                           self.main, self.workers)
+        loader_rate, model_rate, batch_size, roi = self.loader_rate, self.model_rate, self.batch_size, self.roi
+        scale, size = PAPER_SCANS / n, f"{n} scans"
+        worker_rss = max(workers) if workers else float("nan")
+        return [
+            {"what": f"cache build, {size}, {cores} workers (397 scans: {parallel * scale / 60:.1f} min, once for all "
+                     f"ranks)", "ours": parallel / n, "reference": serial / n / cores, "unit": "s/scan",
+             "ratio": serial / cores / parallel, "reference_name": f"serial {serial / n:.2f} s/scan / cores (ideal)"},
+            {"what": f"warm start to first batch, {size} (397 scans: ~{warm * scale:.0f} s per rank)", "ours": warm,
+             "reference": 30.0 / scale, "unit": "s", "ratio": 30.0 / scale / warm,
+             "reference_name": "30 s target for 397 scans, scaled"},
+            {"what": f"main-process peak RSS, {size} (x{RANKS} ranks: {RANKS * main / 1024:.1f} GiB)", "ours": main,
+             "reference": float("nan"), "unit": "MiB", "ratio": float("nan"), "reference_name": "-"},
+            {"what": f"loader worker peak RSS, {size} ({len(workers)} workers; x{RANKS} ranks: "
+                     f"{RANKS * len(workers) * worker_rss / 1024:.1f} GiB)", "ours": worker_rss,
+             "reference": float("nan"), "unit": "MiB", "ratio": float("nan"), "reference_name": "-"},
+            {"what": f"loader vs V-Net train step {tuple(roi)} x {batch_size}, {size}",
+             "ours": loader_rate, "reference": model_rate, "unit": "samples/s", "ratio": loader_rate / model_rate,
+             "reference_name": "model consumption on this machine"},
+        ]
 

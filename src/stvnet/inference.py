@@ -9,15 +9,16 @@ thresholded, so the mask lines up with the scan whatever its orientation and spa
 
 from __future__ import annotations
 
+import functools
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 import torch
 import torchio as tio
+from scipy import ndimage
 
 from data_modules.errors import MissingInput, UserError
 from data_modules.localisation import FemurLocator
@@ -40,14 +41,21 @@ class CheckpointInfo:
 
 def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
     """Read a ``stvnet train`` checkpoint's epoch, stage and data record (without building the model; memory-mapped,
-    so the weights are not read)."""
+    so the weights are not read). Read once per file and command: finding a run's checkpoint, describing the run and
+    building its predictor share the read (a rewritten file is read again)."""
+    stat = Path(path).stat() if Path(path).is_file() else None
+    return _read_checkpoint_info(Path(path), stat.st_mtime_ns if stat else None, stat.st_size if stat else None)
+
+
+@functools.lru_cache(maxsize=256)
+def _read_checkpoint_info(path: Path, mtime_ns: int | None, size: int | None) -> CheckpointInfo:
     ckpt = load_checkpoint(path)
     stage = ckpt.get("stvnet_stage") or {}
     schedule = (ckpt.get("callbacks") or {}).get("StageSchedule")
     final = schedule is None or stage.get("index") == len(schedule["stages"]) - 1
     record = ckpt.get("FemurDataModule")
     locator = FemurLocator.from_state_dict(record["locator"]) if record and record.get("locator") else None
-    return CheckpointInfo(Path(path), int(ckpt.get("epoch", -1)), str(stage.get("name", "single")), final,
+    return CheckpointInfo(path, int(ckpt.get("epoch", -1)), str(stage.get("name", "single")), final,
                           dict(ckpt.get("datamodule_hyper_parameters") or {}), record, locator)
 
 

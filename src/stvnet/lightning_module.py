@@ -23,11 +23,10 @@ from torch import nn
 from data_modules.folds import check_same_split
 from stvnet.init_weights import load_vnet_weights
 from stvnet.losses import segmentation_loss, soft_dice_loss
-from stvnet.metrics import dice, evaluate_case
 from stvnet.prior_handover import hand_over_prior
 from stvnet.schedules import warmup_cosine
-from stvnet.validation_rows import gather_unique
 from stvnet.stages import ActiveStage
+from stvnet.validation_rows import case_rows, epoch_means, gather_unique
 
 STAGE_KEY = "stvnet_stage"
 #: set while load_from_checkpoint rebuilds a module (its init_weights file is then not needed)
@@ -214,25 +213,8 @@ class FemurSegmenter(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        image = batch["image"][tio.DATA].float()
-        out = self(image)
-        prob = torch.sigmoid(out["logits"])
-        target = batch["label"][tio.DATA] > 0
-        affine = torch.as_tensor(batch["image"][tio.AFFINE][0], dtype=torch.float64)
-        spacing = torch.linalg.norm(affine[:3, :3], dim=0).tolist()
-        pred = (prob > self.threshold).cpu().numpy()
-        gt = target.cpu().numpy()
-        for i in range(image.shape[0]):
-            # the loss is a per-subject row like the metrics, so DDP's padded duplicates are dropped before averaging
-            loss = segmentation_loss(out["logits"][i:i + 1], target[i:i + 1].float(), self.loss_kind)
-            row = {"subject_id": batch["subject_id"][i], "sex": batch["sex"][i], "loss": float(loss)}
-            if self.surface_metrics:
-                row.update(evaluate_case(pred[i, 0], gt[i, 0], spacing))
-            else:
-                row["dice"] = dice(pred[i, 0], gt[i, 0])
-            if "prior" in out:
-                row["prior_dice"] = dice((out["prior"][i, 0] > 0.5).cpu().numpy(), gt[i, 0])
-            self._val_rows.append(row)
+        out = self(batch["image"][tio.DATA].float())
+        self._val_rows += case_rows(out, batch, self.threshold, self.loss_kind, self.surface_metrics)
 
     def on_validation_epoch_start(self) -> None:
         self._val_rows = []
@@ -242,15 +224,9 @@ class FemurSegmenter(L.LightningModule):
         if not rows:
             return
         table = pd.DataFrame(rows)
-        metrics = [c for c in table.columns if c not in ("subject_id", "sex")]
-        for m in metrics:
-            self.log(f"val/{m}", float(table[m].mean()), prog_bar=m == "dice", sync_dist=False, rank_zero_only=False)
+        for name, value in epoch_means(table).items():
+            self.log(f"val/{name}", value, prog_bar=name == "dice", sync_dist=False, rank_zero_only=False)
         self.log("val/stage", float(self.stage.index), sync_dist=False)  # which stage each validation row is from
-        self.log("val/subjects", float(len(table)), sync_dist=False)
-        for sex, name in (("M", "male"), ("F", "female")):
-            part = table[table["sex"] == sex]
-            if len(part):
-                self.log(f"val/dice_{name}", float(part["dice"].mean()), sync_dist=False)
         if not self.trainer.sanity_checking:
             extra = f", HD95 {table['hd95'].mean():.2f} mm" if "hd95" in table else ""
             rank_zero_info(

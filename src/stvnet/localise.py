@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import torchio as tio
 
+from data_modules.cohort import raw_subject
 from data_modules.datamodule import FemurDataModule
 from data_modules.localisation import box_center_mm
 from data_modules.reframe import FRAMINGS, Framing, reframe
@@ -30,11 +31,10 @@ def measure(datamodule: FemurDataModule, framings: tuple[Framing, ...] = FRAMING
     if datamodule.locator is None:
         raise ValueError("localisation is measured for --data.roi_locator template with a roi_size")
     table = datamodule.table
-    assert table is not None
     held_out = set(datamodule.subject_ids("val")) | set(datamodule.subject_ids("test"))
     rows = []
     for _, row in table[table["subject_id"].isin(held_out)].iterrows():
-        subject = datamodule.make_subject(row)
+        subject = raw_subject(row)
         for framing in framings:
             framed = reframe(subject, framing)
             roi = datamodule.preprocess(framed)  # locates the femur (LocateFemur) and crops around it (RoiCrop)

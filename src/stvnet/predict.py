@@ -72,18 +72,24 @@ def mirrored(image: Path, folder: Path) -> Path:
     return out
 
 
+def check_options(threshold: float, out: Path, side: str) -> None:
+    """Refuse, before anything is read or written, a threshold that is not a probability, an ``--out`` that is a
+    file and a side other than left or right."""
+    if side not in ("left", "right"):
+        raise InvalidInput(f"--side {side}: must be 'left' or 'right'")
+    if not 0.0 < threshold < 1.0:
+        raise InvalidInput(f"--threshold {threshold}: must be a probability in (0, 1), e.g. 0.5")
+    if out.exists() and not out.is_dir():
+        raise InvalidInput(f"--out {out}: is a file; give a folder for the masks")
+
+
 def predict(inputs: list[str], checkpoints: list[str], out: str | Path, threshold: float = 0.5,
             keep_largest: bool = False, overwrite: bool = False, device: str = "auto",
             side: str = "left") -> tuple[list[Path], list[str], int]:
     """Write ``<out>/<name>.nii.gz`` masks with a QC record each (``<name>.qc.json``, ``qc.csv``); returns the written
     masks, one error line per failed input and the number of scans QC flagged (each flag is printed on stderr)."""
-    if side not in ("left", "right"):
-        raise ValueError(f"side must be 'left' or 'right', got '{side}'")
     out = Path(out)
-    if not 0.0 < threshold < 1.0:
-        raise InvalidInput(f"--threshold {threshold}: must be a probability in (0, 1), e.g. 0.5")
-    if out.exists() and not out.is_dir():
-        raise InvalidInput(f"--out {out}: is a file; give a folder for the masks")
+    check_options(threshold, out, side)
     items = collect_inputs(inputs)
     resolved_inputs = {p.resolve() for _, p in items}
     predictors = [Predictor.from_checkpoint(find_checkpoint(c), device=device) for c in checkpoints]

@@ -1,11 +1,51 @@
-"""Per-subject validation rows across DDP ranks: a distributed sampler pads the last batch with repeated subjects,
-so rows are gathered from every rank and each subject is kept once before anything is averaged."""
+"""Per-subject validation rows: one row of metrics per validated subject, in mm of the ROI's own spacing; across DDP
+ranks (a distributed sampler pads the last batch with repeated subjects) rows are gathered from every rank and each
+subject is kept once before anything is averaged."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import pandas as pd
+import torch
 import torch.distributed as dist
+import torchio as tio
+
+from stvnet.losses import segmentation_loss
+from stvnet.metrics import dice, evaluate_case
+
+
+def case_rows(out: dict[str, torch.Tensor], batch: dict, threshold: float, loss_kind: str,
+              surface_metrics: bool) -> list[dict[str, Any]]:
+    """One row per subject of a validation batch: id, sex, its loss, Dice (and sensitivity, specificity, HD, HD95,
+    ASSD with ``surface_metrics``) of the thresholded prediction, and the warped prior's Dice for an ST-V-Net."""
+    target = batch["label"][tio.DATA] > 0
+    affine = torch.as_tensor(batch["image"][tio.AFFINE][0], dtype=torch.float64)
+    spacing = torch.linalg.norm(affine[:3, :3], dim=0).tolist()
+    pred = (torch.sigmoid(out["logits"]) > threshold).cpu().numpy()
+    gt = target.cpu().numpy()
+    rows = []
+    for i in range(gt.shape[0]):
+        # the loss is a per-subject row like the metrics, so DDP's padded duplicates are dropped before averaging
+        loss = segmentation_loss(out["logits"][i:i + 1], target[i:i + 1].float(), loss_kind)
+        row = {"subject_id": batch["subject_id"][i], "sex": batch["sex"][i], "loss": float(loss)}
+        row.update(evaluate_case(pred[i, 0], gt[i, 0], spacing) if surface_metrics else {"dice": dice(pred[i, 0], gt[i, 0])})
+        if "prior" in out:
+            row["prior_dice"] = dice((out["prior"][i, 0] > 0.5).cpu().numpy(), gt[i, 0])
+        rows.append(row)
+    return rows
+
+
+def epoch_means(table: pd.DataFrame) -> dict[str, float]:
+    """What a validation epoch logs: the mean of every metric over subjects, the number of subjects, and the mean
+    Dice of each sex present."""
+    means = {m: float(table[m].mean()) for m in table.columns if m not in ("subject_id", "sex")}
+    means["subjects"] = float(len(table))
+    for sex, name in (("M", "male"), ("F", "female")):
+        part = table[table["sex"] == sex]
+        if len(part):
+            means[f"dice_{name}"] = float(part["dice"].mean())
+    return means
 
 
 def gather_unique(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
