@@ -59,10 +59,9 @@ def run_subjects(run_dir: Path, info: CheckpointInfo) -> tuple[dict[str, list[st
     """A run's own subjects and manifest: its ``splits.json``, else the record in its checkpoint. Never recomputed
     from a splits folder (a path relative to wherever the command was started)."""
     record = run_dir / "splits.json"
-    fold = int(info.data_hparams.get("fold", 0))
-    if record.is_file():
+    if record.is_file():  # written by stvnet train with the run's fold and manifest
         splits = json.loads(record.read_text())
-        return fold_subjects(splits, int(splits.get("fold", fold))), str(splits.get("manifest") or "")
+        return fold_subjects(splits, int(splits["fold"])), str(splits["manifest"])
     if info.split and "subjects" in info.split:
         return info.split["subjects"], str(info.data_hparams.get("manifest") or "")
     raise MissingInput(f"{info.path}: neither {record} nor the checkpoint records the run's subjects; "
