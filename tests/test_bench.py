@@ -44,3 +44,21 @@ def test_gpu_config_memory_grows_with_the_roi():
     small, large = (bench_gpu_memory(BenchConfig(gpu_roi=roi)) for roi in (24, 32))
     for a, b in zip(small, large):
         assert "GPU memory gpu/" in a["what"] and b["ours"] > a["ours"] > 0
+
+
+def test_a_child_that_dies_without_a_result_fails_the_bench_at_once():
+    """A benchmark child that crashes (here: exits with status 3 before reporting) is one error naming its exit
+    code within seconds, not a wait for the section's whole timeout."""
+    import multiprocessing as mp
+    import sys
+    import time
+
+    from stvnet.bench import await_result
+
+    ctx = mp.get_context("spawn")
+    child = ctx.Process(target=sys.exit, args=(3,))
+    child.start()
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match=r"ended without a result \(exit codes \[3\]\)"):
+        await_result([child], ctx.Queue(), timeout=600)
+    assert time.monotonic() - t0 < 60

@@ -20,6 +20,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import platform
+import queue as queue_module
 import resource
 import shutil
 import socket
@@ -274,8 +275,7 @@ def bench_memory(cfg: BenchConfig) -> list[dict]:
         queue = ctx.Queue()
         proc = ctx.Process(target=_peak_rss_child, args=(kind, cfg, queue))
         proc.start()
-        peak = queue.get(timeout=600)
-        proc.join()
+        peak = await_result([proc], queue, timeout=600)
         rows.append({"what": f"peak RSS {kind} (CPU config, {cfg.roi}^3)", "ours": peak, "reference": float("nan"),
                      "unit": "MiB", "ratio": float("nan"), "reference_name": "-"})
     return rows
@@ -319,6 +319,26 @@ def _ddp_rank(rank: int, world: int, port: int, cfg: BenchConfig, queue: mp.Queu
     dist.destroy_process_group()
 
 
+def await_result(procs: list[mp.process.BaseProcess], queue: mp.Queue, timeout: float) -> object:
+    """The first result a child process puts on ``queue``, or one line if they all exit without one (a crashed
+    child must not leave the bench waiting for ``timeout``); children still alive after it are given a minute to
+    leave and then terminated."""
+    deadline = time.monotonic() + timeout
+    result = None
+    while result is None:
+        try:
+            result = queue.get(timeout=2.0)
+        except queue_module.Empty:
+            if not any(p.is_alive() for p in procs) or time.monotonic() > deadline:
+                codes = [p.exitcode for p in procs]
+                raise RuntimeError(f"benchmark child processes ended without a result (exit codes {codes})") from None
+    for proc in procs:
+        proc.join(timeout=60)
+        if proc.is_alive():  # its result is in: a rank stuck in gloo's teardown must not hold the bench
+            proc.terminate()
+    return result
+
+
 def bench_ddp(cfg: BenchConfig) -> list[dict]:
     """What ``find_unused_parameters=True`` costs per DDP step (2 gloo ranks, CPU configuration of ST-V-Net)."""
     ctx = mp.get_context("spawn")
@@ -326,11 +346,7 @@ def bench_ddp(cfg: BenchConfig) -> list[dict]:
     procs = [ctx.Process(target=_ddp_rank, args=(r, 2, port, cfg, queue)) for r in range(2)]
     for proc in procs:
         proc.start()
-    times = queue.get(timeout=1200)
-    for proc in procs:
-        proc.join(timeout=60)
-        if proc.is_alive():  # its result is in: a rank stuck in gloo's teardown must not hold the bench
-            proc.terminate()
+    times = await_result(procs, queue, timeout=1200)
     plain = times.pop("plain")
     return [{"what": f"DDP step, 2 gloo ranks, ST-V-Net 2x1x{cfg.roi}^3, {label}", "ours": t, "reference": plain,
              "unit": "s", "ratio": plain / t, "reference_name": "DDP find_unused_parameters=False, all parts training"}

@@ -23,7 +23,14 @@ import pandas as pd
 import torch
 
 from data_modules.errors import InvalidInput
-from stvnet.bench import BenchConfig, _train_step_fn, cpu_width, peak_rss_mib, timeit
+from stvnet.bench import (
+    BenchConfig,
+    _train_step_fn,
+    await_result,
+    cpu_width,
+    peak_rss_mib,
+    timeit,
+)
 from stvnet.models import VNet
 from stvnet.training import resolved_config
 
@@ -151,8 +158,7 @@ def _bench_cohort(cfg: BenchConfig, manifest: Path, n: int, data: dict, width: d
     child = ctx.Process(target=_warm_start, args=({**kwargs, "cache_dir": str(work / "parallel")}, cfg.loader_batches,
                                                   queue))
     child.start()
-    warm, loader_rate, main, workers, batch_size, roi = queue.get(timeout=3600)
-    child.join()
+    warm, loader_rate, main, workers, batch_size, roi = await_result([child], queue, timeout=3600)
     x = torch.randn(batch_size, 1, *roi)
     step = timeit(_train_step_fn(VNet(**width), x), repeats=1)
     return CohortMeasures(n, cores, serial, parallel, warm, main, workers, loader_rate, batch_size / step,
