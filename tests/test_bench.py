@@ -19,7 +19,8 @@ def test_tiny_bench_produces_a_table_with_ratios(tiny_cohort, tmp_path):
     for what in ("V-Net train step", "ST-V-Net vs V-Net", "inference one ROI", "sliding window", "metric set",
                  "loader vs model", "cache build, 8 scans", "cache build, 14 scans", "warm start to first batch, 14",
                  "loader worker peak RSS, 14 scans (1 workers", "loader vs V-Net train step", "peak RSS train",
-                 "peak RSS inference", "DDP step, 2 gloo ranks"):
+                 "peak RSS inference", "DDP step, 2 gloo ranks", "first start of a fold to first batch",
+                 "warm start, fitted"):
         assert what in names
     # every comparison has a finite positive ratio
     for line in lines:
@@ -62,3 +63,20 @@ def test_a_child_that_dies_without_a_result_fails_the_bench_at_once():
     with pytest.raises(RuntimeError, match=r"ended without a result \(exit codes \[3\]\)"):
         await_result([child], ctx.Queue(), timeout=600)
     assert time.monotonic() - t0 < 60
+
+
+def test_start_up_figures_are_fitted_over_the_cohort_sizes_and_read_at_397_scans():
+    """a + b·n through the measured sizes, evaluated at the paper's 397 scans: the fixed start and the part that
+    grows with the cohort, not one size's figure scaled by 397 / n."""
+    from stvnet.bench_data import CohortMeasures, fitted_rows
+
+    def measured(n: int) -> CohortMeasures:
+        return CohortMeasures(n, 2, 1.0, 1.0, first=5.0 + 0.5 * n, warm=12.0 + 0.01 * n, main=600.0, workers=[900.0],
+                              loader_rate=1.0, model_rate=1.0, batch_size=2, roi=(8, 8, 8))
+
+    assert fitted_rows([measured(10)]) == []  # one size fits nothing
+    rows = {r["what"].split(",")[0]: r for r in fitted_rows([measured(10), measured(40), measured(100)])}
+    assert rows["first start of a fold"]["ours"] == pytest.approx(5.0 + 0.5 * 397)
+    assert rows["warm start"]["ours"] == pytest.approx(12.0 + 0.01 * 397)
+    assert rows["main-process peak RSS"]["ours"] == pytest.approx(600.0)
+    assert "over 10, 40, 100 scans" in rows["warm start"]["what"]
