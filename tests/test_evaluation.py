@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -226,7 +227,9 @@ def test_the_report_files_hold_the_sex_specific_comparison(tmp_path):
 
 def test_a_run_is_scored_in_each_labels_own_grid_and_its_masks_saved(tmp_path):
     """score_run on a label stored as X x Y x Z x 1 at 2 x 1 x 3 mm: the mask (the label moved one voxel along z)
-    is scored against the label reshaped to 3D, in mm of the label's own spacing, and saved as given."""
+    is scored against the label reshaped to 3D, in mm of the label's own spacing, and saved as given (its voxels and
+    the predictor's affine), one file per subject; each row names the subject, its scan, label, sex, the run's
+    model, fold, training cohort and checkpoint."""
     import nibabel as nib
 
     from stvnet.evaluation import RunInfo, score_run
@@ -236,18 +239,27 @@ def test_a_run_is_scored_in_each_labels_own_grid_and_its_masks_saved(tmp_path):
     affine = np.diag([2.0, 1.0, 3.0, 1.0])
     nib.save(nib.Nifti1Image(truth[..., None], affine), str(tmp_path / "label.nii.gz"))
     moved = np.roll(truth, 1, axis=2)
+    mask_affine = affine.copy()
+    mask_affine[:3, 3] = (5.0, -6.0, 7.0)
 
     class Predictor:
         def segment(self, image):
-            return moved, affine
+            return moved, mask_affine
 
-    info = RunInfo(tmp_path / "x.ckpt", "vnet", 2, "all", {}, 7, "single", {"test": ["s1"]}, "")
-    table = pd.DataFrame({"image": ["scan.nii.gz"], "label": [str(tmp_path / "label.nii.gz")], "sex": ["F"]},
-                         index=pd.Index(["s1"], name="subject_id"))
-    (row,) = score_run(info, table, Predictor(), "test", tmp_path / "masks", keep_largest=False)
-    assert row["dice"] == pytest.approx(2 * 5 / 12) and row["hd"] == pytest.approx(3.0)  # one slice of 3 mm
-    assert (row["subject_id"], row["fold"], row["split"], row["ckpt_epoch"]) == ("s1", 2, "test", 7)
-    assert np.array_equal(np.asanyarray(nib.load(str(tmp_path / "masks" / "s1.nii.gz")).dataobj), moved)
+    info = RunInfo(tmp_path / "x.ckpt", "vnet-female", 2, "female", {}, 7, "finetune", {"test": ["s1", "s2"]}, "")
+    label = str(tmp_path / "label.nii.gz")
+    table = pd.DataFrame({"image": ["a.nii.gz", "b.nii.gz"], "label": [label, label], "sex": ["F", "F"]},
+                         index=pd.Index(["s1", "s2"], name="subject_id"))
+    rows = score_run(info, table, Predictor(), "test", tmp_path / "masks", keep_largest=False)
+    assert [r["subject_id"] for r in rows] == ["s1", "s2"]
+    for row, image in zip(rows, ("a.nii.gz", "b.nii.gz")):
+        assert row["dice"] == pytest.approx(2 * 5 / 12) and row["hd"] == pytest.approx(3.0)  # one slice of 3 mm
+        assert {k: row[k] for k in ("fold", "model", "split", "cohort", "image", "label", "sex", "ckpt_epoch",
+                                    "ckpt_stage")} == {
+            "fold": 2, "model": "vnet-female", "split": "test", "cohort": "female", "image": image, "label": label,
+            "sex": "F", "ckpt_epoch": 7, "ckpt_stage": "finetune"}
+        saved = nib.load(str(tmp_path / "masks" / f"{row['subject_id']}.nii.gz"))
+        assert np.array_equal(np.asanyarray(saved.dataobj), moved) and np.allclose(saved.affine, mask_affine)
 
 
 GOLDEN_REPORT = Path(__file__).parent / "golden" / "report.md"
@@ -266,3 +278,57 @@ def test_the_report_reads_exactly_as_the_golden_file():
         GOLDEN_REPORT.parent.mkdir(exist_ok=True)
         GOLDEN_REPORT.write_text(md)
     assert md == GOLDEN_REPORT.read_text()
+
+
+def test_evaluate_runs_writes_what_its_defaults_promise(tiny_cohort, tmp_path, monkeypatch):
+    """evaluate_runs end to end with a stand-in network (the label plus one stray voxel) on a hand-made run folder:
+    by default it creates a nested --out, saves the raw masks (stray voxel kept, so DSC < 1), writes summary.csv as
+    summarize() gives it and draws figures; keep_largest scores the largest component (DSC 1); save_masks and
+    figures off write neither; the device reaches the checkpoint loader; a non-empty --out is refused."""
+    import nibabel as nib
+    import yaml
+
+    import stvnet.evaluation
+    from tests.test_checkpoint_records import write_checkpoint
+
+    manifest = pd.read_csv(tiny_cohort)
+    subjects = list(manifest["subject_id"])
+    label_of = {Path(i).name: tiny_cohort.parent / lab for i, lab in zip(manifest["image"], manifest["label"])}
+    run = tmp_path / "runs" / "vnet" / "all" / "fold0" / "t"
+    write_checkpoint(run / "checkpoints" / "last.ckpt", stage=None, fold=0, cohort="all")
+    (run / "config.yaml").write_text(yaml.safe_dump({"run": {"name": "vnet"}}))
+    (run / "splits.json").write_text(json.dumps({"folds": [{"train": subjects[3:], "val": subjects[2:3]}],
+                                                 "test": subjects[:2], "fold": 0, "manifest": str(tiny_cohort)}))
+    devices = []
+
+    class StrayVoxelPredictor:
+        @classmethod
+        def from_checkpoint(cls, path, device="auto"):
+            devices.append(device)
+            return cls()
+
+        def segment(self, image):
+            label = nib.load(label_of[Path(image).name])
+            mask = np.asanyarray(label.dataobj).astype(np.uint8)
+            mask[0, 0, 0] = 1
+            return mask, label.affine
+
+    monkeypatch.setattr(stvnet.evaluation, "Predictor", StrayVoxelPredictor)
+    out = tmp_path / "a" / "b" / "eval"
+    table = evaluate_runs([run], out, device="cpu")
+    assert devices == ["cpu"] and list(table["subject_id"]) == subjects[:2]
+    assert (table["dice"] < 1.0).all()  # raw masks: the stray voxel is scored
+    assert sorted(p.name for p in (out / "predictions" / "vnet" / "fold0").iterdir()) == sorted(
+        f"{s}.nii.gz" for s in subjects[:2])
+    written = pd.read_csv(out / "summary.csv")
+    expected = summarize(table)
+    assert list(written.columns) == list(expected.columns)
+    assert np.allclose(written["dice_mean"], expected["dice_mean"]) and list(written["cohort"]) == list(expected["cohort"])
+    assert list(out.glob("*.png"))
+    largest = evaluate_runs([run], tmp_path / "lcc", keep_largest=True, figures=False)
+    assert (largest["dice"] == 1.0).all()
+    (tmp_path / "bare").mkdir()
+    evaluate_runs([run], tmp_path / "bare", save_masks=False, figures=False)
+    assert not (tmp_path / "bare" / "predictions").exists() and not list((tmp_path / "bare").glob("*.png"))
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
+        evaluate_runs([run], out)
