@@ -214,9 +214,16 @@ def test_the_report_files_hold_the_sex_specific_comparison(tmp_path):
     from stvnet.evaluation import write_report
 
     per_subject = _per_subject_with_a_female_model()
+    stvnet = per_subject[per_subject["model"] == "vnet"].assign(model="stvnet")
+    stvnet["dice"] += 0.01
+    per_subject = pd.concat([per_subject, stvnet], ignore_index=True)
     write_report(per_subject, tmp_path, figures=False)
     assert pd.read_csv(tmp_path / "per_subject.csv").equals(per_subject)
     tests = pd.read_csv(tmp_path / "paired_tests.csv")
+    assert list(tests.columns) == ["model_a", "model_b", "split", "cohort", "metric", "n_pairs", "median_diff",
+                                   "p_value", "comparison"]  # no index column
+    architecture = tests[tests["comparison"] == "architecture"]
+    assert set(zip(architecture["model_a"], architecture["model_b"])) == {("vnet", "stvnet")}
     sex_specific = tests[tests["comparison"] == "training cohort"]
     assert set(zip(sex_specific["model_a"], sex_specific["model_b"])) == {("vnet", "vnet-female")}
     women = per_subject[per_subject["sex"] == "F"].pivot(index="subject_id", columns="model", values="dice")
@@ -297,8 +304,8 @@ def test_evaluate_runs_writes_what_its_defaults_promise(tiny_cohort, tmp_path, m
     run = tmp_path / "runs" / "vnet" / "all" / "fold0" / "t"
     write_checkpoint(run / "checkpoints" / "last.ckpt", stage=None, fold=0, cohort="all")
     (run / "config.yaml").write_text(yaml.safe_dump({"run": {"name": "vnet"}}))
-    (run / "splits.json").write_text(json.dumps({"folds": [{"train": subjects[3:], "val": subjects[2:3]}],
-                                                 "test": subjects[:2], "fold": 0, "manifest": str(tiny_cohort)}))
+    (run / "splits.json").write_text(json.dumps({"folds": [{"train": subjects[4:], "val": subjects[3:4]}],
+                                                 "test": subjects[:3], "fold": 0, "manifest": str(tiny_cohort)}))
     devices = []
 
     class StrayVoxelPredictor:
@@ -316,15 +323,17 @@ def test_evaluate_runs_writes_what_its_defaults_promise(tiny_cohort, tmp_path, m
     monkeypatch.setattr(stvnet.evaluation, "Predictor", StrayVoxelPredictor)
     out = tmp_path / "a" / "b" / "eval"
     table = evaluate_runs([run], out, device="cpu")
-    assert devices == ["cpu"] and list(table["subject_id"]) == subjects[:2]
+    assert devices == ["cpu"] and list(table["subject_id"]) == subjects[:3]
     assert (table["dice"] < 1.0).all()  # raw masks: the stray voxel is scored
     assert sorted(p.name for p in (out / "predictions" / "vnet" / "fold0").iterdir()) == sorted(
-        f"{s}.nii.gz" for s in subjects[:2])
+        f"{s}.nii.gz" for s in subjects[:3])
     written = pd.read_csv(out / "summary.csv")
     expected = summarize(table)
     assert list(written.columns) == list(expected.columns)
     assert np.allclose(written["dice_mean"], expected["dice_mean"]) and list(written["cohort"]) == list(expected["cohort"])
-    assert list(out.glob("*.png"))
+    worst, median, best = table.sort_values("dice")["subject_id"]
+    assert {p.name for p in out.glob("*.png")} == {"boxplots.png", f"overlay_vnet_worst_{worst}.png",
+                                                   f"overlay_vnet_median_{median}.png", f"overlay_vnet_best_{best}.png"}
     largest = evaluate_runs([run], tmp_path / "lcc", keep_largest=True, figures=False)
     assert (largest["dice"] == 1.0).all()
     (tmp_path / "bare").mkdir()
