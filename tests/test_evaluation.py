@@ -13,6 +13,7 @@ import pytest
 
 from stvnet.cli import main as cli_main
 from stvnet.evaluation import (
+    PAPER_METRICS,
     architecture_pairs,
     evaluate_runs,
     paired_tests,
@@ -279,7 +280,11 @@ def test_the_report_reads_exactly_as_the_golden_file():
     per_subject = _per_subject_with_a_female_model()
     stvnet = per_subject[per_subject["model"] == "vnet"].assign(model="stvnet", ckpt_epoch=9)
     stvnet["dice"] += np.linspace(0.01, 0.06, len(stvnet))
-    per_subject = pd.concat([per_subject, stvnet], ignore_index=True)
+    # a male model sharing one subject with the pooled one: listed as not tested
+    male = stvnet[stvnet["subject_id"] == "m1"].assign(model="stvnet-male", cohort="male")
+    # validation rows first: splits and pairs are reported in the order evaluated, not sorted
+    val = pd.concat([per_subject[per_subject["model"] == "vnet"], stvnet]).assign(split="val")
+    per_subject = pd.concat([val, per_subject, stvnet, male], ignore_index=True)
     md = summary_markdown(summarize(per_subject), per_subject)
     if os.environ.get("STVNET_UPDATE_GOLDEN"):
         GOLDEN_REPORT.parent.mkdir(exist_ok=True)
@@ -341,3 +346,29 @@ def test_evaluate_runs_writes_what_its_defaults_promise(tiny_cohort, tmp_path, m
     assert not (tmp_path / "bare" / "predictions").exists() and not list((tmp_path / "bare").glob("*.png"))
     with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
         evaluate_runs([run], out)
+
+
+def test_summary_rows_of_a_cohort_without_one_sex_and_of_a_single_subject():
+    """A model scored on women only has no male row but still its female row; a cohort of one subject has sd 0."""
+    rows = [{"subject_id": f"f{i}", "sex": "F", "fold": 0, "model": "a", "split": "test", "dice": 0.8 + i / 100,
+             **{m: 0.5 for m in METRIC_KEYS if m != "dice"}} for i in range(3)]
+    rows += [{**r, "model": "b"} for r in rows] + [{**rows[0], "subject_id": "m0", "sex": "M", "model": "b"}]
+    summary = summarize(pd.DataFrame(rows)).set_index(["model", "cohort"])
+    assert sorted(summary.index) == [("a", "all"), ("a", "female"), ("b", "all"), ("b", "female"), ("b", "male")]
+    assert summary.loc[("a", "female"), "n"] == 3 and summary.loc[("b", "male"), "n"] == 1
+    assert summary.loc[("b", "male"), "dice_sd"] == 0.0
+
+
+def test_paired_tests_pair_test_subjects_across_folds_and_validation_subjects_within_a_fold():
+    """The held-out test subjects, scored by every fold's model, are paired once each (their mean over folds); a
+    validation subject is paired per fold (here v1 was validated in two folds, e.g. runs of two split seeds)."""
+    rows = []
+    for model, shift in (("a", 0.0), ("b", 0.01)):
+        for fold in (0, 1):
+            rows += [{"subject_id": f"t{i}", "sex": "F", "fold": fold, "model": model, "split": "test",
+                      **{m: 0.8 + shift + i / 100 + fold / 1000 for m in PAPER_METRICS}} for i in range(4)]
+            rows += [{"subject_id": sid, "sex": "F", "fold": fold, "model": model, "split": "val",
+                      **{m: 0.7 + shift + fold / 1000 for m in PAPER_METRICS}} for sid in (["v1", "v2"], ["v1", "v3"])[fold]]
+    tests = paired_tests(pd.DataFrame(rows))
+    n_pairs = tests[tests["cohort"] == "all"].groupby("split")["n_pairs"].first()
+    assert n_pairs.to_dict() == {"test": 4, "val": 4}  # t0..t3 once; (v1, 0), (v2, 0), (v1, 1), (v3, 1)
