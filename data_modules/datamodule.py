@@ -31,6 +31,11 @@ from data_modules.transforms import augmentation, preprocessing, sampler
 DEFAULT_SYNTHETIC_DIR = "data/synthetic"
 
 
+def manifest_in_use(manifest: str | Path | None, synthetic_dir: str | Path = DEFAULT_SYNTHETIC_DIR) -> Path:
+    """The manifest a run reads: the one given, else the synthetic cohort's under ``synthetic_dir``."""
+    return Path(manifest) if manifest else Path(synthetic_dir) / "manifest.csv"
+
+
 def default_manifest(synthetic_dir: str | Path = DEFAULT_SYNTHETIC_DIR, n_subjects: int = 40,
                      seed: int = 0) -> Path:  # pragma: no mutate block (a mutant regenerates a cohort: minutes each)
     """The embedded synthetic cohort's manifest, generated on first use."""
@@ -133,9 +138,7 @@ class FemurDataModule(L.LightningDataModule):
     @property
     def manifest_path(self) -> Path:
         """The manifest in use (the synthetic cohort's when none was given)."""
-        if self.manifest:
-            return Path(self.manifest)
-        return Path(self.hparams.synthetic_dir) / "manifest.csv"
+        return manifest_in_use(self.manifest, self.hparams.synthetic_dir)
 
     @property
     def table(self) -> pd.DataFrame:

@@ -160,3 +160,20 @@ def test_segment_thresholds_strictly_at_the_models_threshold_unless_told_otherwi
     assert predictor.segment("scan.nii.gz", threshold=0.5)[0].ravel().tolist() == [0, 0, 1, 1]
     half = ensemble_segment([FixedPredictor(prob)], "scan.nii.gz")[0]
     assert half.dtype == np.uint8 and half.ravel().tolist() == [0, 0, 1, 1]  # 0.5 is not above 0.5
+
+
+def test_a_checkpoint_outside_its_run_folder_is_named_by_its_file_and_read_from_its_own_record(tmp_path,
+                                                                                             monkeypatch):
+    """A .ckpt someone sent (in the working folder, beside another run's splits.json and config.yaml): named by its
+    file, its fold, cohort and subjects from the checkpoint itself; one without data settings is one line."""
+    monkeypatch.chdir(tmp_path)
+    write_checkpoint(Path("femur-model.ckpt"), cohort="female", manifest="from-hparams.csv")
+    (tmp_path / "splits.json").write_text(json.dumps({"folds": [{"train": ["x"], "val": ["y"]}], "test": ["z"],
+                                                      "fold": 0, "manifest": "other.csv"}))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"run": {"name": "other"}}))
+    info = describe_run("femur-model.ckpt")
+    assert (info.model, info.fold, info.cohort) == ("femur-model-female", 1, "female")
+    assert info.subjects == SUBJECTS and info.manifest == "from-hparams.csv"
+    torch.save({"epoch": 0, "state_dict": {}, "FemurDataModule": {"subjects": SUBJECTS}}, tmp_path / "bare.ckpt")
+    with pytest.raises(FileNotFoundError, match=r"bare\.ckpt: records no data settings \(fold, cohort\)"):
+        describe_run("bare.ckpt")

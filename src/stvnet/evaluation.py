@@ -26,7 +26,7 @@ import yaml
 from scipy import stats
 from tqdm.auto import tqdm
 
-from data_modules.datamodule import FemurDataModule
+from data_modules.datamodule import DEFAULT_SYNTHETIC_DIR, manifest_in_use
 from data_modules.errors import InvalidInput, MissingInput
 from data_modules.folds import fold_subjects
 from data_modules.manifest import filter_cohort, validate_manifest
@@ -55,49 +55,50 @@ class RunInfo:
     manifest: str
 
 
-def run_subjects(run_dir: Path, info: CheckpointInfo) -> tuple[dict[str, list[str]], str]:
-    """A run's own subjects and manifest: its ``splits.json``, else the record in its checkpoint. Never recomputed
-    from a splits folder (a path relative to wherever the command was started)."""
-    record = run_dir / "splits.json"
-    if record.is_file():  # written by stvnet train with the run's fold and manifest
+def run_subjects(run_dir: Path | None, info: CheckpointInfo) -> tuple[dict[str, list[str]], str]:
+    """A run's own subjects and manifest: its ``splits.json`` (``run_dir`` given: the checkpoint is in its run folder),
+    else the record in its checkpoint. Never recomputed from a splits folder (a path relative to wherever the command
+    was started)."""
+    record = run_dir / "splits.json" if run_dir is not None else None
+    if record is not None and record.is_file():  # written by stvnet train with the run's fold and manifest
         splits = json.loads(record.read_text())
         return fold_subjects(splits, int(splits["fold"])), str(splits["manifest"])
     if info.split and "subjects" in info.split:
         return info.split["subjects"], str(info.data_hparams.get("manifest") or "")
-    raise MissingInput(f"{info.path}: neither {record} nor the checkpoint records the run's subjects; "
-                            "evaluate the run folder written by stvnet train")
+    raise MissingInput(f"{info.path}: neither {record or 'a run folder'} nor the checkpoint records the run's "
+                       "subjects; evaluate the run folder written by stvnet train")
 
 
 def describe_run(run: str | Path) -> RunInfo:
     """Locate a run's checkpoint and read its model name (``run.name`` of its config, suffixed with the training
-    cohort when that is ``male`` or ``female``), fold, cohort, subjects and the epoch and stage evaluated."""
+    cohort when that is ``male`` or ``female``), fold, cohort, subjects and the epoch and stage evaluated. A checkpoint
+    outside its run folder is named by its file."""
     ckpt = find_checkpoint(run)
     info = read_checkpoint_info(ckpt)
-    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-    name = None
+    if "fold" not in info.data_hparams:
+        raise MissingInput(f"{ckpt}: records no data settings (fold, cohort); evaluate a checkpoint written by "
+                           "stvnet train")
+    in_run = ckpt.parent.name == "checkpoints"
+    run_dir = ckpt.parent.parent if in_run else ckpt.parent
     config = run_dir / "config.yaml"
-    if config.is_file():
-        name = (yaml.safe_load(config.read_text()).get("run") or {}).get("name")
-    if not name:
-        name = run_dir.parts[-4] if len(run_dir.parts) >= 4 else ckpt.stem
-    cohort = str(info.data_hparams.get("cohort", "all"))
+    name = (yaml.safe_load(config.read_text()).get("run") or {}).get("name") if in_run and config.is_file() else None
+    name = name or (run_dir.parts[-4] if in_run and len(run_dir.parts) >= 4 else ckpt.stem)
+    cohort = str(info.data_hparams["cohort"])
     model = str(name) if cohort == "all" else f"{name}-{cohort}"  # sex-specific models are models of their own
-    subjects, manifest = run_subjects(run_dir, info)
-    return RunInfo(ckpt, model, int(info.data_hparams.get("fold", 0)), cohort, info.data_hparams, info.epoch,
-                   info.stage, subjects, manifest)
+    subjects, manifest = run_subjects(run_dir if in_run else None, info)
+    return RunInfo(ckpt, model, int(info.data_hparams["fold"]), cohort, info.data_hparams, info.epoch, info.stage,
+                   subjects, manifest)
 
 
 def cohort_table(info: RunInfo, manifest: str | None) -> pd.DataFrame:
     """The validated manifest rows of a run's cohort, indexed by subject id."""
-    h = {k: v for k, v in info.data_hparams.items() if not k.startswith("_")}
-    path = manifest or info.manifest or h.get("manifest")
-    if not path:
-        path = FemurDataModule(**h).manifest_path
+    path = manifest or info.manifest or manifest_in_use(None, info.data_hparams.get("synthetic_dir",
+                                                                                    DEFAULT_SYNTHETIC_DIR))
     table = filter_cohort(validate_manifest(path), info.cohort)
     missing = sorted((set(info.subjects["test"]) | set(info.subjects["val"])) - set(table["subject_id"]))
     if missing:
         raise InvalidInput(f"{path}: {len(missing)} subject(s) of run {info.checkpoint} are not in this manifest "
-                         f"(e.g. {missing[0]}); pass the manifest the run was trained on with --manifest")
+                           f"(e.g. {missing[0]}); pass the manifest the run was trained on with --manifest")
     return table.set_index("subject_id")
 
 
