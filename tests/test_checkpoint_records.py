@@ -177,3 +177,18 @@ def test_a_checkpoint_outside_its_run_folder_is_named_by_its_file_and_read_from_
     torch.save({"epoch": 0, "state_dict": {}, "FemurDataModule": {"subjects": SUBJECTS}}, tmp_path / "bare.ckpt")
     with pytest.raises(FileNotFoundError, match=r"bare\.ckpt: records no data settings \(fold, cohort\)"):
         describe_run("bare.ckpt")
+
+
+def test_a_checkpoint_that_cannot_place_its_roi_or_is_not_a_stvnet_model_is_one_line(tmp_path):
+    """Refused before any weights are read: a template-located model without its template; refused with the
+    loader's exception named: a checkpoint whose hyper-parameters build no stvnet model."""
+    from data_modules.errors import UserError
+
+    no_template = write_checkpoint(tmp_path / "a.ckpt", roi_locator="template")
+    with pytest.raises(UserError, match=r"a\.ckpt: trained with --data\.roi_locator template but holds no femur "
+                                        r"template; retrain it"):
+        Predictor.from_checkpoint(no_template, device="cpu")
+    other = write_checkpoint(tmp_path / "b.ckpt", roi_locator="fraction")
+    with pytest.raises(UserError, match=r"b\.ckpt: not a checkpoint of a stvnet model \(KeyError: "
+                                        r".pytorch-lightning_version.\); give a \.ckpt written by stvnet train"):
+        Predictor.from_checkpoint(other)  # the default device: this machine's

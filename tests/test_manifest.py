@@ -140,3 +140,28 @@ def test_the_error_lists_one_line_per_problem():
     assert str(error) == ("cohort.csv: 2 problem(s):\n  - sub-1: label is empty (no femur voxels)\n"
                           "  - sub-2: no image path")
     assert error.problems == ["sub-1: label is empty (no femur voxels)", "sub-2: no image path"]
+
+
+def test_scan_problems_accept_sub_millimetre_and_singleton_4d_scans_and_name_the_rest(tmp_path):
+    """What predict checks before inference: a 0.7 mm scan and an X x Y x Z x 1 scan are fine; X x Y x Z x 2, 5-D,
+    a cut file and an unreadable file each give one line naming the scan and the cause."""
+    from data_modules.manifest import scan_problems
+
+    def scan(name: str, shape: tuple[int, ...]) -> Path:
+        path = tmp_path / f"{name}.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), np.diag([0.7, 0.7, 1.25, 1.0])), str(path))
+        return path
+
+    assert scan_problems("a", scan("a", (8, 8, 8))) == []
+    assert scan_problems("b", scan("b", (8, 8, 8, 1))) == []
+    for name, shape in (("c", (8, 8, 8, 2)), ("d", (8, 8, 8, 1, 1))):
+        (line,) = scan_problems(name, scan(name, shape))
+        assert line.startswith(f"{name}: ") and f"is not a 3D scan (shape {shape})" in line
+    cut = tmp_path / "f.nii.gz"
+    cut.write_bytes(scan("f", (32, 32, 32)).read_bytes()[:200])
+    (line,) = scan_problems("f", cut)
+    assert line.startswith("f: ") and ("cannot be read to its end" in line or "cannot read" in line)
+    (tmp_path / "g.nii.gz").write_text("not an image")
+    (line,) = scan_problems("g", tmp_path / "g.nii.gz")
+    assert line.startswith("g: cannot read ") and "as NIfTI, NRRD or a DICOM series (" in line
+    assert "(NoneType" not in line  # the reader's own exception is named

@@ -122,15 +122,15 @@ class Predictor:
         path = Path(path)
         dev = pick_device(device)
         info = read_checkpoint_info(path)  # one line if the file is no checkpoint at all
+        if info.data_hparams.get("roi_locator", "fraction") == "template" and info.locator is None:
+            raise UserError(f"{path}: trained with --data.roi_locator template but holds no femur template; "
+                            "retrain it with this version of stvnet train")
         try:
             model = FemurSegmenter.load_from_checkpoint(path, map_location=dev)
         except UNREADABLE as exc:  # e.g. another model's checkpoint
             raise UserError(f"{path}: not a checkpoint of a stvnet model ({type(exc).__name__}: {str(exc)[:200]}); "
                             "give a .ckpt written by stvnet train") from exc
         model.eval().to(dev)
-        if info.data_hparams.get("roi_locator", "fraction") == "template" and info.locator is None:
-            raise ValueError(f"{path}: trained with --data.roi_locator template but holds no femur template; "
-                             "retrain it with this version of stvnet train")
         return cls(model=model, data_hparams=info.data_hparams, locator=info.locator, device=dev)
 
     @property
