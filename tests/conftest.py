@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,14 +24,17 @@ EXPERIMENTS = ROOT / "experiments"
 EXPERIMENT_FILES = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "defaults.yaml" and "nets" not in p.parts)
 # under `make mutate`, the covering tests a mutant runs (fastest first) stop once their unmutated durations add up to
 # this many seconds: a mutant that only a slower test would kill counts as survived (the score errs low, not high)
-MUTATION_BUDGET_S = float(os.environ.get("STVNET_MUTATION_BUDGET_S", "12"))
+MUTATION_BUDGET_S = float(os.environ.get("STVNET_MUTATION_BUDGET_S", "8"))
+#: exit status mutmut reads as "timeout"
+MUTMUT_TIMEOUT_EXIT = 36
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under mutmut (a mutant named in ``MUTANT_UNDER_TEST``), run the covering tests fastest first, so that a mutant
     is killed by the cheapest test that can kill it (mutmut stops at the first failure), and no more of them than fit
     ``MUTATION_BUDGET_S`` (always the fastest one): a surviving mutant runs every test it keeps, and with all of them
-    a whole run does not fit the hour it may take on two cores."""
+    a whole run does not fit the hour it may take on two cores. A mutant that runs far past its kept tests' time (an
+    endless loop) ends as a timeout: mutmut's own limit is 15 times *all* covering tests, up to half an hour each."""
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
     stats = Path("mutmut-stats.json")
     if "__mutmut_" not in mutant or not stats.exists():
@@ -39,12 +43,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     ordered = sorted(items, key=lambda item: duration.get(item.nodeid, 0.0))
     kept, spent = [], 0.0
     for item in ordered:
-        spent += duration.get(item.nodeid, 0.0)
-        if kept and spent > MUTATION_BUDGET_S:
+        if kept and spent + duration.get(item.nodeid, 0.0) > MUTATION_BUDGET_S:
             break
+        spent += duration.get(item.nodeid, 0.0)
         kept.append(item)
     config.hook.pytest_deselected(items=ordered[len(kept):])
     items[:] = kept
+    signal.signal(signal.SIGALRM, lambda *_: os._exit(MUTMUT_TIMEOUT_EXIT))
+    signal.alarm(int(3 * spent) + 20)
 
 
 @pytest.fixture(scope="session")
