@@ -89,7 +89,7 @@ mutate: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 STVNET_TEST_COHORT_CACHE=$(CURDIR)/mutants-cohort STVNET_TEST_RUNS_CACHE=$(CURDIR)/mutants-runs $(BIN)/mutmut run --max-children $$(nproc) || true
 	mkdir -p mutation
 	$(BIN)/mutmut results --all true > mutation/results.txt
-	awk -F': ' '{n[$$2]++; t++} END {printf "| mutants | killed | survived | other | score |\n|---|---|---|---|---|\n| %d | %d | %d | %d | %.1f%% |\n", t, n["killed"], n["survived"], t - n["killed"] - n["survived"], 100 * n["killed"] / t}' mutation/results.txt | tee mutation/score.md
+	$(BIN)/python mutation/score.py < mutation/results.txt | tee mutation/score.md
 
 planted-bugs: $(STAMP)
 	$(BIN)/python mutation/planted_bugs.py

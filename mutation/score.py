@@ -1,0 +1,50 @@
+"""The mutation score of a ``make mutate`` run, overall and per module, from ``mutmut results --all true``.
+
+A mutant is *detected* when a test fails for it (killed) or it runs past its time (timeout: an endless loop the tests
+would hang on); the score is detected / checked. Reads the results listing on stdin, prints Markdown tables.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import pandas as pd
+
+STATUSES = ("killed", "timeout", "survived")
+
+
+def read_results(lines: list[str]) -> pd.DataFrame:
+    """One row per mutant: its module (``stvnet.metrics``), function and status."""
+    rows = []
+    for line in lines:
+        if ": " not in line:
+            continue
+        name, status = line.strip().rsplit(": ", 1)
+        module, function = re.split(r"\.x[_ǁ]", name.split("__mutmut_")[0], maxsplit=1)
+        rows.append({"module": module, "function": function, "status": status})
+    return pd.DataFrame(rows, columns=["module", "function", "status"])
+
+
+def score_table(results: pd.DataFrame, by: str | None = None) -> str:
+    """Markdown: mutants, each status, other (not checked, no tests, ...) and the score, overall or per ``by``."""
+    groups = results.groupby(by) if by else [("all", results)]
+    lines = [f"| {by or 'modules'} | mutants | killed | timeout | survived | other | score |",
+             "|---|---|---|---|---|---|---|"]
+    for name, part in groups:
+        counts = part["status"].value_counts()
+        n = {s: int(counts.get(s, 0)) for s in STATUSES}
+        checked = sum(n.values())
+        score = f"{100 * (n['killed'] + n['timeout']) / checked:.1f}%" if checked else "-"
+        lines.append(f"| {name} | {len(part)} | {n['killed']} | {n['timeout']} | {n['survived']} | "
+                     f"{len(part) - checked} | {score} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    results = read_results(sys.stdin.read().splitlines())
+    print(score_table(results) + "\n\n" + score_table(results, "module"))
+
+
+if __name__ == "__main__":
+    main()
