@@ -37,6 +37,7 @@ import torchio as tio
 from filelock import FileLock
 from tqdm.auto import tqdm
 
+from data_modules.errors import exception_line
 from data_modules.localisation import (
     COARSE_SPACING,
     FemurLocator,
@@ -82,7 +83,7 @@ def write_entry(folder: Path, image: str, label: str | None, settings: CacheSett
         try:
             voxels[kind] = read_voxels(path) if path else None
         except Exception as exc:  # noqa: BLE001 (nibabel, gzip and SimpleITK raise many types for a broken file)
-            return [f"{sid}: {kind} {path} cannot be read to its end ({type(exc).__name__}: {exc}); the file is "
+            return [f"{sid}: {kind} {path} cannot be read to its end ({exception_line(exc)}); the file is "
                     "damaged or incomplete: copy or export it again"]
     problems = voxel_problems(sid, voxels["image"], voxels["label"])
     if problems:
@@ -120,7 +121,7 @@ def _build_one(job: tuple[str, str, str, str | None, CacheSettings]) -> list[str
     try:
         return write_entry(Path(folder), image, label, settings, subject_id)
     except Exception as exc:  # name the scan instead of a deep SimpleITK/torch traceback
-        raise RuntimeError(f"{subject_id}: preprocessing {image} failed ({type(exc).__name__}: {exc})") from None
+        raise RuntimeError(f"{subject_id}: preprocessing {image} failed ({exception_line(exc)})") from None
 
 
 class PreprocessedCache:

@@ -7,6 +7,7 @@ the traceback too. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+import re
 import sys
 import traceback
 
@@ -44,3 +45,11 @@ def report(command: str, error: UserError, debug: bool = False) -> int:
     for line in error.lines:
         print(f"stvnet {command}: error: {line}", file=sys.stderr)
     return 2
+
+
+def exception_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: message`` of a library's exception as one short line: torch's and SimpleITK's messages span several
+    lines and torch's carry terminal colours."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first[:limit]}"

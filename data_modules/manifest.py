@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from data_modules.scan_io import read_header, read_voxels
-from data_modules.errors import UserError
+from data_modules.errors import UserError, exception_line
 
 REQUIRED_COLUMNS = ("subject_id", "image", "label", "sex")
 SEX_CODES = {"m": "M", "male": "M", "1": "M", "f": "F", "female": "F", "2": "F"}
@@ -41,7 +41,7 @@ def read_manifest(path: str | Path, require_labels: bool = True) -> pd.DataFrame
         raise ManifestError(path, ["the file is empty; a manifest is a CSV with a header row "
                                    "(subject_id,image,label,sex) and one row per subject"]) from None
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
-        raise ManifestError(path, [f"not a readable CSV ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+        raise ManifestError(path, [f"not a readable CSV ({exception_line(exc)}); "
                                    "a manifest is a comma-separated text file, one row per subject"]) from None
     problems = [f"missing column '{c}'" for c in REQUIRED_COLUMNS if c not in table.columns]
     if problems:
@@ -98,7 +98,7 @@ def scan_problems(name: str, path: str | Path) -> list[str]:
     try:
         header = read_header(path)
     except Exception as exc:  # noqa: BLE001 (nibabel and SimpleITK raise several types for unreadable files)
-        return [f"{name}: cannot read {path} as NIfTI, NRRD or a DICOM series ({type(exc).__name__}: {exc})"]
+        return [f"{name}: cannot read {path} as NIfTI, NRRD or a DICOM series ({exception_line(exc)})"]
     if len(header.shape) != 3 and not (len(header.shape) == 4 and header.shape[3] == 1):
         return [f"{name}: {path} is not a 3D scan (shape {header.shape}); give the whole CT volume"]
     if min(header.spacing) <= 0:
@@ -106,7 +106,7 @@ def scan_problems(name: str, path: str | Path) -> list[str]:
     try:
         voxels = read_voxels(path)
     except Exception as exc:  # noqa: BLE001
-        return [f"{name}: {path} cannot be read to its end ({type(exc).__name__}: {exc}); the file is damaged or "
+        return [f"{name}: {path} cannot be read to its end ({exception_line(exc)}); the file is damaged or "
                 "incomplete: copy or export it again"]
     return [p.replace(f"{name}: image contains", f"{name}: {path} contains") for p in voxel_problems(name, voxels, None)]
 

@@ -175,8 +175,35 @@ def test_a_checkpoint_outside_its_run_folder_is_named_by_its_file_and_read_from_
     assert (info.model, info.fold, info.cohort) == ("femur-model-female", 1, "female")
     assert info.subjects == SUBJECTS and info.manifest == "from-hparams.csv"
     torch.save({"epoch": 0, "state_dict": {}, "FemurDataModule": {"subjects": SUBJECTS}}, tmp_path / "bare.ckpt")
-    with pytest.raises(FileNotFoundError, match=r"bare\.ckpt: records no data settings \(fold, cohort\)"):
+    with pytest.raises(FileNotFoundError, match=r"bare\.ckpt: records no data settings \(fold, cohort\); evaluate a "
+                                                r"checkpoint written by stvnet train$"):
         describe_run("bare.ckpt")
+    torch.save({"epoch": 0, "state_dict": {}, "datamodule_hyper_parameters": {"fold": 0}}, tmp_path / "empty.ckpt")
+    with pytest.raises(FileNotFoundError, match=r"empty\.ckpt: neither a run folder nor the checkpoint records the "
+                                                r"run's subjects; evaluate the run folder written by stvnet train$"):
+        run_subjects(None, read_checkpoint_info(tmp_path / "empty.ckpt"))
+
+
+def test_a_run_folder_given_as_a_short_relative_path_is_named_by_its_experiment_folder(tmp_path, monkeypatch):
+    """<name>/<cohort>/fold<k>/<time>, relative to the working folder (four parts): named <name>."""
+    monkeypatch.chdir(tmp_path)
+    write_checkpoint(Path("exp/all/fold1/t/checkpoints/last.ckpt"))
+    assert describe_run("exp/all/fold1/t").model == "exp"
+
+
+def test_a_run_of_the_default_cohort_reads_the_manifest_under_its_synthetic_dir(tiny_cohort, tmp_path):
+    """No manifest recorded anywhere (the run used the embedded cohort): the manifest under the run's synthetic_dir,
+    restricted to the run's sub-cohort."""
+    table = pd.read_csv(tiny_cohort)
+    women = table[table["sex"] == "F"]["subject_id"].tolist()
+    subjects = {"train": women[2:], "val": women[1:2], "test": women[:1]}
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"epoch": 3, "state_dict": {}, "FemurDataModule": {"key": "k", "fold": 0, "subjects": subjects},
+                "datamodule_hyper_parameters": {"fold": 0, "cohort": "female", "manifest": None,
+                                                "synthetic_dir": str(tiny_cohort.parent)}}, ckpt)
+    info = describe_run(ckpt)
+    assert info.manifest == ""
+    assert sorted(cohort_table(info, None).index) == sorted(women)
 
 
 def test_a_checkpoint_that_cannot_place_its_roi_or_is_not_a_stvnet_model_is_one_line(tmp_path):
@@ -192,3 +219,32 @@ def test_a_checkpoint_that_cannot_place_its_roi_or_is_not_a_stvnet_model_is_one_
     with pytest.raises(UserError, match=r"b\.ckpt: not a checkpoint of a stvnet model \(KeyError: "
                                         r".pytorch-lightning_version.\); give a \.ckpt written by stvnet train"):
         Predictor.from_checkpoint(other)  # the default device: this machine's
+
+
+class _Pickled:
+    """An arbitrary object a checkpoint could smuggle in (weights_only loading must refuse to build it)."""
+
+
+def test_checkpoint_reads_refuse_pickled_objects_and_non_checkpoints_and_notice_a_rewritten_file(tmp_path):
+    import os
+
+    from data_modules.errors import UserError
+
+    torch.save({"state_dict": {}, "obj": _Pickled()}, tmp_path / "pickled.ckpt")
+    with pytest.raises(UserError, match=r"pickled\.ckpt: not a readable checkpoint \(UnpicklingError: Weights only "
+                                        r"load failed\.[^\n\x1b]*\); give a \.ckpt written by stvnet train, or its "
+                                        r"run folder$") as refused:
+        read_checkpoint_info(tmp_path / "pickled.ckpt")
+    assert "\n" not in str(refused.value)  # one line, without torch's terminal colours
+    torch.save(torch.zeros(3), tmp_path / "tensor.ckpt")
+    with pytest.raises(UserError, match=r"tensor\.ckpt: not a Lightning checkpoint \(no state_dict\)"):
+        read_checkpoint_info(tmp_path / "tensor.ckpt")
+    path = write_checkpoint(tmp_path / "run.ckpt", epoch=4)
+    assert read_checkpoint_info(path).epoch == 4
+    write_checkpoint(path, epoch=5)  # same size on disk, newer time: read again
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    assert read_checkpoint_info(path).epoch == 5
+    write_checkpoint(path, epoch=6, roi_size=[8, 8, 8])  # another size
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # even with the same time
+    assert read_checkpoint_info(path).epoch == 6

@@ -280,11 +280,14 @@ def test_the_report_reads_exactly_as_the_golden_file():
     per_subject = _per_subject_with_a_female_model()
     stvnet = per_subject[per_subject["model"] == "vnet"].assign(model="stvnet", ckpt_epoch=9)
     stvnet["dice"] += np.linspace(0.01, 0.06, len(stvnet))
-    # a male model sharing one subject with the pooled one: listed as not tested
-    male = stvnet[stvnet["subject_id"] == "m1"].assign(model="stvnet-male", cohort="male")
+    # male models sharing one subject with the pooled ones: listed as not tested
+    males = [part[part["subject_id"] == sid].assign(model=f"{part['model'].iloc[0]}-male", cohort="male")
+             for part, sid in ((stvnet, "m1"), (per_subject[per_subject["model"] == "vnet"], "m2"))]
+    female = stvnet[stvnet["sex"] == "F"].assign(model="stvnet-female", cohort="female")
+    female["dice"] -= np.linspace(0.0, 0.03, len(female))
     # validation rows first: splits and pairs are reported in the order evaluated, not sorted
     val = pd.concat([per_subject[per_subject["model"] == "vnet"], stvnet]).assign(split="val")
-    per_subject = pd.concat([val, per_subject, stvnet, male], ignore_index=True)
+    per_subject = pd.concat([val, per_subject, stvnet, *males, female], ignore_index=True)
     md = summary_markdown(summarize(per_subject), per_subject)
     if os.environ.get("STVNET_UPDATE_GOLDEN"):
         GOLDEN_REPORT.parent.mkdir(exist_ok=True)
@@ -309,8 +312,8 @@ def test_evaluate_runs_writes_what_its_defaults_promise(tiny_cohort, tmp_path, m
     run = tmp_path / "runs" / "vnet" / "all" / "fold0" / "t"
     write_checkpoint(run / "checkpoints" / "last.ckpt", stage=None, fold=0, cohort="all")
     (run / "config.yaml").write_text(yaml.safe_dump({"run": {"name": "vnet"}}))
-    (run / "splits.json").write_text(json.dumps({"folds": [{"train": subjects[4:], "val": subjects[3:4]}],
-                                                 "test": subjects[:3], "fold": 0, "manifest": str(tiny_cohort)}))
+    (run / "splits.json").write_text(json.dumps({"folds": [{"train": subjects[5:], "val": subjects[4:5]}],
+                                                 "test": subjects[:4], "fold": 0, "manifest": str(tiny_cohort)}))
     devices = []
 
     class StrayVoxelPredictor:
@@ -327,20 +330,25 @@ def test_evaluate_runs_writes_what_its_defaults_promise(tiny_cohort, tmp_path, m
 
     monkeypatch.setattr(stvnet.evaluation, "Predictor", StrayVoxelPredictor)
     out = tmp_path / "a" / "b" / "eval"
-    table = evaluate_runs([run], out, device="cpu")
-    assert devices == ["cpu"] and list(table["subject_id"]) == subjects[:3]
+    table = evaluate_runs([run], out, device="cpu", splits=("test", "val"))
+    assert devices == ["cpu"] and list(table["subject_id"]) == subjects[:5]  # the test split, then val
+    assert list(table["split"]) == ["test"] * 4 + ["val"]
     assert (table["dice"] < 1.0).all()  # raw masks: the stray voxel is scored
     assert sorted(p.name for p in (out / "predictions" / "vnet" / "fold0").iterdir()) == sorted(
-        f"{s}.nii.gz" for s in subjects[:3])
+        f"{s}.nii.gz" for s in subjects[:5])
     written = pd.read_csv(out / "summary.csv")
     expected = summarize(table)
     assert list(written.columns) == list(expected.columns)
     assert np.allclose(written["dice_mean"], expected["dice_mean"]) and list(written["cohort"]) == list(expected["cohort"])
-    worst, median, best = table.sort_values("dice")["subject_id"]
+    assert (out / "summary.md").read_text() == summary_markdown(expected, table)
+    assert list(pd.read_csv(out / "paired_tests.csv").columns)[:3] == ["model_a", "model_b", "split"]  # header only
+    ranked = table.sort_values("dice")["subject_id"].tolist()  # a model's rows of every split
+    worst, median, best = ranked[0], ranked[len(ranked) // 2], ranked[-1]
+    assert len(ranked) == 5 and len(set(ranked)) == 5
     assert {p.name for p in out.glob("*.png")} == {"boxplots.png", f"overlay_vnet_worst_{worst}.png",
                                                    f"overlay_vnet_median_{median}.png", f"overlay_vnet_best_{best}.png"}
     largest = evaluate_runs([run], tmp_path / "lcc", keep_largest=True, figures=False)
-    assert (largest["dice"] == 1.0).all()
+    assert (largest["dice"] == 1.0).all() and len(largest) == 4
     (tmp_path / "bare").mkdir()
     evaluate_runs([run], tmp_path / "bare", save_masks=False, figures=False)
     assert not (tmp_path / "bare" / "predictions").exists() and not list((tmp_path / "bare").glob("*.png"))

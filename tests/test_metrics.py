@@ -91,6 +91,11 @@ def test_accepts_torch_and_01_and_rejects_bad_input():
     labels = np.arange(16 ** 3).reshape(16, 16, 16) % 9  # values 0..8: the message shows the first five bad ones
     with pytest.raises(ValueError, match=r"target must be binary .* such as \[2, 3, 4, 5, 6\]$"):
         evaluate_case(a, labels)
+    for metric in (evaluate_case, dice):  # the hard Dice names its arguments the same way
+        with pytest.raises(ValueError, match=r"^pred must be binary"):
+            metric(a * 2.5, a)
+        with pytest.raises(ValueError, match=r"^target must be binary"):
+            metric(a, a * 3)
     with pytest.raises(ValueError, match="differ"):
         evaluate_case(a, a[:-1])
     with pytest.raises(ValueError, match="spacing"):

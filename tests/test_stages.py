@@ -271,3 +271,33 @@ def test_checkpoint_of_a_run_started_from_init_weights_loads_without_that_file(t
     # a fresh training run that names the missing file is told what to do
     with pytest.raises(FileNotFoundError, match="init_weights"):
         FemurSegmenter(VNet(base_channels=4, depth=2, kernel_size=3), init_weights=str(path))
+
+
+def test_the_schedule_refuses_at_train_start_what_would_fail_or_train_the_wrong_thing():
+    """Checked in-process with stand-ins for the trainer (no DDP process group needed): a DDP model that does not
+    look for unused parameters under a schedule that freezes parts; a first stage that freezes a V-Net nobody
+    trained. A resumed run, a run started from --model.init_weights and DDP with unused-parameter search pass."""
+    from types import SimpleNamespace
+    from unittest.mock import Mock
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    schedule = StageSchedule([Stage(name="stn", epochs=2, train=["stn"]), Stage(name="all", epochs=1)])
+
+    def trainer(model=None, epoch=0, ckpt_path=None):
+        return SimpleNamespace(strategy=SimpleNamespace(model=model), current_epoch=epoch, ckpt_path=ckpt_path)
+
+    def module(init_weights=None):
+        return SimpleNamespace(stage=ActiveStage.of(schedule.stages[0], 0, 1e-3), hparams={"init_weights": init_weights})
+
+    strict_ddp = Mock(spec=DistributedDataParallel, find_unused_parameters=False)
+    with pytest.raises(ValueError, match=r"^the stage schedule freezes parts of the network, .* use --trainer\.strategy "
+                                         r"ddp \(stvnet train picks ddp_find_unused_parameters_true for staged runs\)"):
+        schedule.on_train_start(trainer(strict_ddp), module("vnet.ckpt"))
+    schedule.on_train_start(trainer(Mock(spec=DistributedDataParallel, find_unused_parameters=True)),
+                            module("vnet.ckpt"))
+    with pytest.raises(ValueError, match=r"^stage 'stn' freezes the V-Net from the first epoch, but it was never "
+                                         r"trained: pass --model\.init_weights <a trained V-Net checkpoint>"):
+        schedule.on_train_start(trainer(), module())
+    schedule.on_train_start(trainer(ckpt_path="last.ckpt"), module())  # resumed at epoch 0: its weights are trained
+    schedule.on_train_start(trainer(epoch=1), module())

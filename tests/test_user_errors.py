@@ -268,3 +268,13 @@ def test_predict_never_writes_a_mask_from_a_scan_it_could_not_read_whole(kind, t
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"stvnet predict: error: {scan.name.split('.')[0]}: ") and expected in err[-1], err
     assert not list(out.glob("*.nii.gz"))  # no mask
+
+
+def test_a_library_exception_is_named_on_one_line_without_terminal_colours():
+    """What a one-line error quotes of torch's, nibabel's or SimpleITK's exception: its type and its first line."""
+    from data_modules.errors import exception_line
+
+    exc = RuntimeError("\x1b[1mWeights only load failed\x1b[0m. Either\n\t(1) re-run with weights_only=False")
+    assert exception_line(exc) == "RuntimeError: Weights only load failed. Either"
+    assert exception_line(ValueError("x" * 500)) == "ValueError: " + "x" * 200
+    assert exception_line(KeyError()) == "KeyError: "

@@ -78,14 +78,13 @@ def describe_run(run: str | Path) -> RunInfo:
     if "fold" not in info.data_hparams:
         raise MissingInput(f"{ckpt}: records no data settings (fold, cohort); evaluate a checkpoint written by "
                            "stvnet train")
-    in_run = ckpt.parent.name == "checkpoints"
-    run_dir = ckpt.parent.parent if in_run else ckpt.parent
-    config = run_dir / "config.yaml"
-    name = (yaml.safe_load(config.read_text()).get("run") or {}).get("name") if in_run and config.is_file() else None
-    name = name or (run_dir.parts[-4] if in_run and len(run_dir.parts) >= 4 else ckpt.stem)
+    run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None  # runs/<name>/<cohort>/fold<k>/<t>
+    config = run_dir / "config.yaml" if run_dir is not None else None
+    name = (yaml.safe_load(config.read_text()).get("run") or {}).get("name") if config and config.is_file() else None
+    name = name or (run_dir.parts[-4] if run_dir is not None and len(run_dir.parts) >= 4 else ckpt.stem)
     cohort = str(info.data_hparams["cohort"])
     model = str(name) if cohort == "all" else f"{name}-{cohort}"  # sex-specific models are models of their own
-    subjects, manifest = run_subjects(run_dir if in_run else None, info)
+    subjects, manifest = run_subjects(run_dir, info)
     return RunInfo(ckpt, model, int(info.data_hparams["fold"]), cohort, info.data_hparams, info.epoch, info.stage,
                    subjects, manifest)
 

@@ -20,7 +20,7 @@ import torch
 import torchio as tio
 from scipy import ndimage
 
-from data_modules.errors import MissingInput, UserError
+from data_modules.errors import MissingInput, UserError, exception_line
 from data_modules.localisation import FemurLocator
 from data_modules.transforms import preprocessing
 from stvnet.lightning_module import FemurSegmenter
@@ -69,7 +69,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except UNREADABLE as exc:
-        raise UserError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {str(exc)[:200]}); give a .ckpt "
+        raise UserError(f"{path}: not a readable checkpoint ({exception_line(exc)}); give a .ckpt "
                         "written by stvnet train, or its run folder") from exc
     if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
         raise UserError(f"{path}: not a Lightning checkpoint (no state_dict); give a .ckpt written by stvnet train")
@@ -128,7 +128,7 @@ class Predictor:
         try:
             model = FemurSegmenter.load_from_checkpoint(path, map_location=dev)
         except UNREADABLE as exc:  # e.g. another model's checkpoint
-            raise UserError(f"{path}: not a checkpoint of a stvnet model ({type(exc).__name__}: {str(exc)[:200]}); "
+            raise UserError(f"{path}: not a checkpoint of a stvnet model ({exception_line(exc)}); "
                             "give a .ckpt written by stvnet train") from exc
         model.eval().to(dev)
         return cls(model=model, data_hparams=info.data_hparams, locator=info.locator, device=dev)

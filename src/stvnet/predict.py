@@ -15,7 +15,7 @@ import pandas as pd
 import torchio as tio
 from tqdm.auto import tqdm
 
-from data_modules.errors import InvalidInput, MissingInput
+from data_modules.errors import InvalidInput, MissingInput, exception_line
 from data_modules.manifest import scan_problems
 from data_modules.scan_io import NIFTI_SUFFIXES, is_nifti, read_header
 from stvnet.inference import Predictor, ensemble_segment, find_checkpoint
@@ -115,7 +115,7 @@ def predict(inputs: list[str], checkpoints: list[str], out: str | Path, threshol
                 mask, _ = ensemble_segment(predictors, source, threshold=threshold, keep_largest=keep_largest)
                 record = qc_record(str(source), mask, predictors[0].locator, side)
             except Exception as exc:  # one bad scan does not stop the batch
-                errors.append(f"{name}: prediction failed ({type(exc).__name__}: {exc})")
+                errors.append(f"{name}: prediction failed ({exception_line(exc)})")
                 continue
         nib.save(nib.Nifti1Image(mask, original.affine), str(target))
         record = {"name": name, **record, "scan": str(image), "mask": str(target)}

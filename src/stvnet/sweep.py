@@ -35,7 +35,7 @@ import pandas as pd
 import yaml
 from optuna.trial import TrialState
 
-from data_modules.errors import InvalidInput, MissingInput, UserError
+from data_modules.errors import InvalidInput, MissingInput, UserError, exception_line
 from stvnet.training import resolved_config
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -308,7 +308,7 @@ def open_study(name: str, url: str, out: Path, sampler, pruner, direction: str) 
     except (ImportError, ValueError, OSError, RuntimeError, SQLAlchemyError) as exc:  # no driver, bad URL, no server
         if isinstance(exc, UserError):
             raise
-        raise UserError(f"--storage {url}: cannot be opened ({type(exc).__name__}: {str(exc).splitlines()[0]}); give "
+        raise UserError(f"--storage {url}: cannot be opened ({exception_line(exc)}); give "
                         "journal:<file>, sqlite:///<file>.db, or a reachable database URL whose driver is "
                         "installed") from exc
 
