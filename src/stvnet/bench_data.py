@@ -212,10 +212,8 @@ class CohortMeasures:
 
     def rows(self) -> list[dict]:
         """The bench table's rows, each extrapolated to the paper's 397 scans and RANKS ranks."""
-        n, cores, serial, parallel, warm, main, workers = (self.n, self.cores, self.serial, self.parallel, self.warm,
-                                                           self.main, self.workers)
-        first = self.first
-        loader_rate, model_rate, batch_size, roi = self.loader_rate, self.model_rate, self.batch_size, self.roi
+        n, cores, serial, parallel, first, warm, main, workers = (
+            self.n, self.cores, self.serial, self.parallel, self.first, self.warm, self.main, self.workers)
         scale, size = PAPER_SCANS / n, f"{n} scans"
         worker_rss = max(workers) if workers else float("nan")
         return [
@@ -233,8 +231,8 @@ class CohortMeasures:
             {"what": f"loader worker peak RSS, {size} ({len(workers)} workers; x{RANKS} ranks: "
                      f"{RANKS * len(workers) * worker_rss / 1024:.1f} GiB)", "ours": worker_rss,
              "reference": float("nan"), "unit": "MiB", "ratio": float("nan"), "reference_name": "-"},
-            {"what": f"loader vs V-Net train step {tuple(roi)} x {batch_size}, {size}",
-             "ours": loader_rate, "reference": model_rate, "unit": "samples/s", "ratio": loader_rate / model_rate,
-             "reference_name": "model consumption on this machine"},
+            {"what": f"loader vs V-Net train step {self.roi} x {self.batch_size}, {size}",
+             "ours": self.loader_rate, "reference": self.model_rate, "unit": "samples/s",
+             "ratio": self.loader_rate / self.model_rate, "reference_name": "model consumption on this machine"},
         ]
 
