@@ -85,14 +85,14 @@ test-multiprocess: $(STAMP)
 # mutation testing ([tool.mutmut] in pyproject.toml names the modules); mutation/survivors.md explains the survivors
 mutate: $(STAMP)
 	$(BIN)/python -m pip install --quiet "mutmut==3.8.1"
-	rm -rf mutants mutants-cohort mutants-runs
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 STVNET_TEST_COHORT_CACHE=$(CURDIR)/mutants-cohort STVNET_TEST_RUNS_CACHE=$(CURDIR)/mutants-runs $(BIN)/mutmut run --max-children $$(nproc) || true
+	rm -rf mutants mutants-cohort mutants-runs mutants-log.tsv
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 STVNET_TEST_COHORT_CACHE=$(CURDIR)/mutants-cohort STVNET_TEST_RUNS_CACHE=$(CURDIR)/mutants-runs STVNET_MUTATION_LOG=$(CURDIR)/mutants-log.tsv $(BIN)/mutmut run --max-children $$(nproc) || true
 	mkdir -p mutation
 	$(BIN)/mutmut results --all true > mutation/results.txt
-	$(BIN)/python mutation/score.py < mutation/results.txt | tee mutation/score.md
+	$(BIN)/python mutation/score.py mutants-log.tsv < mutation/results.txt | tee mutation/score.md
 
 planted-bugs: $(STAMP)
 	$(BIN)/python mutation/planted_bugs.py
 
 clean:
-	rm -rf runs outputs wandb lightning_logs .pytest_cache mutants mutants-cohort mutants-runs
+	rm -rf runs outputs wandb lightning_logs .pytest_cache mutants mutants-cohort mutants-runs mutants-log.tsv

@@ -41,9 +41,22 @@ def score_table(results: pd.DataFrame, by: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def time_table(log: str) -> str:
+    """Markdown: per module, the mutants run and the seconds their kept tests took, from the conftest's log."""
+    runs = pd.read_csv(log, sep="\t", names=["mutant", "exit", "seconds"])
+    runs["module"] = runs["mutant"].str.split(r"\.x[_ǁ]", n=1, regex=True).str[0]
+    table = runs.groupby("module")["seconds"].agg(["count", "sum", "mean"])
+    lines = ["| module | mutants run | test seconds | mean |", "|---|---|---|---|"]
+    lines += [f"| {name} | {int(row['count'])} | {row['sum']:.0f} | {row['mean']:.2f} |" for name, row in table.iterrows()]
+    return "\n".join(lines)
+
+
 def main() -> None:
+    """Score tables from the results on stdin; with a log path argument, the time table too."""
     results = read_results(sys.stdin.read().splitlines())
     print(score_table(results) + "\n\n" + score_table(results, "module"))
+    if len(sys.argv) > 1:
+        print("\n" + time_table(sys.argv[1]))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -22,35 +23,49 @@ TINY_SPACING = (3.0, 3.0, 4.0)
 EXPERIMENTS = ROOT / "experiments"
 # the shipped experiments (experiments/defaults.yaml and experiments/nets/ are the parts they are composed of)
 EXPERIMENT_FILES = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if p.name != "defaults.yaml" and "nets" not in p.parts)
-# under `make mutate`, the covering tests a mutant runs (fastest first) stop once their unmutated durations add up to
+# under `make mutate`, the covering tests a mutant runs (its module's test files first, fastest first) stop once their unmutated durations add up to
 # this many seconds: a mutant that only a slower test would kill counts as survived (the score errs low, not high)
 MUTATION_BUDGET_S = float(os.environ.get("STVNET_MUTATION_BUDGET_S", "8"))
 #: exit status mutmut reads as "timeout"
 MUTMUT_TIMEOUT_EXIT = 36
+MUTANT_STARTED = pytest.StashKey[float]()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under mutmut (a mutant named in ``MUTANT_UNDER_TEST``), run the covering tests fastest first, so that a mutant
-    is killed by the cheapest test that can kill it (mutmut stops at the first failure), and no more of them than fit
-    ``MUTATION_BUDGET_S`` (always the fastest one): a surviving mutant runs every test it keeps, and with all of them
-    a whole run does not fit the hour it may take on two cores. A mutant that runs far past its kept tests' time (an
-    endless loop) ends as a timeout: mutmut's own limit is 15 times *all* covering tests, up to half an hour each."""
+    """Under mutmut (a mutant named in ``MUTANT_UNDER_TEST``), run the covering tests of the files that import the
+    mutated module first, then the others, each group fastest first: a mutant is killed by the cheapest test that can
+    kill it (mutmut stops at the first failure), and no more of them than fit ``MUTATION_BUDGET_S`` (always the first
+    one): a surviving mutant runs every test it keeps, and with all of them a whole run does not fit the hour it may
+    take on two cores. A mutant that runs far past its kept tests' time (an endless loop) ends as a timeout: mutmut's
+    own limit is 15 times *all* covering tests, up to half an hour each."""
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
     stats = Path("mutmut-stats.json")
     if "__mutmut_" not in mutant or not stats.exists():
         return
     duration = json.loads(stats.read_text()).get("duration_by_test", {})
-    ordered = sorted(items, key=lambda item: duration.get(item.nodeid, 0.0))
+    module = mutant.rsplit(".", 1)[0]  # data_modules.folds.x_make_splits__mutmut_3 -> data_modules.folds
+    own = {path for path in {item.path for item in items} if module in path.read_text()}
+    ordered = sorted(items, key=lambda item: (item.path not in own, duration.get(item.nodeid, 0.0)))
     kept, spent = [], 0.0
     for item in ordered:
         if kept and spent + duration.get(item.nodeid, 0.0) > MUTATION_BUDGET_S:
-            break
+            continue
         spent += duration.get(item.nodeid, 0.0)
         kept.append(item)
-    config.hook.pytest_deselected(items=ordered[len(kept):])
+    config.hook.pytest_deselected(items=[item for item in ordered if item not in kept])
     items[:] = kept
     signal.signal(signal.SIGALRM, lambda *_: os._exit(MUTMUT_TIMEOUT_EXIT))
     signal.alarm(int(3 * spent) + 20)
+    config.stash[MUTANT_STARTED] = time.monotonic()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Under ``make mutate``, append the mutant, its exit status and the seconds its kept tests ran to
+    ``STVNET_MUTATION_LOG``: where the run's hour goes, per module (mutation/score.py)."""
+    log, started = os.environ.get("STVNET_MUTATION_LOG"), session.config.stash.get(MUTANT_STARTED, None)
+    if log and started is not None:
+        with open(log, "a") as out:
+            out.write(f"{os.environ['MUTANT_UNDER_TEST']}\t{int(exitstatus)}\t{time.monotonic() - started:.2f}\n")
 
 
 @pytest.fixture(scope="session")
