@@ -18,7 +18,7 @@ def test_tiny_bench_produces_a_table_with_ratios(tiny_cohort, tmp_path):
     names = " ".join(lines)
     for what in ("V-Net train step", "ST-V-Net vs V-Net", "inference one ROI", "sliding window", "metric set",
                  "loader vs model", "cache build, 8 scans", "cache build, 14 scans", "warm start to first batch, 14",
-                 "loader worker peak RSS, 14 scans (1 workers", "loader vs V-Net train step", "peak RSS train",
+                 "loader worker peak RSS, 14 scans (1 workers at once", "loader vs V-Net train step", "peak RSS train",
                  "peak RSS inference", "DDP step, 2 gloo ranks", "first start of a fold to first batch",
                  "warm start, fitted"):
         assert what in names
@@ -72,7 +72,7 @@ def test_start_up_figures_are_fitted_over_the_cohort_sizes_and_read_at_397_scans
 
     def measured(n: int) -> CohortMeasures:
         return CohortMeasures(n, 2, 1.0, 1.0, first=5.0 + 0.5 * n, warm=12.0 + 0.01 * n, main=600.0, workers=[900.0],
-                              loader_rate=1.0, model_rate=1.0, batch_size=2, roi=(8, 8, 8))
+                              workers_at_once=1, loader_rate=1.0, model_rate=1.0, batch_size=2, roi=(8, 8, 8))
 
     assert fitted_rows([measured(10)]) == []  # one size fits nothing
     rows = {r["what"].split(",")[0]: r for r in fitted_rows([measured(10), measured(40), measured(100)])}
@@ -80,3 +80,15 @@ def test_start_up_figures_are_fitted_over_the_cohort_sizes_and_read_at_397_scans
     assert rows["warm start"]["ours"] == pytest.approx(12.0 + 0.01 * 397)
     assert rows["main-process peak RSS"]["ours"] == pytest.approx(600.0)
     assert "over 10, 40, 100 scans" in rows["warm start"]["what"]
+
+
+def test_worker_memory_is_extrapolated_from_the_workers_that_run_at_once():
+    """Each epoch of a short bench starts a new set of loader workers: 56 pids seen with num_workers=8 are 8
+    processes at a time, so 4 ranks hold 4 x 8 of them, not 4 x 56."""
+    from stvnet.bench_data import CohortMeasures
+
+    measured = CohortMeasures(10, 2, 1.0, 1.0, first=5.0, warm=12.0, main=600.0, workers=[900.0] * 56,
+                              workers_at_once=8, loader_rate=1.0, model_rate=1.0, batch_size=2, roi=(8, 8, 8))
+    (row,) = [r for r in measured.rows() if r["what"].startswith("loader worker peak RSS")]
+    assert row["ours"] == 900.0
+    assert "(8 workers at once; x4 ranks: 28.1 GiB)" in row["what"]

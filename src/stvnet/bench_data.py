@@ -86,7 +86,8 @@ def _epochs(dm) -> Iterator[dict]:
 
 def _warm_start(kwargs: dict, batches: int, queue: mp.Queue) -> None:
     """In a fresh process: datamodule to the first training batch (timed), then ``batches`` more (throughput),
-    sampling the loader workers' peak memory; reports (seconds, samples/s, own peak MiB, worker peaks, batch, ROI)."""
+    sampling the loader workers' peak memory; reports (seconds, samples/s, own peak MiB, worker peaks, workers at once,
+    batch, ROI)."""
     from data_modules.datamodule import FemurDataModule
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -106,7 +107,8 @@ def _warm_start(kwargs: dict, batches: int, queue: mp.Queue) -> None:
         record_peak_rss(child_pids() - before, peaks)
     rate = samples / (time.perf_counter() - t0)
     stream.close()
-    queue.put((warm, rate, peak_rss_mib(), list(peaks.values()), dm.batch_size, tuple(dm.hparams.roi_size)))
+    queue.put((warm, rate, peak_rss_mib(), list(peaks.values()), max(1, int(dm.hparams.num_workers)), dm.batch_size,
+               tuple(dm.hparams.roi_size)))
 
 
 def _sub_manifest(table: pd.DataFrame, n: int, folder: Path) -> Path:
@@ -186,11 +188,11 @@ def _bench_cohort(cfg: BenchConfig, manifest: Path, n: int, data: dict, width: d
         child.start()
         starts.append(await_result([child], queue, timeout=3600))
     first = starts[0][0]
-    warm, loader_rate, main, workers, batch_size, roi = starts[1]
+    warm, loader_rate, main, workers, at_once, batch_size, roi = starts[1]
     x = torch.randn(batch_size, 1, *roi)
     step = timeit(_train_step_fn(VNet(**width), x), repeats=1)
-    return CohortMeasures(n, cores, serial, parallel, first, warm, main, workers, loader_rate, batch_size / step,
-                          batch_size, tuple(roi))
+    return CohortMeasures(n, cores, serial, parallel, first, warm, main, workers, at_once, loader_rate,
+                          batch_size / step, batch_size, tuple(roi))
 
 
 @dataclass
@@ -204,7 +206,8 @@ class CohortMeasures:
     first: float  # the fold's first training process: start to first batch, cache built, subjects located
     warm: float  # the next process of the fold (locations stored): start to first batch
     main: float  # its main process's peak RSS
-    workers: list[float]  # its loader workers' peak RSS
+    workers: list[float]  # its loader workers' peak RSS (each epoch starts its own set: more than run at once)
+    workers_at_once: int  # the loader's num_workers
     loader_rate: float
     model_rate: float  # the V-Net's training step on this machine
     batch_size: int
@@ -228,8 +231,8 @@ class CohortMeasures:
              "reference_name": "30 s target for 397 scans, scaled"},
             {"what": f"main-process peak RSS, {size} (x{RANKS} ranks: {RANKS * main / 1024:.1f} GiB)", "ours": main,
              "reference": float("nan"), "unit": "MiB", "ratio": float("nan"), "reference_name": "-"},
-            {"what": f"loader worker peak RSS, {size} ({len(workers)} workers; x{RANKS} ranks: "
-                     f"{RANKS * len(workers) * worker_rss / 1024:.1f} GiB)", "ours": worker_rss,
+            {"what": f"loader worker peak RSS, {size} ({self.workers_at_once} workers at once; x{RANKS} ranks: "
+                     f"{RANKS * self.workers_at_once * worker_rss / 1024:.1f} GiB)", "ours": worker_rss,
              "reference": float("nan"), "unit": "MiB", "ratio": float("nan"), "reference_name": "-"},
             {"what": f"loader vs V-Net train step {self.roi} x {self.batch_size}, {size}",
              "ours": self.loader_rate, "reference": self.model_rate, "unit": "samples/s",
