@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 
 import pandas as pd
 
@@ -55,7 +56,7 @@ def main() -> None:
     """Score tables from the results on stdin; with a log path argument, the time table too."""
     results = read_results(sys.stdin.read().splitlines())
     print(score_table(results) + "\n\n" + score_table(results, "module"))
-    if len(sys.argv) > 1:
+    if len(sys.argv) > 1 and Path(sys.argv[1]).is_file():
         print("\n" + time_table(sys.argv[1]))
 
 
