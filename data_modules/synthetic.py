@@ -140,6 +140,17 @@ def _rotation(deg: tuple[float, float, float]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- anatomy
+def head_centre(prm: SubjectParams, side: float) -> np.ndarray:
+    """Body coordinates (mm) of a femoral head's centre; ``side`` -1 for the left femur, +1 for the right."""
+    return np.array([side * 90.0 * prm.head_radius / 23.0, 0.0, 0.0])
+
+
+def to_world(prm: SubjectParams, body: np.ndarray) -> np.ndarray:
+    """World (RAS mm) positions of body-coordinate points (rows): the subject's pose and shift applied, the inverse
+    of the mapping :func:`anatomy` evaluates the anatomy with."""
+    return np.asarray(body, dtype=float) @ _rotation(prm.rotation_deg).T + np.asarray(prm.shift_mm)
+
+
 def _femur_sdf(p: Points, prm: SubjectParams, side: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SDFs of one femur, of its medullary canal, and of the half-space distal to the proximal-femur cut.
 
@@ -149,7 +160,7 @@ def _femur_sdf(p: Points, prm: SubjectParams, side: float) -> tuple[torch.Tensor
     ``p`` are body coordinates; ``side`` is -1 for the left femur (patient's left is -x in RAS) and +1
     for the right one, which is the mirror image.
     """
-    head = np.array([side * 90.0 * prm.head_radius / 23.0, 0.0, 0.0])
+    head = head_centre(prm, side)
     medial = -side  # direction from the femur towards the midline along x
     shaft_dir = _unit(np.array([medial * np.sin(np.deg2rad(7.0)), 0.0, -np.cos(np.deg2rad(7.0))]))
     nsa = np.deg2rad(prm.neck_shaft_angle)

@@ -55,9 +55,15 @@ def _synth(argv: list[str]) -> int:
     parser.add_argument("--preset", choices=PRESETS, default="default",
                         help="default: the embedded cohort's grid (--spacing); clinical: hip QCT acquisitions of "
                         "512 x 512 x 150-300 voxels at 0.6-0.9 x 1-1.25 mm, off-centre, with a calibration phantom")
+    parser.add_argument("--report", action="store_true",
+                        help="write a realism report of the cohort in --out (histograms, joint-space profile, views "
+                        "against published QCT ranges) into OUT/realism; the cohort is written first if OUT has none")
+    parser.add_argument("--report-subjects", type=int, default=10,
+                        help="subjects the report measures (default: %(default)s)")
     args = parser.parse_args(argv)
     problems = [f"{option} {value}: {problem}" for option, value, ok, problem in (
         ("--subjects", args.subjects, args.subjects >= 2, "a cohort needs at least 2 subjects"),
+        ("--report-subjects", args.report_subjects, args.report_subjects >= 1, "must be at least 1"),
         ("--spacing", " ".join(map(str, args.spacing)), min(args.spacing) > 0, "voxel spacings must be > 0 mm"),
         ("--female-fraction", args.female_fraction, 0.0 <= args.female_fraction <= 1.0, "must be in [0, 1]"),
         ("--workers", args.workers, args.workers >= 1, "must be at least 1"),
@@ -65,9 +71,18 @@ def _synth(argv: list[str]) -> int:
     ) if not ok]
     if problems:
         raise UserError(*problems)
-    manifest = make_cohort(args.out, n_subjects=args.subjects, seed=args.seed, spacing=tuple(args.spacing),
-                           female_fraction=args.female_fraction, workers=args.workers, preset=args.preset)
-    print(f"Wrote {args.subjects} subjects; manifest: {manifest}")
+    manifest = Path(args.out) / "manifest.csv"
+    if not (args.report and manifest.is_file()):
+        manifest = make_cohort(args.out, n_subjects=args.subjects, seed=args.seed, spacing=tuple(args.spacing),
+                               female_fraction=args.female_fraction, workers=args.workers, preset=args.preset)
+        print(f"Wrote {args.subjects} subjects; manifest: {manifest}")
+    if args.report:
+        from data_modules.realism import write_report
+
+        if not (manifest.parent / "parameters.csv").is_file():
+            raise UserError(f"--report: {manifest.parent} has no parameters.csv; the report measures cohorts written "
+                            "by stvnet synth (it re-renders their anatomy to find each tissue)")
+        print(f"Realism report: {write_report(manifest, manifest.parent / 'realism', args.report_subjects)}")
     return 0
 
 
