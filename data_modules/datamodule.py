@@ -9,6 +9,7 @@ cache (:mod:`data_modules.cache`) and loader workers read its ROI lazily, so aug
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import lightning as L
@@ -16,6 +17,7 @@ import pandas as pd
 import torch
 import torchio as tio
 from filelock import FileLock
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
 from data_modules.cache import CacheSettings, PreprocessedCache
@@ -29,6 +31,14 @@ from data_modules.synthetic import ROI_CENTER_FRACTION, make_cohort
 from data_modules.transforms import augmentation, preprocessing, sampler
 
 DEFAULT_SYNTHETIC_DIR = "data/synthetic"
+
+
+def loader_workers(requested: int, ranks_per_node: int = 1) -> int:
+    """Loader worker processes for one rank: ``requested``, but no more than the CPUs this process may run on (its
+    affinity: what SLURM's ``--cpus-per-task`` or a container grants) shared among the node's ranks. More workers than
+    cores only time-slice them, and the first batch waits for all of them (``stvnet bench --sections data``)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(requested, max(1, cpus // max(1, ranks_per_node)))
 
 
 def manifest_in_use(manifest: str | Path | None, synthetic_dir: str | Path = DEFAULT_SYNTHETIC_DIR) -> Path:
@@ -220,18 +230,28 @@ class FemurDataModule(L.LightningDataModule):
                                   self.roi_locator)
 
     # ------------------------------------------------------------------ loaders
+    @property
+    def loader_workers(self) -> int:
+        """The training loader's worker processes: ``num_workers`` capped at this rank's share of the CPUs."""
+        workers = loader_workers(self.num_workers, self.trainer.num_devices if self.trainer is not None else 1)
+        if workers < self.num_workers:
+            rank_zero_warn(f"--data.num_workers {self.num_workers}: this rank has {workers} CPU(s) to itself; using "
+                           f"{workers} loader worker(s) (more only time-slice the cores and delay the first batch)")
+        return workers
+
     def train_dataloader(self) -> DataLoader:
         dataset = self._dataset("train", train=True)
+        workers = self.loader_workers
         if self.patch_size is None:
             return tio.SubjectsLoader(
-                dataset, batch_size=self.batch_size, shuffle=True, num_workers=self.num_workers,
+                dataset, batch_size=self.batch_size, shuffle=True, num_workers=workers,
                 # fresh workers each epoch take their seeds from the per-epoch seeded main process (EpochSeed),
                 # so a resumed run draws the same augmentations as the uninterrupted one
                 drop_last=len(dataset) > self.batch_size, persistent_workers=False,
             )
         queue = tio.Queue(
             dataset, max_length=self.hparams.queue_length, samples_per_volume=self.hparams.samples_per_volume,
-            sampler=sampler(self.hparams.patch_sampler, self.patch_size), num_workers=self.num_workers,
+            sampler=sampler(self.hparams.patch_sampler, self.patch_size), num_workers=workers,
         )
         return tio.SubjectsLoader(queue, batch_size=self.batch_size, num_workers=0)
 

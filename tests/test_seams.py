@@ -230,3 +230,21 @@ def test_the_default_cohort_is_generated_once(tmp_path):
     stamp = manifest.stat().st_mtime_ns
     assert default_manifest(tmp_path / "synthetic", n_subjects=5) == manifest  # found, not regenerated
     assert manifest.stat().st_mtime_ns == stamp and len(pd.read_csv(manifest)) == 2
+
+
+# ---------------------------------------------------------------------------------------------- loader workers
+def test_loader_workers_are_capped_at_each_ranks_share_of_the_cpus(monkeypatch, tiny_cohort, tmp_path):
+    """8 workers asked on a rank that may use 2 CPUs would time-slice them and delay the first batch: 2 are started
+    (with a warning), the node's CPUs are shared among its ranks, and 0 (load in the main process) stays 0."""
+    import data_modules.datamodule as datamodule
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert datamodule.loader_workers(8) == 8 and datamodule.loader_workers(8, ranks_per_node=4) == 4
+    assert datamodule.loader_workers(0, ranks_per_node=4) == 0 and datamodule.loader_workers(8, 32) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", num_workers=8))
+    dm.prepare_data()
+    dm.setup("fit")
+    with pytest.warns(UserWarning, match="--data.num_workers 8: this rank has 2 CPU"):
+        loader = dm.train_dataloader()
+    assert loader.num_workers == 2 and dm.num_workers == 8

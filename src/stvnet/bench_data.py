@@ -107,7 +107,7 @@ def _warm_start(kwargs: dict, batches: int, queue: mp.Queue) -> None:
         record_peak_rss(child_pids() - before, peaks)
     rate = samples / (time.perf_counter() - t0)
     stream.close()
-    queue.put((warm, rate, peak_rss_mib(), list(peaks.values()), max(1, int(dm.hparams.num_workers)), dm.batch_size,
+    queue.put((warm, rate, peak_rss_mib(), list(peaks.values()), max(1, dm.loader_workers), dm.batch_size,
                tuple(dm.hparams.roi_size)))
 
 
@@ -211,7 +211,7 @@ class CohortMeasures:
     warm: float  # the next process of the fold (locations stored): start to first batch
     main: float  # its main process's peak RSS
     workers: list[float]  # its loader workers' peak RSS (each epoch starts its own set: more than run at once)
-    workers_at_once: int  # the loader's num_workers
+    workers_at_once: int  # the loader's worker processes (num_workers capped at the cores)
     loader_rate: float
     model_rate: float  # the V-Net's training step on this machine
     batch_size: int
