@@ -168,3 +168,58 @@ def test_scan_problems_accept_sub_millimetre_and_singleton_4d_scans_and_name_the
     (line,) = scan_problems("g", tmp_path / "g.nii.gz")
     assert line.startswith("g: cannot read ") and "as NIfTI, NRRD or a DICOM series (" in line
     assert "(NoneType" not in line  # the reader's own exception is named
+
+
+def test_problems_with_the_manifest_file_itself_name_it(tmp_path):
+    cases = {
+        "absent.csv": (None, "manifest file not found"),
+        "empty.csv": (b"", "the file is empty"),
+        "binary.csv": (b"\xff\xfe\x00\x81\x00", "not a readable CSV"),
+        "header_only.csv": (b"subject_id,image,label,sex\n", "the manifest lists no subjects"),
+    }
+    for name, (content, problem) in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(ManifestError) as info:
+            validate_manifest(path)
+        (line,) = info.value.problems
+        assert problem in line, name
+        assert str(info.value).startswith(f"{path}: "), name
+
+
+def test_ids_stay_text_sex_codes_are_normalised_and_paths_resolved(cohort_copy):
+    table = pd.read_csv(cohort_copy)
+    table["subject_id"] = ["001", "010", "0100", "7"]
+    table["sex"] = ["male", "2", " f ", "M"]
+    table.loc[3, "image"] = str((cohort_copy.parent / table.loc[3, "image"]).resolve())  # absolute stays absolute
+    table.to_csv(cohort_copy, index=False)
+    read = validate_manifest(cohort_copy)
+    assert list(read["subject_id"]) == ["001", "010", "0100", "7"]
+    assert list(read["sex"]) == ["M", "F", "F", "M"]
+    for column in ("image", "label"):
+        assert all(Path(p).is_absolute() and Path(p).is_file() for p in read[column])
+    assert read.loc[0, "image"] == str((cohort_copy.parent / table.loc[0, "image"]).resolve())
+
+
+def test_rows_without_an_image_or_label_are_named(cohort_copy):
+    table = pd.read_csv(cohort_copy)
+    image = table.loc[1, "image"]
+    table.loc[1, "image"] = None
+    table.loc[2, "label"] = None
+    table.to_csv(cohort_copy, index=False)
+    ids = table["subject_id"]
+    assert _problems(cohort_copy) == [f"{ids[1]}: no image path", f"{ids[2]}: no label path"]
+    table.loc[1, "image"] = image
+    table.to_csv(cohort_copy, index=False)
+    assert len(validate_manifest(cohort_copy, require_labels=False)) == 4  # prediction needs no labels
+
+
+def test_unreadable_scans_are_named_with_what_was_expected(cohort_copy):
+    table = pd.read_csv(cohort_copy)
+    (cohort_copy.parent / table.loc[0, "image"]).write_bytes(b"not a scan")
+    (cohort_copy.parent / table.loc[1, "label"]).write_bytes(b"not a label")
+    problems = _problems(cohort_copy)
+    assert len(problems) == 2
+    assert problems[0].startswith(f"{table.loc[0, 'subject_id']}: image is not a readable NIfTI, NRRD or DICOM series")
+    assert problems[1].startswith(f"{table.loc[1, 'subject_id']}: label is not a readable NIfTI or NRRD")

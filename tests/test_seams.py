@@ -248,3 +248,31 @@ def test_loader_workers_are_capped_at_each_ranks_share_of_the_cpus(monkeypatch, 
     with pytest.warns(UserWarning, match="--data.num_workers 8: this rank has 2 CPU"):
         loader = dm.train_dataloader()
     assert loader.num_workers == 2 and dm.num_workers == 8
+
+
+def test_training_batches_are_augmented_and_full_and_validation_batches_are_not(tiny_cohort, tmp_path):
+    """The training loader augments (the same subject's tensor differs from its preprocessed one) and drops a last
+    partial batch; the validation loader serves the preprocessed tensors themselves, one subject per batch."""
+    dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", augment=1.0))
+    dm.prepare_data()
+    dm.setup("fit")
+    plain = {s["subject_id"]: s["image"].data for s in dm.subjects("train")}
+    torch.manual_seed(0)
+    batches = list(dm.train_dataloader())
+    assert len(batches) == len(plain) // 2 and all(len(b["subject_id"]) == 2 for b in batches)
+    changed = [not torch.equal(image, plain[sid]) for b in batches for sid, image in zip(b["subject_id"], b["image"]["data"])]
+    assert sum(changed) >= len(changed) - 1  # each transform has p < 1: one subject may pass unchanged
+    for batch in dm.val_dataloader():
+        (sid,) = batch["subject_id"]
+        assert torch.equal(batch["image"]["data"][0], {s["subject_id"]: s["image"].data for s in dm.subjects("val")}[sid])
+
+
+def test_patch_training_draws_samples_per_volume_patches_of_the_patch_size(tiny_cohort, tmp_path):
+    dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", patch_size=(16, 16, 8),
+                                          samples_per_volume=3, queue_length=12))
+    dm.prepare_data()
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert sum(len(b["subject_id"]) for b in batches) == 3 * len(dm.subject_ids("train"))
+    assert all(tuple(b["image"]["data"].shape[2:]) == (16, 16, 8) for b in batches)
+    assert all(b["image"]["data"].shape[0] <= 2 for b in batches)

@@ -301,3 +301,38 @@ def test_the_schedule_refuses_at_train_start_what_would_fail_or_train_the_wrong_
         schedule.on_train_start(trainer(), module())
     schedule.on_train_start(trainer(ckpt_path="last.ckpt"), module())  # resumed at epoch 0: its weights are trained
     schedule.on_train_start(trainer(epoch=1), module())
+
+
+def test_setup_scales_stage_lengths_only_for_a_finite_real_run_and_warns_when_stages_are_cut(caplog):
+    """Checked with stand-ins for the trainer and the module: stage lengths scale to max_epochs for a real run with
+    a positive, different epoch budget (logged), never for fast_dev_run or an unlimited run (-1); without scaling, a
+    budget shorter than the stages is warned about; unknown parts are named with the network's parts."""
+    import logging
+    from types import SimpleNamespace
+
+    def run(max_epochs, scale=True, fast_dev_run=False, stages=None):
+        schedule = StageSchedule(stages or [Stage(name="vnet", epochs=4, train=["vnet"]), Stage(name="all", epochs=2)],
+                                 scale_to_max_epochs=scale)
+        module = SimpleNamespace(parts=lambda: ["vnet", "stn", "fusion"], lr=1e-3, set_stage=lambda s: setattr(module, "stage", s))
+        schedule.setup(SimpleNamespace(max_epochs=max_epochs, fast_dev_run=fast_dev_run), module, "fit")
+        return [s.epochs for s in schedule.stages], module.stage
+
+    with caplog.at_level(logging.INFO):
+        assert run(12)[0] == [8, 4]
+    assert "Stage lengths scaled to max_epochs: vnet x8, all x4" in caplog.text
+    assert run(6)[0] == [4, 2] and run(-1)[0] == [4, 2] and run(None)[0] == [4, 2]
+    assert run(3, fast_dev_run=True)[0] == [4, 2]
+    assert run(3)[0] == [2, 1]
+    lengths, stage = run(12, scale=False)
+    assert lengths == [4, 2] and stage.name == "vnet" and stage.index == 0
+    with pytest.warns(UserWarning, match=r"trainer\.max_epochs=5 ends training before the last stage \(the stages "
+                                         r"need 6 epochs\)"):
+        run(5, scale=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(6, scale=False), run(-1, scale=False), run(None, scale=False), run(1, scale=False, fast_dev_run=True)
+    with pytest.raises(ValueError, match=r"^stage 'x' trains unknown parts \['decoder'\]; this network has "
+                                         r"\['fusion', 'stn', 'vnet'\]$"):
+        run(6, stages=[Stage(name="x", epochs=1, train=["vnet", "decoder"])])
