@@ -111,7 +111,7 @@ def scan_problems(name: str, path: str | Path) -> list[str]:
     return [p.replace(f"{name}: image contains", f"{name}: {path} contains") for p in voxel_problems(name, voxels, None)]
 
 
-def _check_subject(row: pd.Series, require_labels: bool, voxels: bool = True) -> list[str]:
+def _check_subject(row: pd.Series, voxels: bool) -> list[str]:
     sid = row["subject_id"]
     problems: list[str] = []
     # an empty cell reaches here as None or NaN (pandas keeps whichever the column's other cells allow)
@@ -129,10 +129,8 @@ def _check_subject(row: pd.Series, require_labels: bool, voxels: bool = True) ->
         return [f"{sid}: image is not 3D (shape {image.shape})"]
     if min(image.spacing) <= 0:
         return [f"{sid}: image voxel spacing {image.spacing} is not positive (fix the image header)"]
-    if paths["label"] is None:
-        if require_labels:
-            problems.append(f"{sid}: no label path")
-        return problems + (voxel_problems(sid, read_voxels(paths["image"]), None) if voxels else [])
+    if paths["label"] is None:  # a missing label that is required was named by read_manifest
+        return voxel_problems(sid, read_voxels(paths["image"]), None) if voxels else []
     try:
         label = read_header(paths["label"])
     except Exception as exc:
@@ -154,7 +152,7 @@ def validate_manifest(path: str | Path, require_labels: bool = True, voxels: boo
     table = read_manifest(path, require_labels=require_labels)
     problems: list[str] = []
     for _, row in table.iterrows():
-        problems.extend(_check_subject(row, require_labels, voxels))
+        problems.extend(_check_subject(row, voxels))
     if problems:
         raise ManifestError(path, problems)
     return table

@@ -223,3 +223,63 @@ def test_unreadable_scans_are_named_with_what_was_expected(cohort_copy):
     assert len(problems) == 2
     assert problems[0].startswith(f"{table.loc[0, 'subject_id']}: image is not a readable NIfTI, NRRD or DICOM series")
     assert problems[1].startswith(f"{table.loc[1, 'subject_id']}: label is not a readable NIfTI or NRRD")
+
+
+def test_scans_without_labels_still_get_their_voxels_checked(cohort_copy):
+    """A prediction manifest (no labels): a scan with NaN voxels is named; the others pass."""
+    table = pd.read_csv(cohort_copy)
+    img = np.asarray(nib.load(cohort_copy.parent / table.loc[2, "image"]).dataobj).astype(np.float32)
+    img[1, 1, 1] = np.inf
+    sid = _rewrite(cohort_copy, "image", 2, img)
+    table = pd.read_csv(cohort_copy)
+    table["label"] = None
+    table.to_csv(cohort_copy, index=False)
+    with pytest.raises(ManifestError) as info:
+        validate_manifest(cohort_copy, require_labels=False)
+    assert info.value.problems == [f"{sid}: image contains NaN or inf values"]
+    assert len(validate_manifest(cohort_copy, require_labels=False, voxels=False)) == 4
+
+
+def test_singleton_4d_and_sub_millimetre_scans_pass_and_other_shapes_are_named(cohort_copy):
+    table = pd.read_csv(cohort_copy)
+    image = nib.load(cohort_copy.parent / table.loc[0, "image"])
+    label = nib.load(cohort_copy.parent / table.loc[0, "label"])
+    fine = np.diag([0.7, 0.7, 0.5, 1.0])
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[..., None], fine), cohort_copy.parent / table.loc[0, "image"])
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj), fine), cohort_copy.parent / table.loc[0, "label"])
+    assert len(validate_manifest(cohort_copy)) == 4  # (x, y, z, 1) at 0.7 x 0.7 x 0.5 mm is a 3D scan
+    two = np.stack([np.asarray(image.dataobj)] * 2, axis=-1)
+    nib.save(nib.Nifti1Image(two, fine), cohort_copy.parent / table.loc[0, "image"])
+    (problem,) = _problems(cohort_copy)
+    assert problem == f"{table.loc[0, 'subject_id']}: image is not 3D (shape {two.shape})"
+
+
+def test_shape_and_affine_mismatches_are_described_exactly_and_rounding_is_tolerated(cohort_copy):
+    table = pd.read_csv(cohort_copy)
+    image = nib.load(cohort_copy.parent / table.loc[0, "image"])
+    sid = _rewrite(cohort_copy, "label", 0, np.zeros((5, 6, 7), np.uint8))
+    (problem,) = _problems(cohort_copy)
+    assert problem == f"{sid}: image shape {image.shape[:3]} and label shape (5, 6, 7) differ"
+    label = nib.load(cohort_copy.parent / table.loc[1, "label"])
+    nearly = label.affine.copy()
+    nearly[0, 1] += 5e-4  # a header written with fewer digits: the same grid
+    _rewrite(cohort_copy, "label", 1, np.asarray(label.dataobj), nearly)
+    _rewrite(cohort_copy, "label", 0, np.zeros(image.shape, np.uint8))  # row 0: right shape now, but empty
+    assert _problems(cohort_copy) == [f"{sid}: label is empty (no femur voxels)"]  # row 1's rounding passes
+    shifted = label.affine.copy()
+    shifted[1, 3] += 0.5  # half a millimetre off: another grid
+    sid1 = _rewrite(cohort_copy, "label", 1, np.asarray(label.dataobj), shifted)
+    assert f"{sid1}: image and label affines differ (they must share one voxel grid)" in _problems(cohort_copy)
+
+
+def test_a_non_binary_label_shows_at_most_six_values(cohort_copy):
+    table = pd.read_csv(cohort_copy)
+    label = np.asarray(nib.load(cohort_copy.parent / table.loc[0, "label"]).dataobj).astype(np.int16)
+    label.flat[:7] = np.arange(2, 9)
+    sid = _rewrite(cohort_copy, "label", 0, label)
+    (problem,) = _problems(cohort_copy)
+    assert problem == f"{sid}: label is not binary (values 0, 1, 2, 3, 4, 5...)"
+    label.flat[:7] = [2, 3, 4, 5, 0, 0, 0]
+    _rewrite(cohort_copy, "label", 0, label)
+    (problem,) = _problems(cohort_copy)
+    assert problem == f"{sid}: label is not binary (values 0, 1, 2, 3, 4, 5)"
