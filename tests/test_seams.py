@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import os
 import subprocess
 import sys
@@ -276,3 +277,35 @@ def test_patch_training_draws_samples_per_volume_patches_of_the_patch_size(tiny_
     assert sum(len(b["subject_id"]) for b in batches) == 3 * len(dm.subject_ids("train"))
     assert all(tuple(b["image"]["data"].shape[2:]) == (16, 16, 8) for b in batches)
     assert all(b["image"]["data"].shape[0] <= 2 for b in batches)
+
+
+def test_roi_crop_accepts_the_edges_of_its_ranges_and_names_what_it_refuses():
+    RoiCrop((1, 1, 1), (0.0, 1.0, 0.5))  # one voxel, centres on the volume's edges: valid
+    for size in ((0, 8, 8), (8, 8), (8, 8, 8, 8)):
+        with pytest.raises(ValueError, match=rf"^roi_size must be three positive ints, got {re.escape(str(size))}$"):
+            RoiCrop(size)
+    for centre in ((0.5, 0.5), (0.5, 1.2, 0.5), (-0.1, 0.5, 0.5)):
+        with pytest.raises(ValueError, match=rf"^roi_center must be three fractions in \[0, 1\], got "
+                                             rf"{re.escape(str(centre))}$"):
+            RoiCrop((8, 8, 8), centre)
+
+
+def test_validation_and_test_loaders_serve_one_subject_at_a_time_in_split_order(tiny_cohort, tmp_path):
+    dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", augment=1.0))
+    dm.prepare_data()
+    dm.setup("fit")
+    for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
+        served = [batch["subject_id"] for batch in loader]
+        assert served == [[sid] for sid in dm.subject_ids(split)]
+
+
+def test_the_default_cohort_is_generated_with_the_datamodules_synthetic_settings(tmp_path):
+    from data_modules.synthetic import cohort_fingerprint, make_cohort
+
+    dm = FemurDataModule(**dict(tiny_data_args(None, tmp_path / "splits"), manifest=None,
+                                synthetic_dir=str(tmp_path / "default"), synthetic_subjects=6, synthetic_seed=5,
+                                n_folds=2))
+    dm.prepare_data()
+    assert dm.manifest_path == tmp_path / "default" / "manifest.csv"
+    expected = make_cohort(tmp_path / "expected", n_subjects=6, seed=5)
+    assert cohort_fingerprint(dm.manifest_path) == cohort_fingerprint(expected)

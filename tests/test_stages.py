@@ -336,3 +336,30 @@ def test_setup_scales_stage_lengths_only_for_a_finite_real_run_and_warns_when_st
     with pytest.raises(ValueError, match=r"^stage 'x' trains unknown parts \['decoder'\]; this network has "
                                          r"\['fusion', 'stn', 'vnet'\]$"):
         run(6, stages=[Stage(name="x", epochs=1, train=["vnet", "decoder"])])
+
+
+def test_com_alignment_moves_each_label_to_the_mean_centre_by_whole_voxels():
+    a, b = torch.zeros(16, 16, 16), torch.zeros(16, 16, 16)
+    a[2:6, 4:8, 6:10] = 1  # centre of mass (3.5, 5.5, 7.5)
+    b[8:12, 4:8, 0:4] = 1  # (9.5, 5.5, 1.5): the mean centre is (6.5, 5.5, 4.5)
+    prior = build_shape_prior([a, b], "com")
+    assert prior.shape == (1, 16, 16, 16) and prior.dtype == torch.float32
+    expected = torch.zeros(1, 16, 16, 16)
+    expected[0, 5:9, 4:8, 3:7] = 1.0  # both cubes land on the same voxels, nothing is shifted in from outside
+    assert torch.equal(prior, expected)
+    with pytest.raises(ValueError, match=r"^a shape prior needs at least one training label$"):
+        build_shape_prior([])
+    with pytest.raises(ValueError, match=r"^alignment must be one of \('roi', 'com'\), got 'mean'$"):
+        build_shape_prior([a], "mean")
+
+
+def test_the_datamodules_prior_is_the_same_with_or_without_the_cache_and_honours_the_alignment(tiny_cohort, tmp_path):
+    args = tiny_data_args(tiny_cohort, tmp_path / "splits")
+    cached = FemurDataModule(**args)
+    cached.prepare_data()
+    labels = [s["label"].data[0] for s in cached.subjects("train")]
+    assert torch.equal(cached.shape_prior("com"), build_shape_prior(labels, "com"))
+    assert not torch.equal(cached.shape_prior("com"), cached.shape_prior("roi"))
+    uncached = FemurDataModule(**dict(args, cache=False))
+    uncached.prepare_data()
+    assert torch.equal(uncached.shape_prior("roi"), cached.shape_prior("roi"))
