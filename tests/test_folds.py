@@ -130,3 +130,16 @@ def test_weights_are_accepted_only_from_the_same_fold_of_the_same_splits():
                                          r"shown not to have seen this fold's validation and test scans; train it "
                                          r"with this version of stvnet train$"):
         check_same_split({"key": None}, target, "old.ckpt")
+
+
+def test_a_fold_outside_the_splits_is_named_with_the_valid_range():
+    from data_modules.errors import InvalidInput
+    from data_modules.folds import fold_subjects, split_record
+
+    splits = {"key": {"seed": 0}, "test": ["t"], "folds": [{"train": ["a"], "val": ["b"]}, {"train": ["b"], "val": ["a"]}]}
+    assert fold_subjects(splits, 1) == {"train": ["b"], "val": ["a"], "test": ["t"]}
+    assert split_record(splits, 0) == {"key": {"seed": 0}, "fold": 0,
+                                       "subjects": {"train": ["a"], "val": ["b"], "test": ["t"]}}
+    for fold in (2, -1):
+        with pytest.raises(InvalidInput, match=rf"^data\.fold {fold}: must be in 0\.\.1 \(data\.n_folds is 2\)$"):
+            fold_subjects(splits, fold)

@@ -363,3 +363,11 @@ def test_the_datamodules_prior_is_the_same_with_or_without_the_cache_and_honours
     uncached = FemurDataModule(**dict(args, cache=False))
     uncached.prepare_data()
     assert torch.equal(uncached.shape_prior("roi"), cached.shape_prior("roi"))
+
+
+def test_a_schedule_from_yaml_mappings_is_the_same_as_from_stages():
+    as_dicts = StageSchedule([{"name": "vnet", "epochs": 2, "train": ["vnet"]}, {"name": "all", "epochs": 1}])
+    as_stages = StageSchedule([Stage(name="vnet", epochs=2, train=["vnet"]), Stage(name="all", epochs=1)])
+    assert as_dicts.stages == as_stages.stages and not as_dicts.scale_to_max_epochs
+    with pytest.raises(ValueError, match=r"^StageSchedule needs at least one stage$"):
+        StageSchedule([])
