@@ -142,6 +142,13 @@ def measure_cohort(manifest: str | Path, subjects: int | None = None,
     return (pd.DataFrame(rows), {t: np.concatenate(v) for t, v in pooled.items()}, np.stack(profiles))
 
 
+def _save_figure(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return path
+
+
 def plot_histograms(pooled: dict[str, np.ndarray], path: Path) -> Path:
     """One panel per tissue: the pooled HU histogram, the published range shaded and the real CT's median marked."""
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
@@ -156,10 +163,7 @@ def plot_histograms(pooled: dict[str, np.ndarray], path: Path) -> Path:
         ax.set_title(tissue)
         ax.set_xlabel("HU")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_profile(profiles: np.ndarray, head_radii: np.ndarray, path: Path) -> Path:
@@ -173,10 +177,7 @@ def plot_profile(profiles: np.ndarray, head_radii: np.ndarray, path: Path) -> Pa
     ax.set_xlabel("distance from the femoral head's centre, superior (mm)")
     ax.set_ylabel("HU")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def plot_views(manifest: Path, prm: SubjectParams, path: Path) -> Path:
@@ -197,10 +198,7 @@ def plot_views(manifest: Path, prm: SubjectParams, path: Path) -> Path:
         ax.contour(mask, levels=[0.5], colors="#d62728", linewidths=0.8)
         ax.set_title(f"{prm.subject_id} {name} through the left femoral head")
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return _save_figure(fig, path)
 
 
 def write_report(manifest: str | Path, out: str | Path, subjects: int | None = None) -> Path:
