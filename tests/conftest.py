@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -33,7 +34,8 @@ MUTANT_STARTED = pytest.StashKey[float]()
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under mutmut (a mutant named in ``MUTANT_UNDER_TEST``), run the covering tests of the files that import the
-    mutated module first, then the others, each group fastest first: a mutant is killed by the cheapest test that can
+    mutated module first, then the others, each group those named after the mutated function first, then fastest
+    first: a mutant is killed by the cheapest test that can
     kill it (mutmut stops at the first failure), and no more of them than fit ``MUTATION_BUDGET_S`` (always the first
     one): a surviving mutant runs every test it keeps, and with all of them a whole run does not fit the hour it may
     take on two cores. A mutant that runs far past its kept tests' time (an endless loop) ends as a timeout: mutmut's
@@ -43,9 +45,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if "__mutmut_" not in mutant or not stats.exists():
         return
     duration = json.loads(stats.read_text()).get("duration_by_test", {})
-    module = mutant.rsplit(".", 1)[0]  # data_modules.folds.x_make_splits__mutmut_3 -> data_modules.folds
+    module, function = mutant.rsplit(".", 1)  # data_modules.folds.x_make_splits__mutmut_3 -> data_modules.folds
     own = {path for path in {item.path for item in items} if module in path.read_text()}
-    ordered = sorted(items, key=lambda item: (item.path not in own, duration.get(item.nodeid, 0.0)))
+    # tests named after the mutated function (``augmentation`` -> test_..._augmented_...) first within a group
+    stems = {word[:5] for word in re.split(r"[_\u01c1]", function.split("__mutmut_")[0].split("\u01c1")[-1]) if len(word) >= 4}
+    ordered = sorted(items, key=lambda item: (item.path not in own, not any(stem in item.name for stem in stems),
+                                              duration.get(item.nodeid, 0.0)))
     kept, spent = [], 0.0
     for item in ordered:
         if kept and spent + duration.get(item.nodeid, 0.0) > MUTATION_BUDGET_S:

@@ -248,3 +248,10 @@ def test_checkpoint_reads_refuse_pickled_objects_and_non_checkpoints_and_notice_
     write_checkpoint(path, epoch=6, roi_size=[8, 8, 8])  # another size
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # even with the same time
     assert read_checkpoint_info(path).epoch == 6
+
+
+def test_a_checkpoint_that_does_not_exist_is_named_in_one_line(tmp_path):
+    from data_modules.errors import UserError
+
+    with pytest.raises(UserError, match=r"missing\.ckpt: not a readable checkpoint \(FileNotFoundError"):
+        read_checkpoint_info(tmp_path / "missing.ckpt")

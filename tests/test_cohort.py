@@ -48,3 +48,21 @@ def test_a_run_resumed_on_other_subjects_is_refused(tiny_cohort, tmp_path):
                                          r"selects \(another fold, cohort, manifest or split protocol\): resume with "
                                          r"the run's own config\.yaml"):
         dm.load_state_dict(other.state_dict())
+
+
+def test_the_run_record_is_written_into_new_folders_indented_with_the_datamodules_fold(tiny_cohort, tmp_path):
+    dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", fold=2))
+    path = dm.save_splits(tmp_path / "runs" / "vnet" / "fold2")  # none of these folders exists yet
+    assert path == tmp_path / "runs" / "vnet" / "fold2" / "splits.json"
+    assert json.loads(path.read_text())["fold"] == 2
+    assert path.read_text().startswith('{\n  "')  # two-space indents: a record people read and diff
+
+
+def test_cached_subjects_carry_their_id_and_sex_for_the_per_sex_metrics(tiny_cohort, tmp_path):
+    dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits"))
+    dm.prepare_data()
+    dm.setup("fit")
+    sexes = pd.read_csv(tiny_cohort, dtype={"subject_id": str}).set_index("subject_id")["sex"]
+    subjects = dm.subjects("val")
+    assert dm.store is not None and subjects
+    assert all(s["sex"] == sexes[s["subject_id"]] for s in subjects)

@@ -380,3 +380,18 @@ def test_paired_tests_pair_test_subjects_across_folds_and_validation_subjects_wi
     tests = paired_tests(pd.DataFrame(rows))
     n_pairs = tests[tests["cohort"] == "all"].groupby("split")["n_pairs"].first()
     assert n_pairs.to_dict() == {"test": 4, "val": 4}  # t0..t3 once; (v1, 0), (v2, 0), (v1, 1), (v3, 1)
+
+
+def test_identical_scores_give_p_1_and_a_constant_difference_is_still_tested():
+    """Wilcoxon cannot rank all-zero differences (p = 1 by definition here); a difference of exactly 1 mm on every
+    subject is a real, consistent difference (exact p = 2 / 2**8 for 8 pairs)."""
+    rows = []
+    for model, extra_hd in (("vnet", 0.0), ("stvnet", 1.0)):
+        for i in range(8):
+            metrics = {m: 0.5 for m in METRIC_KEYS}
+            metrics.update(dice=0.9 + 0.01 * i, hd=4.0 + 0.3 * i + extra_hd)
+            rows.append({"subject_id": f"s{i}", "sex": "F", "fold": 0, "model": model, "split": "test", **metrics})
+    tests = paired_tests(pd.DataFrame(rows)).set_index(["cohort", "metric"])
+    assert tests.loc[("all", "dice"), "p_value"] == 1.0 and tests.loc[("all", "dice"), "median_diff"] == 0.0
+    assert tests.loc[("all", "hd"), "p_value"] == pytest.approx(2 / 2**8)
+    assert tests.loc[("all", "hd"), "median_diff"] == pytest.approx(1.0)

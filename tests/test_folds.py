@@ -143,3 +143,13 @@ def test_a_fold_outside_the_splits_is_named_with_the_valid_range():
     for fold in (2, -1):
         with pytest.raises(InvalidInput, match=rf"^data\.fold {fold}: must be in 0\.\.1 \(data\.n_folds is 2\)$"):
             fold_subjects(splits, fold)
+
+
+def test_splits_written_without_a_key_are_refused_with_what_to_do(tmp_path):
+    path = tmp_path / "splits.json"
+    table = _cohort(30, 25)
+    splits = load_or_create_splits(path, table, n_folds=5)
+    path.write_text(json.dumps({k: v for k, v in splits.items() if k != "key"}))  # as an older version wrote them
+    with pytest.raises(ValueError, match=rf"^{path}: these splits record no key \(written by an older version\); "
+                                         r"delete the file or set data\.splits_dir elsewhere to make new ones$"):
+        load_or_create_splits(path, table, n_folds=5)

@@ -309,3 +309,19 @@ def test_the_default_cohort_is_generated_with_the_datamodules_synthetic_settings
     assert dm.manifest_path == tmp_path / "default" / "manifest.csv"
     expected = make_cohort(tmp_path / "expected", n_subjects=6, seed=5)
     assert cohort_fingerprint(dm.manifest_path) == cohort_fingerprint(expected)
+
+
+def test_preprocessing_resamples_to_the_target_spacing_and_cuts_the_roi_at_its_centre():
+    """Without a locator the ROI sits at ``roi_center`` (the same box RoiCrop cuts alone); a locator is used only
+    when there is an ROI to place."""
+    x = np.arange(40, dtype=np.float32)[:, None, None] * np.ones((1, 20, 20), np.float32)
+    subject = tio.Subject(image=tio.ScalarImage(tensor=torch.from_numpy(x * 40.0 - 200.0)[None],
+                                                affine=np.diag([2.0, 2.0, 2.0, 1.0])))
+    out = preprocessing((4.0, 4.0, 4.0), (4, 4, 4), (0.25, 0.5, 0.5))(subject)
+    assert out["image"].spacing == (4.0, 4.0, 4.0) and out["image"].spatial_shape == (4, 4, 4)
+    alone = RoiCrop((4, 4, 4), (0.25, 0.5, 0.5))(tio.Resample(4.0)(tio.RescaleIntensity(
+        (0.0, 1.0), in_min_max=(-200.0, 1800.0))(tio.Clamp(-200.0, 1800.0)(subject))))
+    assert np.allclose(out["image"].affine, alone["image"].affine)
+    assert torch.allclose(out["image"].data, alone["image"].data)
+    assert not any(type(t).__name__ == "LocateFemur"
+                   for t in preprocessing(None, None, None, locator=object()).transforms)

@@ -371,3 +371,32 @@ def test_a_schedule_from_yaml_mappings_is_the_same_as_from_stages():
     assert as_dicts.stages == as_stages.stages and not as_dicts.scale_to_max_epochs
     with pytest.raises(ValueError, match=r"^StageSchedule needs at least one stage$"):
         StageSchedule([])
+
+
+def test_rescaled_stages_share_the_leftover_epochs_in_order_and_an_empty_schedule_is_refused():
+    """Four equal stages in 7 epochs: the three leftover epochs go to the first three stages, one each."""
+    schedule = StageSchedule([Stage(name=n, epochs=1) for n in "abcd"])
+    schedule.rescale(7)
+    assert [s.epochs for s in schedule.stages] == [2, 2, 2, 1] and schedule.starts == [0, 2, 4, 6]
+    assert StageSchedule([Stage(name="a", epochs=3)]).scale_to_max_epochs is False  # scaling is opted into
+    with pytest.raises(ValueError, match="^StageSchedule needs at least one stage$"):
+        StageSchedule([])
+
+
+def test_a_shape_prior_is_one_channel_and_its_errors_say_what_is_wrong():
+    labels = [torch.zeros(4, 5, 6), torch.ones(4, 5, 6)]
+    prior = build_shape_prior(labels)
+    assert prior.shape == (1, 4, 5, 6) and torch.all(prior == 0.5)
+    with pytest.raises(ValueError, match="^a shape prior needs at least one training label$"):
+        build_shape_prior([])
+    with pytest.raises(ValueError, match=r"^alignment must be one of \('roi', 'com'\), got 'rigid'$"):
+        build_shape_prior(labels, "rigid")
+
+
+def test_com_alignment_loses_what_leaves_the_box_instead_of_filling_it():
+    """A label at the box's edge shifted towards the mean centre leaves empty voxels behind, not bone."""
+    a, b = torch.zeros(8, 8, 8), torch.zeros(8, 8, 8)
+    a[0:2, 3:5, 3:5] = 1  # centre x 0.5
+    b[4:6, 3:5, 3:5] = 1  # centre x 4.5: both move 2 voxels towards x 2.5
+    prior = build_shape_prior([a, b], "com")[0]
+    assert prior.sum() == 8 and torch.all(prior[2:4, 3:5, 3:5] == 1.0)  # both labels whole, on top of each other
