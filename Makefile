@@ -39,7 +39,7 @@ help:
 	@echo "make test-multiprocess   tests that launch DDP ranks, torchrun, sweeps and kill/resume (~5 min; CI runs both)"
 	@echo "make mutate  mutation testing (mutmut) of the modules in [tool.mutmut]; score in mutation/score.md"
 	@echo "make planted-bugs   plant the bugs that once slipped through, one at a time; each must fail a test"
-	@echo "make synth   write the synthetic cohort to data/synthetic"
+	@echo "make synth   write the synthetic cohort to data/synthetic-v2"
 	@echo "make ablate  V-Net vs ST-V-Net x all/male/female x ABLATE_FOLDS, then evaluate + compare"
 	@echo "make sweep   Optuna search (SPACE, TRIALS); best.yaml + plots under OUT/sweeps/<study>"
 	@echo "make bench   benchmark against MONAI (ratios), table in bench_results/bench.md"
@@ -58,7 +58,7 @@ train: $(STAMP)
 	$(BIN)/stvnet train $(TRAIN_ARGS) $(ARGS)
 
 synth: $(STAMP)
-	$(BIN)/stvnet synth --out data/synthetic
+	$(BIN)/stvnet synth --out data/synthetic-v2
 
 bench: $(STAMP)
 	$(BIN)/stvnet bench --out bench_results/bench.md $(ARGS)

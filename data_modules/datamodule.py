@@ -27,10 +27,10 @@ from data_modules.localisation import FemurLocator
 from data_modules.options import check_options
 from data_modules.roi import refuse_cut_labels
 from data_modules.shape_prior import build_shape_prior
-from data_modules.synthetic import ROI_CENTER_FRACTION, make_cohort
+from data_modules.synthetic import DEFAULT_COHORT_DIR, ROI_CENTER_FRACTION, make_cohort
 from data_modules.transforms import augmentation, preprocessing, sampler
 
-DEFAULT_SYNTHETIC_DIR = "data/synthetic"
+DEFAULT_SYNTHETIC_DIR = DEFAULT_COHORT_DIR
 
 
 def loader_workers(requested: int, ranks_per_node: int = 1) -> int:

@@ -3,13 +3,33 @@
 Each subject is a hip CT in Hounsfield units with the *left* proximal femur labelled, built from
 signed distance fields (SDFs) of simple primitives joined by smooth unions:
 
-* left femur (labelled down to a cut 10 mm below the lesser trochanter's centre): spherical head, neck at a neck-shaft angle of 125-135 deg with 5-20 deg anteversion,
-  greater and lesser trochanter, shaft; cortical shell (1000-1800 HU) around trabecular bone
-  (150-400 HU, textured) and a fatty marrow canal in the shaft;
-* distractors with the same intensities: both acetabula and the pelvis (ilium, pubis, ischium) with a
-  1.5-3 mm joint space around each femoral head, and the right femur, in view but **not** labelled;
-* soft tissue (muscle 30-60 HU) inside a subcutaneous fat ring (-100 HU), air outside;
-* partial-volume blur, correlated noise and anisotropic voxels (default 1.0 x 1.0 x 2.5 mm).
+* left femur (labelled down to a cut 10 mm below the lesser trochanter's centre): spherical head, neck at a
+  neck-shaft angle of 125-135 deg with 5-20 deg anteversion, greater and lesser trochanter, shaft; a thin cortex
+  (0.3-0.5 mm over the head, 0.6-1.1 mm over the neck and trochanters) thickening to 3-5 mm in the shaft, around trabecular bone densest
+  in the head and sparsest in the trochanteric region, and a fatty marrow canal in the shaft;
+* distractors: both acetabula and the pelvis (ilium, pubis, ischium; sparser trabecular bone than the femoral neck
+  and a 0.8-1.5 mm cortex) with a 1.5-3 mm joint space around each femoral head (0.5-1.5 mm in osteoarthritic hips), and the right
+  femur, in view but **not** labelled;
+* soft tissue (muscle, fattier with age) inside a subcutaneous fat ring, air outside;
+* partial volume (each voxel covered by the share of it inside a tissue, then the slice profile), correlated noise
+  and anisotropic voxels (default 1.0 x 1.0 x 2.5 mm).
+
+Bone density follows published QCT values (HU ~ mg/cm3 hydroxyapatite; ``stvnet synth --report`` measures a cohort
+against them, :mod:`data_modules.realism`):
+
+* trabecular bone of the femoral neck ~235 HU in men and ~205 HU in women at 55 years, falling ~2.0 and ~2.6 HU a
+  year (Riggs BL et al., J Bone Miner Res 2004;19:1945-1954: trabecular vBMD falls ~45% over adult life in both
+  sexes, faster in women after menopause); the head ~1.35x denser and the trochanteric region ~0.75x (this generator's
+  assumption, after the head's dense principal compressive group and the sparse Ward's triangle);
+* osteoporosis (prevalence rising with age, ~15-45% of women and ~5-20% of men of 55-85 years; Looker AC et al.,
+  J Bone Miner Res 1997;12:1761-1768) removes 30% of trabecular density, 15% of cortical thickness and 80 HU of
+  cortical density;
+* cortical bone 1200-1500 HU before partial volume, falling 4 HU a year (porosity), shaft cortex 3-5 mm thinning
+  0.6% a year, the neck's and trochanters' shell under 1.1 mm and the head's under 0.5 mm (Treece GM et al., Med Image Anal 2010;14:276-290;
+  Poole KES et al., PLoS One 2012;7:e38466), so that at clinical resolution the thin shell peaks far below it;
+* muscle ~50 HU at 55 falling ~0.8 HU a year with fat infiltration (Goodpaster BH et al., J Appl Physiol
+  2000;89:104-110); subcutaneous fat ~-100 HU (Yoshizumi T et al., Radiology 1999;211:283-286);
+* osteoarthritic narrowing of the joint space (0.5-1.5 mm) in 10-40% of hips, rising with age.
 
 Men's femurs are larger (head diameter 48-50 mm vs 43-45 mm) and women's bone density lower on
 average, so sex-stratified experiments have something to find. World coordinates are RAS+ mm; the
@@ -40,15 +60,26 @@ FOV_MM = ((-190.0, 120.0), (-85.0, 85.0), (-135.0, 50.0))
 ROI_CENTER_FRACTION = (0.242, 0.5, 0.55)
 #: acquisitions: ``default`` (the embedded cohort's grid) or ``clinical`` (hip QCT size, see data_modules.clinical)
 PRESETS = ("default", "clinical")
+#: the generator's version: a change that alters the cohort's bytes bumps it, so the default cohort (a folder named
+#: after it) is written afresh instead of an older one being reused; runs on an older cohort keep their files
+GENERATOR_VERSION = 2
+DEFAULT_COHORT_DIR = f"data/synthetic-v{GENERATOR_VERSION}"
 
 
 @dataclass(frozen=True)
 class SubjectParams:
-    """Anatomy and acquisition parameters of one synthetic subject."""
+    """Anatomy, bone density and acquisition parameters of one synthetic subject.
+
+    ``cortical_thickness`` is the shaft's cortex at the proximal-femur cut; the head, neck and trochanters carry a
+    ``thin_cortex`` shell, the head a ``head_cortex`` one. ``trabecular_hu`` is the femoral neck's trabecular density; the head is denser and the
+    trochanteric region sparser (:data:`HEAD_DENSITY`, :data:`TROCHANTER_DENSITY`). ``cortical_hu`` is the material
+    density of compact bone before partial volume."""
 
     subject_id: str
     sex: str
     age: int
+    osteoporotic: bool
+    osteoarthritic: bool
     head_radius: float
     neck_shaft_angle: float
     anteversion: float
@@ -56,8 +87,14 @@ class SubjectParams:
     neck_radius: float
     shaft_radius: float
     cortical_thickness: float
+    thin_cortex: float
+    head_cortex: float
     cortical_hu: float
     trabecular_hu: float
+    pelvis_hu: float
+    pelvis_cortex: float
+    muscle_hu: float
+    fat_hu: float
     joint_space: float
     rotation_deg: tuple[float, float, float]
     shift_mm: tuple[float, float, float]
@@ -66,25 +103,46 @@ class SubjectParams:
     seed: int
 
 
+#: trabecular density of the femoral head and of the trochanteric region relative to the neck's
+HEAD_DENSITY, TROCHANTER_DENSITY = 1.35, 0.75
+#: the pelvis's compact bone relative to the femur's
+PELVIS_CORTEX_DENSITY = 0.7
+
+
 def sample_params(index: int, sex: str, rng: np.random.Generator) -> SubjectParams:
-    """Draw one subject's anatomy from sex-specific distributions."""
+    """Draw one subject's anatomy and bone density from sex- and age-specific distributions (sources in the
+    module docstring)."""
     male = sex == "M"
     head_radius = rng.uniform(24.0, 25.0) if male else rng.uniform(21.5, 22.5)
     scale = head_radius / 23.0
+    age = int(rng.integers(55, 86))
+    years = age - 55
+    osteoporotic = bool(rng.random() < (0.05 + 0.005 * years if male else 0.15 + 0.01 * years))
+    osteoarthritic = bool(rng.random() < 0.1 + 0.01 * years)
+    loss = 0.7 if osteoporotic else 1.0
+    trabecular = rng.normal(235.0 - 2.0 * years if male else 205.0 - 2.6 * years, 25.0) * loss
     return SubjectParams(
         subject_id=f"sub-{index:03d}",
         sex=sex,
-        age=int(rng.integers(55, 86)),
+        age=age,
+        osteoporotic=osteoporotic,
+        osteoarthritic=osteoarthritic,
         head_radius=float(head_radius),
         neck_shaft_angle=float(rng.uniform(125.0, 135.0)),
         anteversion=float(rng.uniform(5.0, 20.0)),
         neck_length=float(rng.uniform(44.0, 50.0) * scale),
         neck_radius=float(rng.uniform(0.62, 0.70) * head_radius),
         shaft_radius=float(rng.uniform(0.52, 0.58) * head_radius),
-        cortical_thickness=float(rng.uniform(1.5, 3.0)),
-        cortical_hu=float(rng.normal(1400.0 if male else 1250.0, 90.0)),
-        trabecular_hu=float(np.clip(rng.normal(300.0 if male else 230.0, 35.0), 150.0, 400.0)),
-        joint_space=float(rng.uniform(1.5, 3.0)),
+        cortical_thickness=float(rng.uniform(3.5, 5.0) * (1.0 - 0.006 * years) * (0.85 if osteoporotic else 1.0)),
+        thin_cortex=float(rng.uniform(0.6, 1.1)),
+        head_cortex=float(rng.uniform(0.3, 0.5)),
+        cortical_hu=float(rng.normal(1450.0 if male else 1380.0, 60.0) - 4.0 * years - (80.0 if osteoporotic else 0.0)),
+        trabecular_hu=float(np.clip(trabecular, 60.0, 330.0)),
+        pelvis_hu=float(np.clip(trabecular * rng.uniform(0.55, 0.8), 50.0, 250.0)),
+        pelvis_cortex=float(rng.uniform(0.8, 1.5)),
+        muscle_hu=float(rng.normal(50.0 - 0.8 * years, 6.0)),
+        fat_hu=float(rng.normal(-100.0, 10.0)),
+        joint_space=float(rng.uniform(0.5, 1.5) if osteoarthritic else rng.uniform(1.5, 3.0)),
         rotation_deg=tuple(float(v) for v in rng.uniform(-5.0, 5.0, size=3)),
         shift_mm=tuple(float(v) for v in rng.uniform(-5.0, 5.0, size=3)),
         fov_jitter_mm=tuple(float(v) for v in rng.uniform(-3.0, 3.0, size=3)),
@@ -151,11 +209,31 @@ def to_world(prm: SubjectParams, body: np.ndarray) -> np.ndarray:
     return np.asarray(body, dtype=float) @ _rotation(prm.rotation_deg).T + np.asarray(prm.shift_mm)
 
 
-def _femur_sdf(p: Points, prm: SubjectParams, side: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SDFs of one femur, of its medullary canal, and of the half-space distal to the proximal-femur cut.
+@dataclass(frozen=True)
+class Femur:
+    """Distance fields of one femur (mm, negative inside) and its bone-density fields on the same points."""
+
+    sdf: torch.Tensor
+    canal: torch.Tensor
+    distal: torch.Tensor  # signed distance past the proximal-femur cut (> 0 distal)
+    cortex_mm: torch.Tensor  # cortical thickness
+    trabecular_hu: torch.Tensor  # trabecular density
+
+
+def _smoothstep(x: torch.Tensor) -> torch.Tensor:
+    x = x.clamp(0.0, 1.0)
+    return x * x * (3.0 - 2.0 * x)
+
+
+def _femur_sdf(p: Points, prm: SubjectParams, side: float) -> Femur:
+    """One femur: its SDF, its medullary canal's, the half-space distal to the proximal-femur cut, and its density.
 
     The proximal femur (what is labelled) ends at a plane across the shaft 10 mm (scaled) below the lesser
-    trochanter, as QCT hip analyses define it; the shaft continues in the image beyond that plane.
+    trochanter, as QCT hip analyses define it; the shaft continues in the image beyond that plane. The cortex is a
+    shell of ``head_cortex`` over the head (the subchondral plate), ``thin_cortex`` over the neck and
+    trochanters, and thickens below the lesser trochanter to the
+    shaft's ``cortical_thickness`` 25 mm further down; trabecular bone is densest in the head (principal compressive
+    group) and sparsest in the trochanteric region (Ward's triangle).
 
     ``p`` are body coordinates; ``side`` is -1 for the left femur (patient's left is -x in RAS) and +1
     for the right one, which is the mirror image.
@@ -183,9 +261,16 @@ def _femur_sdf(p: Points, prm: SubjectParams, side: float) -> tuple[torch.Tensor
     d = _smooth_union(d, _capsule(p, greater, lesser, 9.0 * s), 6.0)
     canal_top = junction + 55.0 * s * shaft_dir
     canal = _capsule(p, canal_top, shaft_end, prm.shaft_radius - prm.cortical_thickness - 3.0)
-    cut = junction + (42.0 + 10.0) * s * shaft_dir
-    distal = sum((p[i] - float(cut[i])) * float(shaft_dir[i]) for i in range(3))
-    return d, canal, distal
+    along = sum((p[i] - float(junction[i])) * float(shaft_dir[i]) for i in range(3))  # mm down the shaft
+    cut = 52.0 * s
+    distal = along - cut
+    below_lesser = _smoothstep((along - 42.0 * s) / 25.0)
+    cortex = prm.thin_cortex + (prm.cortical_thickness - prm.thin_cortex) * below_lesser
+    from_head = _sphere(p, head, 0.0)
+    cortex = torch.lerp(cortex, torch.full_like(cortex, prm.head_cortex), torch.sigmoid((prm.head_radius + 4.0 - from_head) / 2.0))
+    in_head = torch.sigmoid((prm.head_radius - from_head) / 8.0)
+    density = TROCHANTER_DENSITY + (HEAD_DENSITY - TROCHANTER_DENSITY) * in_head
+    return Femur(d, canal, distal, cortex, prm.trabecular_hu * density)
 
 
 def _pelvis_sdf(p: Points, prm: SubjectParams) -> torch.Tensor:
@@ -223,7 +308,9 @@ def anatomy(prm: SubjectParams, spacing: tuple[float, float, float], origin: Seq
             shape: Sequence[int] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """Signed distance fields (mm, negative inside) of every structure on the subject's voxel grid, and the
     grid's affine. Keys: ``left``, ``left_canal``, ``right``, ``right_canal``, ``pelvis``, ``label`` (the left
-    proximal femur: the left femur above the shaft cut), ``skin`` (a normalised radius, < 1 inside the body). The femurs are cut away where they would meet the pelvis,
+    proximal femur: the left femur above the shaft cut), ``skin`` (a normalised radius, < 1 inside the body), and
+    each femur's density fields ``left_cortex`` / ``right_cortex`` (cortical thickness, mm) and ``left_trabecular`` /
+    ``right_trabecular`` (trabecular HU). The femurs are cut away where they would meet the pelvis,
     so structures never overlap. The grid starts at ``origin`` (RAS mm of voxel 0) with ``shape`` voxels; by default
     it is the cohort's field of view (:data:`FOV_MM`, jittered per subject)."""
     if origin is None or shape is None:
@@ -243,12 +330,14 @@ def anatomy(prm: SubjectParams, spacing: tuple[float, float, float], origin: Seq
         pelvis = _pelvis_sdf(body, prm)
         sdfs = {"pelvis": pelvis.numpy()}
         for name, side in (("left", -1.0), ("right", 1.0)):
-            femur, canal, distal = _femur_sdf(body, prm, side=side)
-            femur = torch.maximum(femur, -pelvis)  # CSG difference: femur minus pelvis
-            sdfs[name] = femur.numpy()
-            sdfs[f"{name}_canal"] = canal.numpy()
+            femur = _femur_sdf(body, prm, side=side)
+            sdf = torch.maximum(femur.sdf, -pelvis)  # CSG difference: femur minus pelvis
+            sdfs[name] = sdf.numpy()
+            sdfs[f"{name}_canal"] = femur.canal.numpy()
+            sdfs[f"{name}_cortex"] = femur.cortex_mm.numpy()
+            sdfs[f"{name}_trabecular"] = femur.trabecular_hu.numpy()
             if name == "left":
-                sdfs["label"] = torch.maximum(femur, distal).numpy()  # the proximal part only
+                sdfs["label"] = torch.maximum(sdf, femur.distal).numpy()  # the proximal part only
         sdfs["skin"] = torch.sqrt((body[0] / 175.0) ** 2 + (body[1] / 125.0) ** 2).numpy()
     affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
     affine[:3, 3] = origin
@@ -262,35 +351,71 @@ def render_subject(prm: SubjectParams, spacing: tuple[float, float, float]) -> t
     return image, label, affine
 
 
+def _coverage(sdf: np.ndarray, extent: np.ndarray | float) -> np.ndarray:
+    """Share of a voxel inside a surface, from the signed distance of its centre and the voxel's extent along the
+    surface's normal (the surface taken as flat across the voxel)."""
+    return np.clip(0.5 - sdf / extent, 0.0, 1.0)
+
+
+def _normal_extent(sdf: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+    """Each voxel's extent (mm) along the normal of the distance field's level set through it: its thickness as the
+    surface sees it, e.g. the slice thickness for a surface parallel to the slices, the pixel size across them."""
+    grads = np.gradient(sdf, *spacing)
+    norm = np.sqrt(sum(g * g for g in grads)) + 1e-6
+    return sum(np.abs(g) * (s / norm) for g, s in zip(grads, spacing))
+
+
+def _bounds(mask: np.ndarray) -> tuple[slice, ...]:
+    """The smallest box of slices holding every true voxel of ``mask`` (grown by one voxel for gradients)."""
+    box = []
+    for axis in range(mask.ndim):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        box.append(slice(max(0, hit[0] - 1), hit[-1] + 2) if hit.size else slice(0, 0))
+    return tuple(box)
+
+
 def _intensities(sdfs: dict[str, np.ndarray], prm: SubjectParams, spacing: Sequence[float], rng: np.random.Generator,
                  phantom: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """HU image (int16) and label (uint8) from the distance fields: tissues, bone, optional calibration phantom
     (``phantom``: HU per voxel, NaN outside it), partial volume and correlated noise."""
-    left, left_canal, right, right_canal = sdfs["left"], sdfs["left_canal"], sdfs["right"], sdfs["right_canal"]
-    pelvis, skin = sdfs["pelvis"], sdfs["skin"]
+    left, right, pelvis, skin = sdfs["left"], sdfs["right"], sdfs["pelvis"], sdfs["skin"]
     shape = left.shape
 
     sigma_vox = tuple(s for s in (1.5 / spacing[0], 1.5 / spacing[1], 1.5 / spacing[2]))
     texture = _smooth_noise(rng, shape, sigma_vox)
     hu = np.full(shape, -1000.0, dtype=np.float32)
-    hu[skin < 1.0] = -100.0  # subcutaneous fat
-    muscle_hu = 45.0 + 8.0 * texture
+    hu[skin < 1.0] = prm.fat_hu  # subcutaneous fat
     muscle = skin < 0.86
-    hu[muscle] = muscle_hu[muscle]
-    bone_thick = prm.cortical_thickness
-    for sdf, canal in ((left, left_canal), (right, right_canal), (pelvis, None)):
-        inside = sdf < 0.0
-        hu[inside] = prm.trabecular_hu + 60.0 * texture[inside]
-        if canal is not None:
-            marrow = inside & (canal < 0.0)
-            hu[marrow] = 20.0 + 15.0 * texture[marrow]
-        cortex = inside & (sdf > -bone_thick)
-        hu[cortex] = prm.cortical_hu + 120.0 * texture[cortex]
+    hu[muscle] = prm.muscle_hu + 8.0 * texture[muscle]
+    # bone by partial volume: each layer (bone as cortex, its trabecular core, the marrow canal) covers a voxel by the
+    # share of it that lies inside, from the distance fields and the voxel's extent across the surface, so a
+    # sub-millimetre cortex shows as a faint shell and a thick slice averages what it spans
+    reach = 0.5 * float(np.linalg.norm(spacing))  # voxels farther outside a surface than this hold none of it
+    for name in ("left", "right", "pelvis"):
+        box = _bounds(sdfs[name] < reach)
+        near = sdfs[name][box] < reach
+        extent = _normal_extent(sdfs[name][box], spacing)[near]
+        sdf, tex = sdfs[name][box][near], texture[box][near]
+        if name == "pelvis":
+            cortex, trabecular, canal = np.float32(prm.pelvis_cortex), prm.pelvis_hu + 50.0 * tex, None
+        else:
+            cortex, trabecular = sdfs[f"{name}_cortex"][box][near], sdfs[f"{name}_trabecular"][box][near]
+            trabecular = trabecular * (1.0 + 0.25 * tex)
+            canal = sdfs[f"{name}_canal"][box]
+            canal = _coverage(canal, _normal_extent(canal, spacing))[near]
+        voxels = hu[box][near]
+        compact = prm.cortical_hu * (PELVIS_CORTEX_DENSITY if name == "pelvis" else 1.0)
+        voxels += _coverage(sdf, extent) * (compact + 60.0 * tex - voxels)
+        core = _coverage(sdf + cortex, extent)
+        voxels += core * (trabecular - voxels)
+        if canal is not None:  # fatty marrow of the elderly
+            voxels += core * canal * (-30.0 + 15.0 * tex - voxels)
+        hu[box][near] = voxels
     if phantom is not None:
         inside = np.isfinite(phantom)
         hu[inside] = phantom[inside]
 
-    # partial volume (slice profile wider along the thick axis), then correlated noise
+    # the point spread function (wider along the thick axis), then correlated noise
     hu = ndimage.gaussian_filter(hu, (0.6, 0.6, 0.45))
     hu += prm.noise_hu * _smooth_noise(rng, shape, (0.6, 0.6, 0.3))
     image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
@@ -330,6 +455,8 @@ def _write_one(args: tuple[SubjectParams, tuple[float, float, float], str, str])
         "head_diameter_mm": round(2 * prm.head_radius, 2),
         "neck_shaft_angle_deg": round(prm.neck_shaft_angle, 2),
         "trabecular_hu": round(prm.trabecular_hu, 1),
+        "osteoporotic": prm.osteoporotic,
+        "joint_space_mm": round(prm.joint_space, 2),
         "shape": "x".join(str(n) for n in image.shape),
         "spacing_mm": "x".join(f"{abs(affine[i, i]):.3g}" for i in range(3)),
     }
@@ -381,12 +508,17 @@ def read_parameters(path: str | Path) -> list[SubjectParams]:
     """Read back a cohort's ``parameters.csv`` (to re-render or inspect a subject's anatomy)."""
     table = pd.read_csv(path, dtype={"subject_id": str, "sex": str})
     fields = SubjectParams.__dataclass_fields__
+    missing = [name for name in fields if name not in table.columns]
+    if missing:
+        raise ValueError(f"{path}: written by an older generator (no {', '.join(missing)}); regenerate the cohort "
+                         "with `stvnet synth`")
+    casts = {"int": int, "bool": bool}
     out = []
     for row in table.to_dict("records"):
         values = {}
         for name, f in fields.items():
             v = row[name]
-            values[name] = tuple(ast.literal_eval(v)) if "tuple" in str(f.type) else (int(v) if f.type in ("int", int) else v)
+            values[name] = tuple(ast.literal_eval(v)) if "tuple" in str(f.type) else casts.get(str(f.type), lambda x: x)(v)
         out.append(SubjectParams(**values))
     return out
 

@@ -38,13 +38,13 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _synth(argv: list[str]) -> int:
-    from data_modules.synthetic import PRESETS, make_cohort
+    from data_modules.synthetic import DEFAULT_COHORT_DIR, PRESETS, make_cohort
 
     parser = Parser(
         prog="stvnet synth",
         description="Write a deterministic synthetic QCT hip cohort with the left proximal femur labelled.",
     )
-    parser.add_argument("--out", default="data/synthetic", help="output folder (default: %(default)s)")
+    parser.add_argument("--out", default=DEFAULT_COHORT_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("--subjects", type=int, default=40, help="number of subjects (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: %(default)s)")
     parser.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 2.5), metavar=("X", "Y", "Z"),
