@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torchio as tio
 from filelock import FileLock
@@ -116,6 +117,12 @@ def write_entry(folder: Path, image: str, label: str | None, settings: CacheSett
     return []
 
 
+def single_threaded() -> None:
+    """One thread each for torch and ITK (TorchIO's reading and resampling): a build worker owns one core."""
+    torch.set_num_threads(1)
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+
+
 def _build_one(job: tuple[str, str, str, str | None, CacheSettings]) -> list[str]:
     folder, subject_id, image, label, settings = job
     try:
@@ -158,9 +165,9 @@ class PreprocessedCache:
                         progress.update()
                 else:
                     # spawned, single-threaded workers: forking a process whose torch thread pool is running can
-                    # deadlock the children, and one thread per worker avoids oversubscribing the cores
+                    # deadlock the children, and one torch and ITK thread per worker avoids oversubscribing the cores
                     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=torch.set_num_threads, initargs=(1,)) as pool:
+                                             initializer=single_threaded) as pool:
                         for found in pool.map(_build_one, jobs):
                             problems += found
                             progress.update()
