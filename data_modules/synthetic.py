@@ -378,8 +378,8 @@ def _intensities(sdfs: dict[str, np.ndarray], prm: SubjectParams, spacing: Seque
                  phantom: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """HU image (int16) and label (uint8) from the distance fields: tissues, bone, optional calibration phantom
     (``phantom``: HU per voxel, NaN outside it), partial volume and correlated noise."""
-    left, right, pelvis, skin = sdfs["left"], sdfs["right"], sdfs["pelvis"], sdfs["skin"]
-    shape = left.shape
+    skin = sdfs["skin"]
+    shape = skin.shape
 
     sigma_vox = tuple(s for s in (1.5 / spacing[0], 1.5 / spacing[1], 1.5 / spacing[2]))
     texture = _smooth_noise(rng, shape, sigma_vox)
@@ -394,6 +394,8 @@ def _intensities(sdfs: dict[str, np.ndarray], prm: SubjectParams, spacing: Seque
     for name in ("left", "right", "pelvis"):
         box = _bounds(sdfs[name] < reach)
         near = sdfs[name][box] < reach
+        if not near.any():  # the structure lies outside this field of view
+            continue
         extent = _normal_extent(sdfs[name][box], spacing)[near]
         sdf, tex = sdfs[name][box][near], texture[box][near]
         if name == "pelvis":

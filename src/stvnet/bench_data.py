@@ -27,6 +27,7 @@ import SimpleITK as sitk
 import torch
 
 from data_modules.errors import InvalidInput
+from data_modules.cache import single_threaded
 from stvnet.bench import (
     BenchConfig,
     _train_step_fn,
@@ -120,8 +121,7 @@ def _warm_start(kwargs: dict, batches: int, queue: mp.Queue) -> None:
 def one_core() -> Iterator[None]:
     """Torch and ITK on one thread each inside the block (as each cache-build worker runs), restored after it."""
     threads, itk = torch.get_num_threads(), sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
-    torch.set_num_threads(1)
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    single_threaded()
     try:
         yield
     finally:
