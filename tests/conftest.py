@@ -33,13 +33,14 @@ MUTANT_STARTED = pytest.StashKey[float]()
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under mutmut (a mutant named in ``MUTANT_UNDER_TEST``), run the covering tests of the files that import the
-    mutated module first, then the others, each group those named after the mutated function first, then fastest
-    first: a mutant is killed by the cheapest test that can
-    kill it (mutmut stops at the first failure), and no more of them than fit ``MUTATION_BUDGET_S`` (always the first
-    one): a surviving mutant runs every test it keeps, and with all of them a whole run does not fit the hour it may
-    take on two cores. A mutant that runs far past its kept tests' time (an endless loop) ends as a timeout: mutmut's
-    own limit is 15 times *all* covering tests, up to half an hour each."""
+    """Under mutmut (a mutant named in ``MUTANT_UNDER_TEST``), keep the covering tests that fit ``MUTATION_BUDGET_S``
+    (always the first one), chosen from the files that import the mutated module first, then the others, each group
+    those named after the mutated function first, then fastest first; run the kept ones fastest first, so a mutant is
+    killed by the cheapest test that can kill it (mutmut stops at the first failure). A surviving mutant runs every
+    test it keeps, and with all of them a whole run does not fit the hour it may take on two cores. A mutant that runs
+    far past its kept tests' time (an endless loop) ends as a timeout: mutmut's own limit is 15 times *all* covering
+    tests, up to half an hour each. Tests marked ``not_in_mutation_run`` (longer than the budget, never kept) are left
+    out of mutmut's coverage and clean-test passes as well (pyproject.toml)."""
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
     stats = Path("mutmut-stats.json")
     if "__mutmut_" not in mutant or not stats.exists():
@@ -58,7 +59,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         spent += duration.get(item.nodeid, 0.0)
         kept.append(item)
     config.hook.pytest_deselected(items=[item for item in ordered if item not in kept])
-    items[:] = kept
+    # the kept tests run fastest first: most mutants die in the first fast test (the slowest first cost the third run
+    # 0.95 s a killed mutant against 0.59 s)
+    items[:] = sorted(kept, key=lambda item: duration.get(item.nodeid, 0.0))
     signal.signal(signal.SIGALRM, lambda *_: os._exit(MUTMUT_TIMEOUT_EXIT))
     signal.alarm(int(3 * spent) + 20)
     config.stash[MUTANT_STARTED] = time.monotonic()

@@ -116,6 +116,7 @@ def _race(root: str, scans: list, queue) -> None:
     queue.put(PreprocessedCache(root, SETTINGS).build(scans, workers=1))
 
 
+@pytest.mark.not_in_mutation_run
 def test_two_processes_racing_build_each_entry_once(tiny_cohort, tmp_path):
     scans = _scans(tiny_cohort)[:4]
     context = multiprocessing.get_context("spawn")
@@ -168,6 +169,7 @@ def test_a_parallel_build_writes_the_same_entries_as_a_serial_one(tiny_cohort, t
         assert serial.meta(image, label) == parallel.meta(image, label)
 
 
+@pytest.mark.not_in_mutation_run
 def test_locations_are_found_once_per_fold_template_and_shared(tiny_cohort, tmp_path, monkeypatch):
     args = tiny_data_args(tiny_cohort, tmp_path / "splits", roi_max_rotation=20.0)
     first = FemurDataModule(**args)

@@ -162,6 +162,29 @@ def test_segment_thresholds_strictly_at_the_models_threshold_unless_told_otherwi
     assert half.dtype == np.uint8 and half.ravel().tolist() == [0, 0, 1, 1]  # 0.5 is not above 0.5
 
 
+def test_probabilities_come_back_on_the_scans_own_grid_as_float32(tmp_path):
+    """The network's probabilities (here a known map on a coarser, shifted grid) are resampled linearly onto the
+    scan's grid and returned as float32 (a clinical scan's float64 map would double the memory of every ensemble
+    member), with the scan's affine."""
+    import nibabel as nib
+    import torchio as tio
+
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    affine[:3, 3] = (-5.0, 3.0, 10.0)
+    nib.save(nib.Nifti1Image(np.zeros((8, 6, 4), np.int16), affine), tmp_path / "scan.nii.gz")
+    coarse = affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+    coarse[:3, 3] += 0.5
+    ramp = torch.linspace(0, 1, 4).reshape(4, 1, 1).expand(4, 3, 2).contiguous()[None]
+    predictor = Predictor(model=SimpleNamespace(threshold=0.5), data_hparams={})
+    predictor.probabilities = lambda image: tio.ScalarImage(tensor=ramp, affine=coarse)
+    prob, out_affine = predictor.original_probabilities(tmp_path / "scan.nii.gz")
+    assert prob.dtype == np.float32 and prob.shape == (8, 6, 4) and np.allclose(out_affine, affine)
+    # linear along the first axis: scan voxel i sits at coarse voxel (i - 0.5) / 2, where the ramp is that / 3
+    inside = prob[1:7, 1:5, 1:3]
+    expected = np.clip((np.arange(1, 7) - 0.5) / 2 / 3, 0, 1)
+    assert np.allclose(inside, expected[:, None, None], atol=1e-5)
+
+
 def test_a_checkpoint_outside_its_run_folder_is_named_by_its_file_and_read_from_its_own_record(tmp_path,
                                                                                              monkeypatch):
     """A .ckpt someone sent (in the working folder, beside another run's splits.json and config.yaml): named by its

@@ -30,6 +30,7 @@ def test_acquisitions_stay_within_a_hip_qct_protocol():
     assert np.ptp(centres) > 30  # patients lie off the scanner's centre by different amounts
 
 
+@pytest.mark.not_in_mutation_run
 @pytest.mark.heavy  # one 512 x 512 x 206 scan: ~15 s and 3.5 GiB
 def test_a_clinical_scan_holds_the_same_femur_and_a_readable_phantom():
     prm = _subjects(1)[0]

@@ -97,7 +97,8 @@ def test_staged_vnet_control_differs_from_the_baseline_only_in_its_schedule():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(EXPERIMENTS)) for c in CONFIGS])
+@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.not_in_mutation_run) if "gpu" in c.parts else c
+                                    for c in CONFIGS], ids=[str(c.relative_to(EXPERIMENTS)) for c in CONFIGS])
 def test_every_experiment_trains_and_validates_through_all_its_stages(config, tiny_cohort, tmp_path):
     """No config ships broken: each one (GPU ones included, bf16 on CPU, at a reduced ROI) trains and validates one
     step in each of its stages through the real command, and its printed config reproduces itself.

@@ -35,6 +35,7 @@ def _colour_count(path, colour, third: int, tol: float = 0.08) -> int:
     return int((np.abs(part - np.asarray(colour)).max(-1) < tol).sum())
 
 
+@pytest.mark.not_in_mutation_run
 @pytest.mark.slow
 def test_evaluate_two_models_writes_full_report(trained_runs, tiny_cohort, tmp_path):
     out = tmp_path / "eval"

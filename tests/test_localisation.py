@@ -67,6 +67,7 @@ def fold0(tiny_cohort, tmp_path_factory) -> FemurDataModule:
     return dm
 
 
+@pytest.mark.not_in_mutation_run
 def test_the_template_finds_the_femur_under_hard_framings(fold0):
     per_case = measure(fold0, tuple(f for f in FRAMINGS if f.name in HARD))
     assert set(per_case["framing"]) == set(HARD)

@@ -40,6 +40,7 @@ def test_each_tissue_is_measured_on_its_own_voxels(tiny_cohort, measured):
     assert set(pooled) == {"femur", "cortical", "trabecular", "pelvis", "muscle", "fat"}
 
 
+@pytest.mark.not_in_mutation_run
 def test_the_default_cohorts_tissues_fall_inside_the_published_ranges(tmp_path):
     """Issue 16's acceptance: every subject's trabecular median, cortical p99, muscle and fat medians lie inside the
     published QCT ranges at the default cohort's voxel size, and at the real CT's 3 mm the femur's median and upper
@@ -101,6 +102,7 @@ def test_in_range_counts_the_subjects_inside_each_published_range():
     assert checks.loc["cortical", "published"] == "300 to 1500 HU"
 
 
+@pytest.mark.not_in_mutation_run
 def test_synth_report_writes_the_table_and_figures(tiny_cohort, tmp_path, capsys):
     cohort = tmp_path / "cohort"
     shutil.copytree(tiny_cohort.parent, cohort)

@@ -184,6 +184,7 @@ def test_a_checkpoint_restores_the_stage_it_was_written_in(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- subprocesses
+@pytest.mark.not_in_mutation_run
 def test_subprocesses_import_this_checkouts_code(tmp_path):
     """Even from another folder and with another stvnet first on the path, a test's subprocess runs this checkout."""
     decoy = tmp_path / "site" / "stvnet"
@@ -223,6 +224,7 @@ def test_a_checkpoint_of_another_fold_is_refused_on_resume(tiny_cohort, tmp_path
         other.load_state_dict(record)
 
 
+@pytest.mark.not_in_mutation_run
 def test_the_default_cohort_is_generated_once(tmp_path):
     manifest = default_manifest(tmp_path / "synthetic", n_subjects=2, seed=3)
     assert manifest == tmp_path / "synthetic" / "manifest.csv"
@@ -240,7 +242,7 @@ def test_loader_workers_are_capped_at_each_ranks_share_of_the_cpus(monkeypatch, 
     import data_modules.datamodule as datamodule
 
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
-    assert datamodule.loader_workers(8) == 8 and datamodule.loader_workers(8, ranks_per_node=4) == 4
+    assert datamodule.loader_workers(16) == 16 and datamodule.loader_workers(8, ranks_per_node=4) == 4
     assert datamodule.loader_workers(0, ranks_per_node=4) == 0 and datamodule.loader_workers(8, 32) == 1
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", num_workers=8))
@@ -299,6 +301,7 @@ def test_validation_and_test_loaders_serve_one_subject_at_a_time_in_split_order(
         assert served == [[sid] for sid in dm.subject_ids(split)]
 
 
+@pytest.mark.not_in_mutation_run
 def test_the_default_cohort_is_generated_with_the_datamodules_synthetic_settings(tmp_path):
     from data_modules.synthetic import cohort_fingerprint, make_cohort
 
@@ -325,3 +328,21 @@ def test_preprocessing_resamples_to_the_target_spacing_and_cuts_the_roi_at_its_c
     assert torch.allclose(out["image"].data, alone["image"].data)
     assert not any(type(t).__name__ == "LocateFemur"
                    for t in preprocessing(None, None, None, locator=object()).transforms)
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_setup_refuses_cut_labels_with_or_without_the_cache(tiny_cohort, tmp_path, cache):
+    """An ROI too small for the femur stops ``setup('fit')`` with one line per cut subject, whether ROIs come from the
+    cache or are preprocessed on every access, and the last line names the locator in use."""
+    from data_modules.roi import UserError
+
+    dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", roi_size=(12, 12, 12), cache=cache,
+                                          roi_locator="fraction"))
+    dm.prepare_data()
+    with pytest.raises(UserError) as raised:
+        dm.setup("fit")
+    lines = str(raised.value).splitlines()
+    assert len(lines) >= 2 and all("% of the femur label lies outside the ROI (" in line for line in lines[:-1])
+    assert lines[-1].endswith("(--data.roi_locator fraction)")
+    # 12 voxels of 4 mm cut every femur: the training split is refused first, each of its subjects named
+    assert {line.split(":")[0] for line in lines[:-1]} == set(dm.folds.rows(0, "train")["subject_id"])

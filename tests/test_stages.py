@@ -323,11 +323,14 @@ def test_setup_scales_stage_lengths_only_for_a_finite_real_run_and_warns_when_st
     assert run(6)[0] == [4, 2] and run(-1)[0] == [4, 2] and run(None)[0] == [4, 2]
     assert run(3, fast_dev_run=True)[0] == [4, 2]
     assert run(3)[0] == [2, 1]
+    assert run(1, stages=[Stage(name="all", epochs=4)])[0] == [1]  # one epoch is a budget too
     lengths, stage = run(12, scale=False)
     assert lengths == [4, 2] and stage.name == "vnet" and stage.index == 0
     with pytest.warns(UserWarning, match=r"trainer\.max_epochs=5 ends training before the last stage \(the stages "
                                          r"need 6 epochs\)"):
         run(5, scale=False)
+    with pytest.warns(UserWarning, match=r"trainer\.max_epochs=1 ends training before the last stage"):
+        run(1, scale=False)
     import warnings
 
     with warnings.catch_warnings():

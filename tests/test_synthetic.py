@@ -5,11 +5,13 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 import pandas as pd
+import pytest
 
 from data_modules.synthetic import anatomy, cohort_fingerprint, make_cohort, read_parameters, sample_params
 from tests.conftest import TINY_SPACING
 
 
+@pytest.mark.not_in_mutation_run
 def test_same_seed_gives_byte_identical_cohort(tmp_path, tiny_cohort):
     again = make_cohort(tmp_path / "again", n_subjects=14, seed=7, spacing=TINY_SPACING, workers=2)
     assert cohort_fingerprint(again) == cohort_fingerprint(tiny_cohort)

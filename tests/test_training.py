@@ -21,6 +21,7 @@ def only_run_dir(out: Path) -> Path:
     return runs[0]
 
 
+@pytest.mark.not_in_mutation_run
 @pytest.mark.slow
 def test_cli_training_lowers_loss_and_writes_a_complete_run_folder(tiny_cohort, tmp_path):
     out = tmp_path / "runs"
@@ -63,6 +64,7 @@ def test_cli_help_lists_subcommands(capsys):
     assert cli_main(["nonsense"]) == 2
 
 
+@pytest.mark.not_in_mutation_run
 @pytest.mark.slow
 def test_wandb_offline_run_logs_the_same_metrics(tiny_cohort, tmp_path):
     from tests.wandb_records import history

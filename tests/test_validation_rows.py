@@ -73,3 +73,28 @@ def test_epoch_means_average_every_metric_and_each_sex():
                                    "dice_female": 0.7})
     only_women = epoch_means(table[table["sex"] == "F"])
     assert "dice_male" not in only_women and only_women["dice_female"] == pytest.approx(0.7)
+
+
+def test_rows_use_the_loss_asked_for_and_the_spacing_of_a_turned_roi():
+    """A turned ROI (rotation times spacing in the affine) is measured along its own axes: the spacing is the norm of
+    each *column*; the loss is the one configured (the paper's Dice, not the default Dice + BCE)."""
+    out, batch, pred, gt = known_batch()
+    c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
+    turned = np.eye(4)
+    turned[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag(SPACING)
+    batch["image"][tio.AFFINE] = torch.from_numpy(turned)[None].repeat(2, 1, 1)
+    rows = case_rows(out, batch, threshold=0.5, loss_kind="dice", surface_metrics=True)
+    assert rows[0]["hd"] == pytest.approx(SPACING[0])
+    expected = segmentation_loss(out["logits"][:1], torch.from_numpy(gt[:1].astype(np.float32)), "dice")
+    assert rows[0]["loss"] == pytest.approx(float(expected))
+    assert rows[0]["loss"] != pytest.approx(float(segmentation_loss(out["logits"][:1], torch.from_numpy(
+        gt[:1].astype(np.float32)), "dice_bce")))
+
+
+def test_a_probability_exactly_at_the_threshold_is_background():
+    """Strictly above the threshold is femur, for the network's output and for the warped prior (0.5) alike."""
+    out, batch, _, gt = known_batch()
+    at = torch.where(torch.from_numpy(gt), torch.tensor(0.0), torch.tensor(-4.0))  # sigmoid(0) = 0.5 on the label
+    prior = torch.from_numpy(gt.astype(np.float32)) * 0.5
+    rows = case_rows({"logits": at, "prior": prior}, batch, threshold=0.5, loss_kind="dice", surface_metrics=False)
+    assert [r["dice"] for r in rows] == [0.0, 0.0] and [r["prior_dice"] for r in rows] == [0.0, 0.0]
