@@ -31,7 +31,15 @@ TRIALS ?= 4
 ABLATE_FOLDS ?= 0
 ABLATE_EPOCHS ?= 10
 
-.PHONY: install train test test-multiprocess mutate planted-bugs synth bench evaluate ablate sweep clean help
+# the V-Net vs ST-V-Net verdict: both models x VERDICT_FOLDS x VERDICT_SEEDS on a VERDICT_SUBJECTS cohort, every subject
+# outside the test set validated by the fold that held it out, the test set by every run
+VERDICT_SUBJECTS ?= 100
+VERDICT_FOLDS ?= 0 1 2 3 4 5 6 7 8 9
+VERDICT_SEEDS ?= 0 1
+VERDICT_EPOCHS ?= 24
+VERDICT_COHORT := data/verdict-$(VERDICT_SUBJECTS)
+
+.PHONY: install train test test-multiprocess mutate planted-bugs synth bench evaluate ablate verdict sweep clean help
 
 help:
 	@echo "make train   train EXPERIMENT (default $(EXPERIMENT)) on fold FOLD of DATA (default: synthetic cohort)"
@@ -41,6 +49,7 @@ help:
 	@echo "make planted-bugs   plant the bugs that once slipped through, one at a time; each must fail a test"
 	@echo "make synth   write the synthetic cohort to data/synthetic-v2"
 	@echo "make ablate  V-Net vs ST-V-Net x all/male/female x ABLATE_FOLDS, then evaluate + compare"
+	@echo "make verdict V-Net vs ST-V-Net, 10 folds x 2 seeds, paired tests, effect sizes, hard cases (OUT/verdict/report.md)"
 	@echo "make sweep   Optuna search (SPACE, TRIALS); best.yaml + plots under OUT/sweeps/<study>"
 	@echo "make bench   benchmark against MONAI (ratios), table in bench_results/bench.md"
 	@echo "make evaluate RUNS=\"run1 run2\"   paper-style evaluation of trained runs"
@@ -74,6 +83,14 @@ sweep: $(STAMP)
 # the sex-stratified study: {V-Net, ST-V-Net} x {all, male, female} x ABLATE_FOLDS (GPU users: ABLATE_FOLDS="0 1 2 3 4 5 6 7 8 9" ABLATE_EPOCHS=200)
 ablate: $(STAMP)
 	$(BIN)/stvnet ablate --folds $(ABLATE_FOLDS) --out $(OUT)/ablation -- --trainer.max_epochs $(ABLATE_EPOCHS) $(ARGS)
+
+$(VERDICT_COHORT)/manifest.csv: | $(STAMP)
+	$(BIN)/stvnet synth --out $(VERDICT_COHORT) --subjects $(VERDICT_SUBJECTS)
+
+verdict: $(STAMP) $(VERDICT_COHORT)/manifest.csv
+	$(BIN)/stvnet ablate --configs experiments/vnet.yaml experiments/stvnet.yaml --cohorts all --folds $(VERDICT_FOLDS) \
+		--seeds $(VERDICT_SEEDS) --splits val test --out $(OUT)/verdict -- \
+		--data.manifest $(VERDICT_COHORT)/manifest.csv --trainer.max_epochs $(VERDICT_EPOCHS) $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not multiprocess and not heavy" $(ARGS)

@@ -13,13 +13,16 @@ import pytest
 
 from stvnet.cli import main as cli_main
 from stvnet.evaluation import (
+    PAIRED_COLUMNS,
     PAPER_METRICS,
     architecture_pairs,
+    effect_sizes,
     evaluate_runs,
     paired_tests,
     summarize,
     summary_markdown,
     training_cohort_pairs,
+    write_report,
 )
 from stvnet.metrics import METRIC_KEYS, evaluate_case
 from tests.conftest import png_colours
@@ -57,8 +60,7 @@ def test_evaluate_two_models_writes_full_report(trained_runs, tiny_cohort, tmp_p
         assert r["dice"] == pytest.approx(expected["dice"]) and r["hd95"] == pytest.approx(expected["hd95"])
     assert per_subject["dice"].min() > 0.3
     tests = pd.read_csv(out / "paired_tests.csv")
-    assert list(tests.columns) == ["model_a", "model_b", "split", "cohort", "metric", "n_pairs", "median_diff",
-                                   "p_value", "comparison"]
+    assert list(tests.columns) == [*PAIRED_COLUMNS, "comparison"]
     assert set(tests["comparison"]) == {"architecture"} and set(tests["model_a"] + tests["model_b"]) == {"vnetvnet_b"}
     assert list(pd.read_csv(out / "summary.csv").columns)[:3] == ["model", "split", "cohort"]  # no index column
     # predicted masks live in each scan's original grid
@@ -222,8 +224,7 @@ def test_the_report_files_hold_the_sex_specific_comparison(tmp_path):
     write_report(per_subject, tmp_path, figures=False)
     assert pd.read_csv(tmp_path / "per_subject.csv").equals(per_subject)
     tests = pd.read_csv(tmp_path / "paired_tests.csv")
-    assert list(tests.columns) == ["model_a", "model_b", "split", "cohort", "metric", "n_pairs", "median_diff",
-                                   "p_value", "comparison"]  # no index column
+    assert list(tests.columns) == [*PAIRED_COLUMNS, "comparison"]  # no index column
     architecture = tests[tests["comparison"] == "architecture"]
     assert set(zip(architecture["model_a"], architecture["model_b"])) == {("vnet", "stvnet")}
     sex_specific = tests[tests["comparison"] == "training cohort"]
@@ -289,6 +290,9 @@ def test_the_report_reads_exactly_as_the_golden_file():
     # validation rows first: splits and pairs are reported in the order evaluated, not sorted
     val = pd.concat([per_subject[per_subject["model"] == "vnet"], stvnet]).assign(split="val")
     per_subject = pd.concat([val, per_subject, stvnet, *males, female], ignore_index=True)
+    # hard cases: a narrow joint in a, c and m1; osteoporotic bone in a, b and d
+    per_subject["joint_space_mm"] = per_subject["subject_id"].map({"a": 1.0, "c": 1.2, "m1": 0.8}).fillna(2.5)
+    per_subject["osteoporotic"] = per_subject["subject_id"].isin(["a", "b", "d"])
     md = summary_markdown(summarize(per_subject), per_subject)
     if os.environ.get("STVNET_UPDATE_GOLDEN"):
         GOLDEN_REPORT.parent.mkdir(exist_ok=True)
@@ -312,7 +316,7 @@ def test_evaluate_runs_writes_what_its_defaults_promise(tiny_cohort, tmp_path, m
     label_of = {Path(i).name: tiny_cohort.parent / lab for i, lab in zip(manifest["image"], manifest["label"])}
     run = tmp_path / "runs" / "vnet" / "all" / "fold0" / "t"
     write_checkpoint(run / "checkpoints" / "last.ckpt", stage=None, fold=0, cohort="all")
-    (run / "config.yaml").write_text(yaml.safe_dump({"run": {"name": "vnet"}}))
+    (run / "config.yaml").write_text(yaml.safe_dump({"run": {"name": "vnet"}, "seed_everything": 0}))
     (run / "splits.json").write_text(json.dumps({"folds": [{"train": subjects[5:], "val": subjects[4:5]}],
                                                  "test": subjects[:4], "fold": 0, "manifest": str(tiny_cohort)}))
     devices = []
@@ -355,6 +359,16 @@ def test_evaluate_runs_writes_what_its_defaults_promise(tiny_cohort, tmp_path, m
     assert not (tmp_path / "bare" / "predictions").exists() and not list((tmp_path / "bare").glob("*.png"))
     with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
         evaluate_runs([run], out)
+    # a second seed of the same model and fold: its own masks, rows and checkpoint line
+    import shutil
+
+    again = run.parent / "t2"
+    shutil.copytree(run, again)
+    (again / "config.yaml").write_text(yaml.safe_dump({"run": {"name": "vnet"}, "seed_everything": 1}))
+    seeded = evaluate_runs([run, again], tmp_path / "seeds", figures=False)
+    assert seeded.groupby("seed")["subject_id"].apply(list).to_dict() == {0: subjects[:4], 1: subjects[:4]}
+    assert {p.name for p in (tmp_path / "seeds" / "predictions" / "vnet").iterdir()} == {"fold0_seed0", "fold0_seed1"}
+    assert "| model | fold | seed | stage | epoch |" in (tmp_path / "seeds" / "summary.md").read_text()
 
 
 def test_summary_rows_of_a_cohort_without_one_sex_and_of_a_single_subject():
@@ -396,3 +410,58 @@ def test_identical_scores_give_p_1_and_a_constant_difference_is_still_tested():
     assert tests.loc[("all", "dice"), "p_value"] == 1.0 and tests.loc[("all", "dice"), "median_diff"] == 0.0
     assert tests.loc[("all", "hd"), "p_value"] == pytest.approx(2 / 2**8)
     assert tests.loc[("all", "hd"), "median_diff"] == pytest.approx(1.0)
+
+
+def test_effect_sizes_of_known_paired_differences():
+    """Mean difference with its t-interval, d_z and the rank-biserial r on differences worked out by hand; zero
+    differences carry no rank (as in the Wilcoxon test)."""
+    e = effect_sizes(np.array([1.0, 2.0, 3.0, 4.0]))
+    sd = np.std([1, 2, 3, 4], ddof=1)
+    assert e["mean_diff"] == 2.5 and e["cohen_dz"] == pytest.approx(2.5 / sd)
+    assert e["ci_high"] - e["mean_diff"] == pytest.approx(3.182446 * sd / 2) and e["rank_biserial"] == 1.0
+    assert e["ci_low"] == pytest.approx(2.5 - 3.182446 * sd / 2)
+    mixed = effect_sizes(np.array([-1.0, 0.0, 2.0, 3.0]))  # ranks 1, 2, 3 for |-1|, 2, 3: (5 - 1) / 6
+    assert mixed["rank_biserial"] == pytest.approx(4 / 6) and mixed["mean_diff"] == 1.0
+    assert effect_sizes(np.zeros(3)) == {"mean_diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "cohen_dz": 0.0,
+                                         "rank_biserial": 0.0}
+
+
+def test_hard_cases_are_scored_apart_and_compared_within_their_subgroup(tmp_path):
+    """Subjects with a narrow joint space or osteoporotic bone (manifest columns) get their own means, each subject
+    counted once over the runs that scored it, and the architectures are compared on them alone."""
+    from stvnet.hard_cases import hard_case_table
+
+    rows = []
+    for i in range(8):
+        narrow, porotic = i < 4, i % 2 == 0
+        for fold in (0, 1):  # two runs score every test subject: their mean stands for the subject
+            for model, hd in (("vnet", 10.0 if narrow else 4.0), ("stvnet", (7.0 if narrow else 4.0) + fold)):
+                rows.append({"subject_id": f"s{i}", "sex": "F", "fold": fold, "model": model, "split": "test",
+                             "cohort": "all", **dict.fromkeys(METRIC_KEYS, 0.9), "hd": hd, "hd95": hd / 2,
+                             "joint_space_mm": 1.0 if narrow else 2.5, "osteoporotic": porotic})
+    per_subject = pd.DataFrame(rows)
+    table = hard_case_table(per_subject).set_index(["subgroup", "members", "model"])
+    narrow = table.loc[("narrow joint space (< 1.5 mm)", "in")]
+    assert narrow.loc["vnet", "subjects"] == 4 and narrow.loc["vnet", "hd"] == 10.0
+    assert narrow.loc["stvnet", "hd"] == 7.5 and table.loc[("narrow joint space (< 1.5 mm)", "out", "stvnet"), "hd"] == 4.5
+    assert table.loc[("osteoporotic", "in", "vnet"), "subjects"] == 4
+    write_report(per_subject, tmp_path, figures=False)
+    tests = pd.read_csv(tmp_path / "hard_case_tests.csv").set_index(["subgroup", "metric"])
+    hd = tests.loc[("narrow joint space (< 1.5 mm)", "hd")]
+    assert hd["n_pairs"] == 4 and hd["mean_diff"] == -2.5 and hd["rank_biserial"] == -1.0
+    summary = (tmp_path / "summary.md").read_text()
+    assert "## Hard cases" in summary
+    assert "| narrow joint space (< 1.5 mm) | test | stvnet − vnet | 4 | hd | -2.5 [-2.5, -2.5] | -1.00 | 0.125 |" in summary
+    (tmp_path / "figures").mkdir()
+    write_report(per_subject, tmp_path / "figures", figures=True)
+    # one row of dice / hd / hd95 panels for the one pair and split; the 4 narrow-joint and 2 more osteoporotic
+    # subjects in orange (~22 pixels a dot), the other 2 not, in each of the three panels: 18 orange dots, not 24
+    size, counts = png_colours(tmp_path / "figures" / "paired_differences.png", {"hard": (1.0, 0.5, 0.05)}, tol=0.05)
+    assert size == (round(3.4 * 3 * 110), round(2.8 * 110)) and 16 * 18 < counts["hard"] < 26 * 18, counts
+    # a manifest without the columns: no hard-case table or file
+    plain = per_subject.drop(columns=["joint_space_mm", "osteoporotic"])
+    assert hard_case_table(plain).empty
+    (tmp_path / "plain").mkdir()
+    write_report(plain, tmp_path / "plain", figures=False)
+    assert not (tmp_path / "plain" / "hard_cases.csv").exists()
+    assert "Hard cases" not in (tmp_path / "plain" / "summary.md").read_text()

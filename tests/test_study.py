@@ -76,7 +76,68 @@ def test_compare_reports_convergence_and_learning_curves(trained_runs, tmp_path)
     got = table.set_index("model").loc["vnet", "epochs_to_threshold"]
     assert (pd.isna(got) and expected is None) or got == expected
     md = (tmp_path / "cmp" / "comparison.md").read_text()
-    assert "| all | vnet | 1 |" in md and "learning_curves.png" in md
+    assert "| all | vnet | 1 (1 x 1) |" in md and "learning_curves.png" in md
     # one 5.5 x 4 in panel per cohort at 110 dpi with both models' curves (matplotlib's first two colours)
     size, counts = png_colours(tmp_path / "cmp" / "learning_curves.png", {"vnet": (0.12, 0.47, 0.71), "vnet_b": (1.0, 0.5, 0.05)})
     assert size == (round(5.5 * 110), round(4 * 110)) and counts["vnet"] > 50 and counts["vnet_b"] > 50, counts
+
+
+def test_each_seed_is_a_cell_of_its_own_trained_with_that_seed(tmp_path, monkeypatch):
+    """--seeds repeats every cell once per seed (its own status entry, run folder and --seed_everything); a re-run
+    skips the finished ones."""
+    import subprocess
+
+    import stvnet.ablate as ablate
+
+    commands = []
+
+    def fake_train(cmd, **_):
+        commands.append(cmd)
+        run = Path(cmd[cmd.index("--run.dir") + 1])
+        run.mkdir(parents=True)
+        (run / "metrics.csv").write_text("epoch,val/dice\n0,0.5\n")
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(ablate.subprocess, "run", fake_train)
+    config = str(ROOT / "experiments" / "vnet.yaml")
+    status = ablate.run_ablation([config], ["all"], [0, 1], tmp_path / "study", evaluate=False, seeds=[3, 4])
+    assert sorted(status) == ["vnet/all/fold0/seed3", "vnet/all/fold0/seed4", "vnet/all/fold1/seed3",
+                              "vnet/all/fold1/seed4"]
+    for cmd in commands:
+        seed = cmd[cmd.index("--seed_everything") + 1]
+        fold = cmd[cmd.index("--data.fold") + 1]
+        key = f"vnet/all/fold{fold}/seed{seed}"
+        assert status[key]["status"] == "done" and status[key]["seed"] == int(seed)
+        assert Path(status[key]["run"]).parent.name == key.replace("/", "_")
+    assert len({status[k]["run"] for k in status}) == 4
+    commands.clear()
+    ablate.run_ablation([config], ["all"], [0, 1], tmp_path / "study", evaluate=False, seeds=[3, 4])
+    assert commands == []
+    ablate.run_ablation([config], ["all"], [0], tmp_path / "plain", evaluate=False)  # no --seeds: the config's seed
+    assert "--seed_everything" not in commands[0] and "vnet/all/fold0" in json.loads(
+        (tmp_path / "plain" / "status.json").read_text())
+
+
+def test_compare_counts_runs_over_folds_and_seeds_and_reports_the_warped_priors_dice(tmp_path):
+    """Hand-written run records (no training): each run stands by its best final-stage epoch, where the warped
+    prior's Dice is read too; the table counts runs as folds x seeds and averages over all of them."""
+    schedule = {"trainer": {"callbacks": [{"class_path": "stvnet.callbacks.StageSchedule",
+                                           "init_args": {"stages": [{"name": "vnet"}, {"name": "all"}]}}]}}
+    runs = []
+    for fold, seed, prior in ((0, 0, 0.6), (0, 1, 0.7), (1, 0, 0.8), (1, 1, 0.9)):
+        run = tmp_path / f"f{fold}s{seed}"
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump({"run": {"name": "stvnet"}, "seed_everything": seed,
+                                                         "data": {"cohort": "all", "fold": fold}, **schedule}))
+        # stage 0 reaches the best Dice, but the checkpoint policy takes the final stage's best epoch (2)
+        pd.DataFrame({"epoch": [0, 1, 2, 3], "val/stage": [0, 1, 1, 1], "val/dice": [0.95, 0.80, 0.90, 0.85],
+                      "val/prior_dice": [0.1, 0.2, prior, 0.3], "val/hd95": 1.0, "val/assd": 1.0}).to_csv(
+            run / "metrics.csv", index=False)
+        runs.append(run)
+    table = compare_runs(runs, tmp_path / "cmp", threshold=0.9)
+    assert table["seed"].tolist() == [0, 1, 0, 1] and (table["best_epoch"] == 2).all()
+    assert table["val_prior_dice"].tolist() == pytest.approx([0.6, 0.7, 0.8, 0.9])
+    assert table["epochs_to_threshold"].tolist() == [1, 1, 1, 1]
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    sd = pd.Series([0.6, 0.7, 0.8, 0.9]).std()
+    assert "| all | stvnet | 4 (2 x 2) | 0.9000 ± 0.0000 |" in md and f"| 0.7500 ± {sd:.4f} |" in md

@@ -1,4 +1,5 @@
-"""``stvnet ablate``: the paper's study matrix {models} x {all, male, female} x folds, then evaluate + compare.
+"""``stvnet ablate``: the paper's study matrix {models} x {all, male, female} x folds (x seeds), then evaluate +
+compare.
 
 Each cell is a separate ``stvnet train`` process, so a crash (or an out-of-memory kill) loses only that cell.
 ``status.json`` records every cell (``running``, ``done`` with its run folder, or ``failed`` with the error's
@@ -9,6 +10,7 @@ evaluated on their held-out test sets and compared, and failures are listed.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -20,8 +22,9 @@ from stvnet.compare import compare_runs
 from stvnet.evaluation import evaluate_runs
 
 
-def cell_key(config: str, cohort: str, fold: int) -> str:
-    return f"{Path(config).stem}/{cohort}/fold{fold}"
+def cell_key(config: str, cohort: str, fold: int, seed: int | None = None) -> str:
+    """A cell's name in ``status.json`` (and its run folder's): ``<config>/<cohort>/fold<k>[/seed<s>]``."""
+    return f"{Path(config).stem}/{cohort}/fold{fold}" + ("" if seed is None else f"/seed{seed}")
 
 
 def _load_status(path: Path) -> dict:
@@ -62,50 +65,51 @@ def user_errors(status: dict) -> list[str]:
 
 
 def run_ablation(configs: list[str], cohorts: list[str], folds: list[int], out: str | Path,
-                 extra_args: list[str] | None = None, evaluate: bool = True) -> dict:
-    """Train every missing cell, then evaluate and compare what finished; returns the status table."""
+                 extra_args: list[str] | None = None, evaluate: bool = True, seeds: list[int] | None = None,
+                 splits: tuple[str, ...] = ("test",)) -> dict:
+    """Train every missing cell (each seed of ``seeds`` a cell of its own, trained with ``--seed_everything``; none:
+    the configs' seed), then evaluate the ``splits`` of what finished and compare; returns the status table."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     status_path = out / "status.json"
     status = _load_status(status_path)
-    for config in configs:
-        for cohort in cohorts:
-            for fold in folds:
-                key = cell_key(config, cohort, fold)
-                previous = status.get(key, {})
-                if previous.get("status") == "done" and Path(previous["run"]).is_dir():
-                    print(f"[ablate] {key}: done, skipped", flush=True)
-                    continue
-                last = Path(previous["run"]) / "checkpoints" / "last.ckpt" if previous.get("run") else None
-                if last is not None and last.is_file():  # an interrupted cell continues from its last epoch
-                    run_dir, resume = last.parent.parent, ["--ckpt_path", str(last)]
-                else:
-                    run_dir, resume = out / "runs" / key.replace("/", "_") / time.strftime("%Y%m%d-%H%M%S"), []
-                cmd = [sys.executable, "-m", "stvnet.cli", "train", "--config", config, "--data.cohort", cohort,
-                       "--data.fold", str(fold), "--run.out", str(out / "runs"), "--run.dir", str(run_dir),
-                       "--run.study", "ablation", "--trainer.enable_progress_bar", "false", *(extra_args or []),
-                       *resume]
-                status[key] = {"status": "running", "run": str(run_dir), "config": config, "cohort": cohort,
-                               "fold": fold}
-                _save_status(status_path, status)  # a killed ablation still knows where this cell's run is
-                print(f"[ablate] {key}: training ...", flush=True)
-                t0 = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                run_dir.parent.mkdir(parents=True, exist_ok=True)
-                with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
-                    log.write(proc.stdout + proc.stderr)
-                ok = proc.returncode == 0 and (run_dir / "metrics.csv").is_file()
-                status[key].update(status="done" if ok else "failed", seconds=round(time.perf_counter() - t0, 1),
-                                   exit=proc.returncode)
-                if not ok:
-                    status[key]["error"] = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-                _save_status(status_path, status)
-                print(f"[ablate] {key}: {status[key]['status']} in {status[key]['seconds']} s", flush=True)
+    for config, cohort, fold, seed in itertools.product(configs, cohorts, folds, seeds or [None]):
+        key = cell_key(config, cohort, fold, seed)
+        previous = status.get(key, {})
+        if previous.get("status") == "done" and Path(previous["run"]).is_dir():
+            print(f"[ablate] {key}: done, skipped", flush=True)
+            continue
+        last = Path(previous["run"]) / "checkpoints" / "last.ckpt" if previous.get("run") else None
+        if last is not None and last.is_file():  # an interrupted cell continues from its last epoch
+            run_dir, resume = last.parent.parent, ["--ckpt_path", str(last)]
+        else:
+            run_dir, resume = out / "runs" / key.replace("/", "_") / time.strftime("%Y%m%d-%H%M%S"), []
+        cmd = [sys.executable, "-m", "stvnet.cli", "train", "--config", config, "--data.cohort", cohort,
+               "--data.fold", str(fold), "--run.out", str(out / "runs"), "--run.dir", str(run_dir),
+               "--run.study", "ablation", "--trainer.enable_progress_bar", "false", *(extra_args or []),
+               *([] if seed is None else ["--seed_everything", str(seed)]), *resume]
+        status[key] = {"status": "running", "run": str(run_dir), "config": config, "cohort": cohort,
+                       "fold": fold, "seed": seed}
+        _save_status(status_path, status)  # a killed ablation still knows where this cell's run is
+        print(f"[ablate] {key}: training ...", flush=True)
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        run_dir.parent.mkdir(parents=True, exist_ok=True)
+        with open(run_dir.parent / f"{run_dir.name}.log", "a") as log:
+            log.write(proc.stdout + proc.stderr)
+        ok = proc.returncode == 0 and (run_dir / "metrics.csv").is_file()
+        status[key].update(status="done" if ok else "failed", seconds=round(time.perf_counter() - t0, 1),
+                           exit=proc.returncode)
+        if not ok:
+            status[key]["error"] = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
+        _save_status(status_path, status)
+        print(f"[ablate] {key}: {status[key]['status']} in {status[key]['seconds']} s", flush=True)
     done = [v["run"] for v in status.values() if v["status"] == "done"]
     if evaluate and done:
-        evaluate_runs(done, out / "evaluation", overwrite=True)
+        evaluate_runs(done, out / "evaluation", splits=splits, overwrite=True)
         compare_runs(done, out / "comparison", evaluation=out / "evaluation")
-        report = (out / "comparison" / "comparison.md").read_text().replace("](learning_curves.png)", "](comparison/learning_curves.png)")
+        report = (out / "comparison" / "comparison.md").read_text().replace(
+            "](learning_curves.png)", "](comparison/learning_curves.png)").replace("](../evaluation/", "](evaluation/")
         (out / "report.md").write_text(report)
     failed = {k: v for k, v in status.items() if v["status"] != "done"}
     for key, info in failed.items():

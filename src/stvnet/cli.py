@@ -186,13 +186,18 @@ def _compare(argv: list[str]) -> int:
 def _ablate(argv: list[str]) -> int:
     parser = Parser(
         prog="stvnet ablate",
-        description="Train every cell of {configs} x {cohorts} x {folds} in its own process (finished cells are "
+        description="Train every cell of {configs} x {cohorts} x {folds} [x {seeds}] in its own process (finished cells are "
         "skipped on re-runs, a crashed cell does not stop the others), then evaluate on the held-out test sets and "
         "compare. Arguments after '--' go to every 'stvnet train'.",
     )
     parser.add_argument("--configs", nargs="+", default=["experiments/vnet.yaml", "experiments/stvnet.yaml"])
     parser.add_argument("--cohorts", nargs="+", default=["all", "male", "female"], choices=["all", "male", "female"])
     parser.add_argument("--folds", nargs="+", type=int, default=list(range(10)))
+    parser.add_argument("--seeds", nargs="+", type=int,
+                        help="train each cell once per seed (--seed_everything; default: the configs' seed, once)")
+    parser.add_argument("--splits", nargs="+", default=["test"], choices=["test", "val"],
+                        help="held-out sets to evaluate: test (the paper's), val (every subject outside the test set "
+                        "once, by the fold that held it out) (default: %(default)s)")
     parser.add_argument("--out", default="runs/ablation", help="study folder (default: %(default)s)")
     parser.add_argument("--no-evaluate", action="store_true", help="only train")
     own, extra = _split_passthrough(argv)
@@ -200,7 +205,8 @@ def _ablate(argv: list[str]) -> int:
     from stvnet.ablate import check_study, run_ablation, user_errors
 
     check_study(args.configs, args.folds, extra)
-    status = run_ablation(args.configs, args.cohorts, args.folds, args.out, extra_args=extra, evaluate=not args.no_evaluate)
+    status = run_ablation(args.configs, args.cohorts, args.folds, args.out, extra_args=extra,
+                          evaluate=not args.no_evaluate, seeds=args.seeds, splits=tuple(args.splits))
     failed = [k for k, v in status.items() if v["status"] != "done"]
     report = Path(args.out) / "report.md"
     if report.is_file():

@@ -3,16 +3,17 @@
 Reads each run folder's ``metrics.csv`` and ``config.yaml`` (no network, no W&B account) and, when given, the
 ``per_subject.csv`` of an evaluation. Writes to one folder:
 
-* ``runs.csv``: one row per run (model, cohort, fold, best epoch, validation metrics at the best epoch,
-  epochs to reach the Dice threshold);
-* ``comparison.md`` / ``comparison.csv``: per cohort, mean ± sd over folds per model, and the test-set table
-  with paired Wilcoxon tests from the evaluation;
+* ``runs.csv``: one row per run (model, cohort, fold, seed, best epoch, validation metrics and the warped prior's
+  Dice at the best epoch, epochs to reach the Dice threshold);
+* ``comparison.md`` / ``comparison.csv``: per cohort, mean ± sd over runs (folds x seeds) per model, and the
+  evaluation's tables (paired Wilcoxon tests with effect sizes, per sex, hard cases);
 * ``learning_curves.png``: validation Dice vs epoch per model (mean over folds, min-max band), one panel per
   cohort — the paper claims ST-V-Net converges faster; the epochs-to-threshold column says whether it does here.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib
@@ -65,13 +66,13 @@ def read_run(run: str | Path, threshold: float) -> tuple[dict, pd.DataFrame]:
     reached = val[val["val/dice"] >= threshold]
     row = {
         "model": config["run"]["name"], "cohort": config["data"]["cohort"], "fold": config["data"]["fold"],
-        "run": str(run), "epochs": int(val["epoch"].max()) + 1, "best_epoch": int(best["epoch"]),
+        "seed": config.get("seed_everything"), "run": str(run), "epochs": int(val["epoch"].max()) + 1, "best_epoch": int(best["epoch"]),
         "best_stage": int(best["val/stage"]) if "val/stage" in best and pd.notna(best["val/stage"]) else np.nan,
         "epochs_to_threshold": int(reached["epoch"].iloc[0]) + 1 if len(reached) else np.nan,
     }
-    for m in VAL_METRICS:
+    for m in (*VAL_METRICS, "prior_dice"):  # prior_dice: the warped shape prior's own Dice (ST-V-Net)
         row[f"val_{m}"] = float(best[f"val/{m}"]) if f"val/{m}" in best else np.nan
-    curve = val[["epoch", "val/dice"]].assign(model=row["model"], cohort=row["cohort"], fold=row["fold"])
+    curve = val[["epoch", "val/dice"]].assign(model=row["model"], cohort=row["cohort"], run=row["run"])
     return row, curve
 
 
@@ -82,7 +83,7 @@ def learning_curves(curves: pd.DataFrame, path: Path, threshold: float) -> None:
         part = curves[curves["cohort"] == cohort]
         for model, m in part.groupby("model", sort=False):
             stats = m.groupby("epoch")["val/dice"].agg(["mean", "min", "max"])
-            ax.plot(stats.index + 1, stats["mean"], marker="o", ms=3, label=f"{model} ({m['fold'].nunique()} folds)")
+            ax.plot(stats.index + 1, stats["mean"], marker="o", ms=3, label=f"{model} ({m['run'].nunique()} runs)")
             ax.fill_between(stats.index + 1, stats["min"], stats["max"], alpha=0.2)
         ax.axhline(threshold, color="grey", ls=":", lw=1)
         ax.set_title(f"cohort: {cohort}")
@@ -107,28 +108,37 @@ def compare_runs(runs: list[str | Path], out: str | Path, evaluation: str | Path
     learning_curves(pd.concat(curves), out / "learning_curves.png", threshold)
     agg = []
     for (cohort, model), part in table.groupby(["cohort", "model"], sort=False):
-        rec = {"cohort": cohort, "model": model, "folds": len(part),
+        rec = {"cohort": cohort, "model": model, "runs": len(part), "folds": part["fold"].nunique(),
+               "seeds": part["seed"].nunique(dropna=False),
                "epochs_to_threshold_mean": part["epochs_to_threshold"].mean(),
                "reached_threshold": int(part["epochs_to_threshold"].notna().sum())}
-        for m in VAL_METRICS:
+        for m in (*VAL_METRICS, "prior_dice"):
             rec[f"val_{m}_mean"] = part[f"val_{m}"].mean()
             rec[f"val_{m}_sd"] = part[f"val_{m}"].std(ddof=1) if len(part) > 1 else 0.0
         agg.append(rec)
     summary = pd.DataFrame(agg)
     summary.to_csv(out / "comparison.csv", index=False)
     lines = ["# V-Net vs ST-V-Net", "",
-             f"Validation metrics at each run's best epoch (mean ± sd over folds); epochs to reach validation "
-             f"DSC ≥ {threshold} (mean over the folds that reached it).", "",
-             "| cohort | model | folds | val DSC | val HD95 (mm) | val ASSD (mm) | epochs to DSC ≥ thr |",
-             "|---|---|---|---|---|---|---|"]
+             f"Validation metrics at each run's best epoch (the checkpoint evaluated; mean ± sd over runs: folds x "
+             f"seeds); epochs to reach validation DSC ≥ {threshold} (mean over the runs that reached it); the warped "
+             f"shape prior's own DSC at that epoch (ST-V-Net).", "",
+             "| cohort | model | runs (folds x seeds) | val DSC | val HD95 (mm) | val ASSD (mm) | epochs to DSC ≥ thr | "
+             "prior DSC |", "|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples():
-        ept = "never" if not r.reached_threshold else f"{r.epochs_to_threshold_mean:.1f} ({r.reached_threshold}/{r.folds})"
-        lines.append(f"| {r.cohort} | {r.model} | {r.folds} | {r.val_dice_mean:.4f} ± {r.val_dice_sd:.4f} | "
-                     f"{r.val_hd95_mean:.2f} ± {r.val_hd95_sd:.2f} | {r.val_assd_mean:.2f} ± {r.val_assd_sd:.2f} | {ept} |")
+        ept = "never" if not r.reached_threshold else f"{r.epochs_to_threshold_mean:.1f} ({r.reached_threshold}/{r.runs})"
+        prior = "–" if np.isnan(r.val_prior_dice_mean) else f"{r.val_prior_dice_mean:.4f} ± {r.val_prior_dice_sd:.4f}"
+        lines.append(f"| {r.cohort} | {r.model} | {r.runs} ({r.folds} x {r.seeds}) | {r.val_dice_mean:.4f} ± "
+                     f"{r.val_dice_sd:.4f} | {r.val_hd95_mean:.2f} ± {r.val_hd95_sd:.2f} | {r.val_assd_mean:.2f} ± "
+                     f"{r.val_assd_sd:.2f} | {ept} | {prior} |")
     lines.append("")
     if evaluation:
         per_subject = pd.read_csv(Path(evaluation) / "per_subject.csv")
         lines.append(summary_markdown(summarize(per_subject), per_subject).replace("# Segmentation", "## Test set: segmentation", 1))
     lines += ["", "![learning curves](learning_curves.png)", ""]
+    if evaluation:  # the evaluation's figures, linked relative to this report
+        for name, title in (("paired_differences.png", "paired per-subject differences"), ("boxplots.png", "box plots")):
+            figure = Path(evaluation) / name
+            if figure.is_file():
+                lines += [f"![{title}]({Path(os.path.relpath(figure, out)).as_posix()})", ""]
     (out / "comparison.md").write_text("\n".join(lines))
     return table

@@ -4,12 +4,16 @@ For each run (folder or checkpoint) the subjects of its held-out test set (and/o
 set) are segmented in their original geometry, saved as NIfTI, and scored with :func:`evaluate_case`
 against the original labels. Outputs, in one folder:
 
-* ``per_subject.csv``: subject, sex, fold, model, split and every metric;
+* ``per_subject.csv``: subject, sex, fold, seed, model, split, the checkpoint's epoch and stage, the mask written,
+  every metric, and the manifest's hard-case columns when it has them;
 * ``summary.csv`` / ``summary.md``: mean ± sd per model x cohort (all/male/female), like the paper's tables,
-  with paired Wilcoxon signed-rank p-values between models trained on the same cohort (V-Net vs ST-V-Net),
-  and a table of sex-specific vs pooled training of each architecture when both were evaluated;
-* ``paired_tests.csv``: every paired test (metric, cohort, n, median difference, p);
-* ``boxplots.png`` and ``overlay_<model>_<best|median|worst>_<subject>.png``.
+  with paired Wilcoxon signed-rank p-values between models trained on the same cohort (V-Net vs ST-V-Net) and
+  their effect sizes, a table of sex-specific vs pooled training of each architecture when both were evaluated,
+  and the hard cases (:mod:`stvnet.hard_cases`);
+* ``paired_tests.csv``: every paired test (metric, cohort, n, median and mean difference with its 95% CI, Cohen's
+  d_z, rank-biserial r, p); ``hard_cases.csv`` / ``hard_case_tests.csv``: the same within each hard-case subgroup;
+* ``boxplots.png``, ``paired_differences.png`` (per-subject differences of each architecture pair, hard cases
+  marked) and ``overlay_<model>_<best|median|worst>_<subject>.png``.
 """
 
 from __future__ import annotations
@@ -31,9 +35,16 @@ from data_modules.errors import InvalidInput, MissingInput
 from data_modules.folds import fold_subjects
 from data_modules.manifest import filter_cohort, validate_manifest
 from data_modules.scan_io import read_header, read_voxels
+from stvnet.hard_cases import (
+    SUBGROUP_COLUMNS,
+    hard_case_markdown,
+    hard_case_table,
+    in_any_subgroup,
+    subgroup_rows,
+)
 from stvnet.inference import CheckpointInfo, Predictor, find_checkpoint, largest_component, read_checkpoint_info
 from stvnet.metrics import METRIC_KEYS, evaluate_case
-from stvnet.report import box_plots, overlay_png
+from stvnet.report import box_plots, overlay_png, paired_differences
 
 #: the paper's reported metrics, in table order
 PAPER_METRICS = ("dice", "sensitivity", "specificity", "hd", "assd")
@@ -53,6 +64,7 @@ class RunInfo:
     stage: str
     subjects: dict[str, list[str]]  # train / val / test ids the run was trained and validated on
     manifest: str
+    seed: int | None = None  # the run's seed_everything (config.yaml), to tell repeated runs of one fold apart
 
 
 def run_subjects(run_dir: Path | None, info: CheckpointInfo) -> tuple[dict[str, list[str]], str]:
@@ -80,13 +92,15 @@ def describe_run(run: str | Path) -> RunInfo:
                            "stvnet train")
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else None  # runs/<name>/<cohort>/fold<k>/<t>
     config = run_dir / "config.yaml" if run_dir is not None else None
-    name = (yaml.safe_load(config.read_text()).get("run") or {}).get("name") if config and config.is_file() else None
+    settings = yaml.safe_load(config.read_text()) if config and config.is_file() else {}
+    name = (settings.get("run") or {}).get("name")
     name = name or (run_dir.parts[-4] if run_dir is not None and len(run_dir.parts) >= 4 else ckpt.stem)
     cohort = str(info.data_hparams["cohort"])
     model = str(name) if cohort == "all" else f"{name}-{cohort}"  # sex-specific models are models of their own
     subjects, manifest = run_subjects(run_dir, info)
+    seed = settings.get("seed_everything")
     return RunInfo(ckpt, model, int(info.data_hparams["fold"]), cohort, info.data_hparams, info.epoch, info.stage,
-                   subjects, manifest)
+                   subjects, manifest, None if seed is None else int(seed))
 
 
 def cohort_table(info: RunInfo, manifest: str | None) -> pd.DataFrame:
@@ -122,10 +136,13 @@ def evaluate_runs(
     infos = [describe_run(r) for r in runs]
     tables = [cohort_table(info, manifest) for info in infos]  # every run and manifest checked before any output
     out.mkdir(parents=True, exist_ok=True)
+    # several seeds of one model and fold: their masks go to fold<k>_seed<s>
+    seeded = len({(i.model, i.fold, i.seed) for i in infos}) > len({(i.model, i.fold) for i in infos})
     rows = []
     for info, table in zip(infos, tables):
         predictor = Predictor.from_checkpoint(info.checkpoint, device=device)
-        masks = out / "predictions" / info.model / f"fold{info.fold}" if save_masks else None
+        run_folder = f"fold{info.fold}_seed{info.seed}" if seeded else f"fold{info.fold}"
+        masks = out / "predictions" / info.model / run_folder if save_masks else None
         for split in splits:
             rows += score_run(info, table, predictor, split, masks, keep_largest)
     per_subject = pd.DataFrame(rows)
@@ -149,9 +166,11 @@ def score_run(info: RunInfo, table: pd.DataFrame, predictor: Predictor, split: s
         if masks is not None:
             masks.mkdir(parents=True, exist_ok=True)
             nib.save(nib.Nifti1Image(mask, affine), masks / f"{sid}.nii.gz")
-        rows.append({"subject_id": sid, "sex": row["sex"], "fold": info.fold, "model": info.model,
+        rows.append({"subject_id": sid, "sex": row["sex"], "fold": info.fold, "seed": info.seed, "model": info.model,
                      "split": split, "cohort": info.cohort, "image": row["image"], "label": row["label"],
-                     "ckpt_epoch": info.epoch, "ckpt_stage": info.stage, **metrics})
+                     "ckpt_epoch": info.epoch, "ckpt_stage": info.stage,
+                     "prediction": str(masks / f"{sid}.nii.gz") if masks is not None else "", **metrics,
+                     **{c: row[c] for c in SUBGROUP_COLUMNS if c in row.index}})
     return rows
 
 
@@ -165,15 +184,22 @@ def write_report(per_subject: pd.DataFrame, out: Path, figures: bool) -> None:
     tests = pd.concat([paired_tests(per_subject).assign(comparison="architecture"),
                        paired_tests(per_subject, training_cohort_pairs(per_subject)).assign(comparison="training cohort")])
     tests.to_csv(out / "paired_tests.csv", index=False)
+    hard = hard_case_table(per_subject)
+    if not hard.empty:
+        hard.to_csv(out / "hard_cases.csv", index=False)
+        hard_case_tests(per_subject).to_csv(out / "hard_case_tests.csv", index=False)
     if not figures:
         return
     box_plots(per_subject, PAPER_METRICS, out / "boxplots.png")
+    if architecture_pairs(per_subject):
+        paired_differences(per_subject, architecture_pairs(per_subject), ("dice", "hd", "hd95"),
+                           in_any_subgroup(per_subject), out / "paired_differences.png")
     for model, part in per_subject.groupby("model"):
         ranked = part.sort_values("dice").reset_index(drop=True)
         for tag, i in {"worst": 0, "median": len(ranked) // 2, "best": len(ranked) - 1}.items():
             r = ranked.iloc[i]
-            pred = out / "predictions" / model / f"fold{r['fold']}" / f"{r['subject_id']}.nii.gz"
-            if pred.is_file():
+            pred = Path(str(r.get("prediction") or ""))
+            if pred.name and pred.is_file():
                 overlay_png(r["image"], r["label"], pred, out / f"overlay_{model}_{tag}_{r['subject_id']}.png",
                             title=f"{model} {tag}: {r['subject_id']} (Dice {r['dice']:.3f}, HD {r['hd']:.1f} mm)")
 
@@ -242,8 +268,52 @@ def paired_tests(per_subject: pd.DataFrame, pairs: list[tuple[str, str]] | None 
                     diff = both[f"{m}_b"] - both[f"{m}_a"]
                     p = 1.0 if np.allclose(diff, 0) else float(stats.wilcoxon(both[f"{m}_a"], both[f"{m}_b"]).pvalue)
                     rows.append({"model_a": a, "model_b": b, "split": split, "cohort": cohort, "metric": m,
-                                 "n_pairs": len(both), "median_diff": float(diff.median()), "p_value": p})
-    return pd.DataFrame(rows, columns=["model_a", "model_b", "split", "cohort", "metric", "n_pairs", "median_diff", "p_value"])
+                                 "n_pairs": len(both), "median_diff": float(diff.median()), "p_value": p,
+                                 **effect_sizes(diff.to_numpy())})
+    return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
+
+
+#: the columns of ``paired_tests.csv``
+PAIRED_COLUMNS = ["model_a", "model_b", "split", "cohort", "metric", "n_pairs", "median_diff", "p_value", "mean_diff",
+                  "ci_low", "ci_high", "cohen_dz", "rank_biserial"]
+
+
+def effect_sizes(diff: np.ndarray) -> dict[str, float]:
+    """How large a paired difference (b - a) is, beside whether it is significant: its mean with a 95% t-interval,
+    Cohen's d_z (mean over the sd of the differences; infinite for a constant non-zero one) and the matched-pairs rank-biserial correlation (the
+    Wilcoxon test's own effect size: the share of rank sum on positive minus that on negative differences, -1..1)."""
+    n = len(diff)
+    mean = float(diff.mean())
+    sd = float(diff.std(ddof=1)) if n > 1 else 0.0
+    half = float(stats.t.ppf(0.975, n - 1) * sd / np.sqrt(n)) if n > 1 else float("nan")
+    nonzero = diff[diff != 0]
+    ranks = stats.rankdata(np.abs(nonzero))
+    total = ranks.sum()
+    return {"mean_diff": mean, "ci_low": mean - half, "ci_high": mean + half,
+            "cohen_dz": mean / sd if sd > 0 else float(np.sign(mean) * np.inf) if mean else 0.0,
+            "rank_biserial": float((ranks[nonzero > 0].sum() - ranks[nonzero < 0].sum()) / total) if total else 0.0}
+
+
+def hard_case_tests(per_subject: pd.DataFrame) -> pd.DataFrame:
+    """:func:`paired_tests` of the architectures within each hard-case subgroup (all subjects of it, either sex)."""
+    parts = [paired_tests(rows).query("cohort == 'all'").assign(subgroup=name)
+             for name, rows in subgroup_rows(per_subject).items()]
+    return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=[*PAIRED_COLUMNS, "subgroup"])
+
+
+def _effect_markdown(tests: pd.DataFrame) -> list[str]:
+    """Each paired comparison's effect size: mean difference (b - a) with its 95% CI, Cohen's d_z, rank-biserial r."""
+    lines = ["## Paired differences", "",
+             "Second model minus first on the same subjects (test: each subject's mean over the runs that held it out; "
+             "validation: per subject and fold): mean [95% CI], Cohen's d_z, matched-pairs rank-biserial r, Wilcoxon "
+             "p.", "",
+             "| split | models | subjects | n | metric | mean difference [95% CI] | d_z | r | p |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in tests.itertuples():
+        lines.append(f"| {r.split} | {r.model_b} − {r.model_a} | {r.cohort} | {r.n_pairs} | {r.metric} | "
+                     f"{r.mean_diff:+.3g} [{r.ci_low:+.3g}, {r.ci_high:+.3g}] | {r.cohen_dz:+.2f} | "
+                     f"{r.rank_biserial:+.2f} | {r.p_value:.3g} |")
+    return lines + [""]
 
 
 def _sex_specific_markdown(per_subject: pd.DataFrame) -> list[str]:
@@ -289,10 +359,14 @@ def summary_markdown(summary: pd.DataFrame, per_subject: pd.DataFrame) -> str:
                 cells.append(cell)
             lines.append(f"| {r.model} | {r.cohort} | {r.n} | " + " | ".join(cells) + " |")
         lines.append("")
-    if not paired_tests(per_subject).empty:
+    tests = paired_tests(per_subject)
+    if not tests.empty:
         lines += ["p-values: paired Wilcoxon signed-rank tests (two-sided) against a model trained on the same "
                   "cohort, on the same subjects.", ""]
+        lines += _effect_markdown(tests)
     lines += _sex_specific_markdown(per_subject)
+    lines += hard_case_markdown(hard_case_table(per_subject),
+                                hard_case_tests(per_subject).query("metric in ('dice', 'hd')"))
     lines += _checkpoint_markdown(per_subject)
     return "\n".join(lines)
 
@@ -301,9 +375,12 @@ def _checkpoint_markdown(per_subject: pd.DataFrame) -> list[str]:
     """Which checkpoint stood for each model and fold: its stage and epoch (best Dice within the final stage)."""
     if "ckpt_epoch" not in per_subject:
         return []
-    used = per_subject.groupby(["model", "fold"], sort=False)[["ckpt_stage", "ckpt_epoch"]].first().reset_index()
+    seeds = "seed" in per_subject and per_subject["seed"].nunique() > 1
+    keys = ["model", "fold", "seed"] if seeds else ["model", "fold"]
+    used = per_subject.groupby(keys, sort=False)[["ckpt_stage", "ckpt_epoch"]].first().reset_index()
     lines = ["## Checkpoints evaluated", "",
              "Best validation DSC within each run's final stage (the last epoch if it never reached it).", "",
-             "| model | fold | stage | epoch |", "|---|---|---|---|"]
-    lines += [f"| {r.model} | {r.fold} | {r.ckpt_stage} | {int(r.ckpt_epoch)} |" for r in used.itertuples()]
+             f"| model | fold |{' seed |' if seeds else ''} stage | epoch |", f"|---|---|{'---|' if seeds else ''}---|---|"]
+    lines += [f"| {r.model} | {r.fold} |{f' {int(r.seed)} |' if seeds else ''} {r.ckpt_stage} | {int(r.ckpt_epoch)} |"
+              for r in used.itertuples()]
     return lines + [""]

@@ -86,3 +86,31 @@ def overlay_png(image: str | Path, label: str | Path, prediction: str | Path, pa
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return Path(path)
+
+
+def paired_differences(per_subject: pd.DataFrame, pairs: Sequence[tuple[str, str]], metrics: Sequence[str],
+                       hard: pd.Series | None, path: str | Path) -> Path:
+    """Per-subject differences (second model minus first, each subject's mean over the runs that scored it), one row
+    of panels per model pair and split, one panel per metric, subjects sorted by the difference; hard cases
+    (``hard``: a boolean per row of ``per_subject``) in orange, so a user sees whether a gain sits on them."""
+    panels = [(a, b, split) for a, b in pairs for split in dict.fromkeys(per_subject["split"])]
+    fig, axes = plt.subplots(len(panels), len(metrics), figsize=(3.4 * len(metrics), 2.8 * len(panels)),
+                             squeeze=False)
+    flagged = per_subject.assign(hard=False if hard is None else hard.astype(bool))
+    for row, (a, b, split) in zip(axes, panels):
+        part = flagged[flagged["split"] == split]
+        means = {m: part[part["model"] == m].groupby("subject_id")[[*metrics, "hard"]].mean() for m in (a, b)}
+        both = means[a].join(means[b], lsuffix="_a", rsuffix="_b", how="inner")
+        for ax, metric in zip(row, metrics):
+            diff = (both[f"{metric}_b"] - both[f"{metric}_a"]).sort_values()
+            colours = np.where(both.loc[diff.index, "hard_a"] > 0, "tab:orange", "tab:grey")
+            ax.scatter(np.arange(len(diff)), diff, s=12, c=colours)
+            ax.axhline(0, color="black", lw=0.8)
+            ax.set_title(f"{split}: {b} − {a}\n{LABELS.get(metric, metric)}", fontsize=9)
+            ax.set_xlabel("subjects, sorted")
+            ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Paired per-subject differences (orange: hard cases)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
