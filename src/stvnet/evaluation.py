@@ -248,6 +248,11 @@ def training_cohort_pairs(per_subject: pd.DataFrame) -> list[tuple[str, str]]:
             for pooled in cohorts.index if cohorts[pooled] == "all" and model == f"{pooled}-{cohort}"]
 
 
+#: the columns of ``paired_tests.csv``
+PAIRED_COLUMNS = ["model_a", "model_b", "split", "cohort", "metric", "n_pairs", "median_diff", "p_value", "mean_diff",
+                  "ci_low", "ci_high", "cohen_dz", "rank_biserial"]
+
+
 def paired_tests(per_subject: pd.DataFrame, pairs: list[tuple[str, str]] | None = None) -> pd.DataFrame:
     """Wilcoxon signed-rank test per metric for each pair of models (default: :func:`architecture_pairs`)
     on the (fold, subject)s both scored, per split and test cohort."""
@@ -273,15 +278,11 @@ def paired_tests(per_subject: pd.DataFrame, pairs: list[tuple[str, str]] | None 
     return pd.DataFrame(rows, columns=PAIRED_COLUMNS)
 
 
-#: the columns of ``paired_tests.csv``
-PAIRED_COLUMNS = ["model_a", "model_b", "split", "cohort", "metric", "n_pairs", "median_diff", "p_value", "mean_diff",
-                  "ci_low", "ci_high", "cohen_dz", "rank_biserial"]
-
-
 def effect_sizes(diff: np.ndarray) -> dict[str, float]:
     """How large a paired difference (b - a) is, beside whether it is significant: its mean with a 95% t-interval,
-    Cohen's d_z (mean over the sd of the differences; infinite for a constant non-zero one) and the matched-pairs rank-biserial correlation (the
-    Wilcoxon test's own effect size: the share of rank sum on positive minus that on negative differences, -1..1)."""
+    Cohen's d_z (mean over the sd of the differences; infinite for a constant non-zero one) and the matched-pairs
+    rank-biserial correlation (the Wilcoxon test's own effect size: the share of the rank sum on positive minus that
+    on negative differences, -1..1)."""
     n = len(diff)
     mean = float(diff.mean())
     sd = float(diff.std(ddof=1)) if n > 1 else 0.0
