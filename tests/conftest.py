@@ -34,8 +34,9 @@ MUTANT_STARTED = pytest.StashKey[float]()
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Under mutmut (a mutant named in ``MUTANT_UNDER_TEST``), keep the covering tests that fit ``MUTATION_BUDGET_S``
-    (always the first one), chosen from the files that import the mutated module first, then the others, each group
-    those named after the mutated function first, then fastest first; run the kept ones fastest first, so a mutant is
+    (always the first one), chosen from the tests marked ``mutation_target(<the function's name>)`` first, then the
+    files that import the mutated module, then the others, each group those named after the mutated function first,
+    then fastest first; run the kept ones fastest first, so a mutant is
     killed by the cheapest test that can kill it (mutmut stops at the first failure). A surviving mutant runs every
     test it keeps, and with all of them a whole run does not fit the hour it may take on two cores. A mutant that runs
     far past its kept tests' time (an endless loop) ends as a timeout: mutmut's own limit is 15 times *all* covering
@@ -47,10 +48,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     duration = json.loads(stats.read_text()).get("duration_by_test", {})
     module, function = mutant.rsplit(".", 1)  # data_modules.folds.x_make_splits__mutmut_3 -> data_modules.folds
+    name = re.sub(r"^x[_\u01c1]", "", function.split("__mutmut_")[0]).split("\u01c1")[-1]  # make_splits, setup
     own = {path for path in {item.path for item in items} if module in path.read_text()}
     # tests named after the mutated function (``augmentation`` -> test_..._augmented_...) first within a group
-    stems = {word[:5] for word in re.split(r"[_\u01c1]", function.split("__mutmut_")[0].split("\u01c1")[-1]) if len(word) >= 4}
-    ordered = sorted(items, key=lambda item: (item.path not in own, not any(stem in item.name for stem in stems),
+    stems = {word[:5] for word in name.split("_") if len(word) >= 4}
+
+    def targets(item: pytest.Item) -> bool:  # @pytest.mark.mutation_target("train_dataloader", ...)
+        return any(name in marker.args for marker in item.iter_markers("mutation_target"))
+
+    ordered = sorted(items, key=lambda item: (not targets(item), item.path not in own,
+                                              not any(stem in item.name for stem in stems),
                                               duration.get(item.nodeid, 0.0)))
     kept, spent = [], 0.0
     for item in ordered:

@@ -29,6 +29,7 @@ def _scans(manifest: Path) -> list[tuple[str, str, str]]:
             for sid, i, lbl in zip(table["subject_id"], table["image"], table["label"])]
 
 
+@pytest.mark.mutation_target("subjects")
 @pytest.mark.parametrize(("locator", "turn"), [("template", 20.0), ("template", 0.0), ("fraction", 0.0)])
 def test_cached_subjects_hold_exactly_what_preprocessing_gives(tiny_cohort, tmp_path, locator, turn):
     args = tiny_data_args(tiny_cohort, tmp_path / "splits", roi_locator=locator, roi_max_rotation=turn)
@@ -42,7 +43,7 @@ def test_cached_subjects_hold_exactly_what_preprocessing_gives(tiny_cohort, tmp_
     for split in ("train", "test"):
         for lazy, raw in zip(cached.subjects(split), direct.subjects(split)):
             reference = direct.preprocess(raw)
-            assert lazy["subject_id"] == raw["subject_id"]
+            assert (lazy["subject_id"], lazy["sex"]) == (raw["subject_id"], raw["sex"])
             for key in ("image", "label"):
                 assert torch.equal(lazy[key].data, reference[key].data), (raw["subject_id"], key)
                 assert np.allclose(lazy[key].affine, reference[key].affine, atol=1e-6)

@@ -278,3 +278,15 @@ def test_a_checkpoint_that_does_not_exist_is_named_in_one_line(tmp_path):
 
     with pytest.raises(UserError, match=r"missing\.ckpt: not a readable checkpoint \(FileNotFoundError"):
         read_checkpoint_info(tmp_path / "missing.ckpt")
+
+
+@pytest.mark.mutation_target("from_checkpoint")
+def test_a_template_located_checkpoint_predicts_with_its_own_template(trained_runs):
+    """A checkpoint trained with --data.roi_locator template places new scans' ROIs with the template it stored (not
+    the fixed-fraction box), on the device asked for."""
+    ckpt = find_checkpoint(trained_runs["vnet"])
+    info = read_checkpoint_info(ckpt)
+    predictor = Predictor.from_checkpoint(ckpt, device="cpu")
+    assert info.data_hparams["roi_locator"] == "template" and predictor.locator is not None
+    assert np.array_equal(predictor.locator.template, info.locator.template)
+    assert predictor.data_hparams == info.data_hparams and str(predictor.device) == "cpu"

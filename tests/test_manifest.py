@@ -105,6 +105,9 @@ def test_missing_column_is_named(cohort_copy):
     pd.read_csv(cohort_copy).drop(columns=["sex"]).to_csv(cohort_copy, index=False)
     problems = _problems(cohort_copy)
     assert "missing column 'sex'" in problems[0]
+    with pytest.raises(ManifestError) as info:
+        validate_manifest(cohort_copy)
+    assert str(info.value).startswith(f"{cohort_copy}: ")  # the error names the file
 
 
 def test_cohort_filter(cohort_copy):
@@ -170,6 +173,7 @@ def test_scan_problems_accept_sub_millimetre_and_singleton_4d_scans_and_name_the
     assert "(NoneType" not in line  # the reader's own exception is named
 
 
+@pytest.mark.mutation_target("read_manifest")
 def test_problems_with_the_manifest_file_itself_name_it(tmp_path):
     cases = {
         "absent.csv": (None, "manifest file not found"),
@@ -188,9 +192,10 @@ def test_problems_with_the_manifest_file_itself_name_it(tmp_path):
         assert str(info.value).startswith(f"{path}: "), name
 
 
+@pytest.mark.mutation_target("read_manifest")
 def test_ids_stay_text_sex_codes_are_normalised_and_paths_resolved(cohort_copy):
     table = pd.read_csv(cohort_copy)
-    table["subject_id"] = ["001", "010", "0100", "7"]
+    table["subject_id"] = ["001", "010", "0100", " 7 "]
     table["sex"] = ["male", "2", " f ", "M"]
     table.loc[3, "image"] = str((cohort_copy.parent / table.loc[3, "image"]).resolve())  # absolute stays absolute
     table.to_csv(cohort_copy, index=False)
@@ -213,6 +218,21 @@ def test_rows_without_an_image_or_label_are_named(cohort_copy):
     table.loc[1, "image"] = image
     table.to_csv(cohort_copy, index=False)
     assert len(validate_manifest(cohort_copy, require_labels=False)) == 4  # prediction needs no labels
+    table.loc[2, "label"] = "   "  # a blank cell is no path either
+    table.to_csv(cohort_copy, index=False)
+    assert _problems(cohort_copy) == [f"{ids[2]}: no label path"]
+    with pytest.raises(ManifestError) as info:
+        validate_manifest(cohort_copy)
+    assert str(info.value).startswith(f"{cohort_copy}: ")
+
+
+def test_numeric_sex_codes_with_a_blank_name_only_the_blank_row(cohort_copy):
+    """Sex read as text: codes 1/2 stay '1'/'2' (not 1.0/2.0 because one cell is empty), so only that row is named."""
+    table = pd.read_csv(cohort_copy)
+    table["sex"] = ["1", "2", None, "2"]  # written as 1,2,,2
+    table.to_csv(cohort_copy, index=False)
+    (problem,) = _problems(cohort_copy)
+    assert problem.startswith(f"{table.loc[2, 'subject_id']}: ") and "sex" in problem
 
 
 def test_unreadable_scans_are_named_with_what_was_expected(cohort_copy):
@@ -248,6 +268,9 @@ def test_singleton_4d_and_sub_millimetre_scans_pass_and_other_shapes_are_named(c
     nib.save(nib.Nifti1Image(np.asarray(image.dataobj)[..., None], fine), cohort_copy.parent / table.loc[0, "image"])
     nib.save(nib.Nifti1Image(np.asarray(label.dataobj), fine), cohort_copy.parent / table.loc[0, "label"])
     assert len(validate_manifest(cohort_copy)) == 4  # (x, y, z, 1) at 0.7 x 0.7 x 0.5 mm is a 3D scan
+    nib.save(nib.Nifti1Image(np.asarray(image.dataobj), fine), cohort_copy.parent / table.loc[0, "image"])
+    nib.save(nib.Nifti1Image(np.asarray(label.dataobj)[..., None], fine), cohort_copy.parent / table.loc[0, "label"])
+    assert len(validate_manifest(cohort_copy)) == 4  # and so is a singleton 4-D label beside a 3-D image
     two = np.stack([np.asarray(image.dataobj)] * 2, axis=-1)
     nib.save(nib.Nifti1Image(two, fine), cohort_copy.parent / table.loc[0, "image"])
     (problem,) = _problems(cohort_copy)

@@ -236,6 +236,7 @@ def test_the_default_cohort_is_generated_once(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- loader workers
+@pytest.mark.mutation_target("train_dataloader", "loader_workers")
 def test_loader_workers_are_capped_at_each_ranks_share_of_the_cpus(monkeypatch, tiny_cohort, tmp_path):
     """8 workers asked on a rank that may use 2 CPUs would time-slice them and delay the first batch: 2 are started
     (with a warning), the node's CPUs are shared among its ranks, and 0 (load in the main process) stays 0."""
@@ -253,6 +254,7 @@ def test_loader_workers_are_capped_at_each_ranks_share_of_the_cpus(monkeypatch, 
     assert loader.num_workers == 2 and dm.num_workers == 8
 
 
+@pytest.mark.mutation_target("train_dataloader", "_dataset", "_eval_loader", "augmentation")
 def test_training_batches_are_augmented_and_full_and_validation_batches_are_not(tiny_cohort, tmp_path):
     """The training loader augments (the same subject's tensor differs from its preprocessed one) and drops a last
     partial batch; the validation loader serves the preprocessed tensors themselves, one subject per batch."""
@@ -270,6 +272,7 @@ def test_training_batches_are_augmented_and_full_and_validation_batches_are_not(
         assert torch.equal(batch["image"]["data"][0], {s["subject_id"]: s["image"].data for s in dm.subjects("val")}[sid])
 
 
+@pytest.mark.mutation_target("train_dataloader")
 def test_patch_training_draws_samples_per_volume_patches_of_the_patch_size(tiny_cohort, tmp_path):
     dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", patch_size=(16, 16, 8),
                                           samples_per_volume=3, queue_length=12))
@@ -278,7 +281,8 @@ def test_patch_training_draws_samples_per_volume_patches_of_the_patch_size(tiny_
     batches = list(dm.train_dataloader())
     assert sum(len(b["subject_id"]) for b in batches) == 3 * len(dm.subject_ids("train"))
     assert all(tuple(b["image"]["data"].shape[2:]) == (16, 16, 8) for b in batches)
-    assert all(b["image"]["data"].shape[0] <= 2 for b in batches)
+    sizes = [b["image"]["data"].shape[0] for b in batches]
+    assert max(sizes) == 2 and sizes.count(2) >= len(sizes) - 1  # batches of batch_size, the last one maybe short
 
 
 def test_roi_crop_accepts_the_edges_of_its_ranges_and_names_what_it_refuses():
@@ -330,6 +334,7 @@ def test_preprocessing_resamples_to_the_target_spacing_and_cuts_the_roi_at_its_c
                    for t in preprocessing(None, None, None, locator=object()).transforms)
 
 
+@pytest.mark.mutation_target("setup")
 @pytest.mark.parametrize("cache", [True, False])
 def test_setup_refuses_cut_labels_with_or_without_the_cache(tiny_cohort, tmp_path, cache):
     """An ROI too small for the femur stops ``setup('fit')`` with one line per cut subject, whether ROIs come from the
@@ -346,3 +351,28 @@ def test_setup_refuses_cut_labels_with_or_without_the_cache(tiny_cohort, tmp_pat
     assert lines[-1].endswith("(--data.roi_locator fraction)")
     # 12 voxels of 4 mm cut every femur: the training split is refused first, each of its subjects named
     assert {line.split(":")[0] for line in lines[:-1]} == set(dm.folds.rows(0, "train")["subject_id"])
+
+
+@pytest.mark.mutation_target("augmentation")
+def test_augmentation_ranges_scale_with_strength_and_zero_turns_it_off():
+    """``--data.augment`` scales every range of the documented recipe (affine ±8% scale, ±8°, ±6 mm, padded with the
+    image minimum, p 0.8; gamma ±0.15 log, p 0.5; noise std up to 0.02, p 0.5): half the strength, half the ranges,
+    same probabilities; 0 (or less) is no augmentation, and the default strength is 1."""
+    from data_modules.transforms import augmentation
+
+    def recipe(strength=None):
+        affine, gamma, noise = (augmentation() if strength is None else augmentation(strength)).transforms
+        assert (type(affine), type(gamma), type(noise)) == (tio.RandomAffine, tio.RandomGamma, tio.RandomNoise)
+        return {"scales": affine.scales, "degrees": affine.degrees, "translation": affine.translation,
+                "pad": affine.default_pad_value, "gamma": gamma.log_gamma_range, "noise": noise.std_range,
+                "p": (affine.probability, gamma.probability, noise.probability)}
+
+    full = recipe(1.0)
+    assert full == {"scales": (0.92, 1.08) * 3, "degrees": (-8.0, 8.0) * 3, "translation": (-6.0, 6.0) * 3,
+                    "pad": "minimum", "gamma": (-0.15, 0.15), "noise": (0.0, 0.02), "p": (0.8, 0.5, 0.5)}
+    assert recipe() == full
+    half = recipe(0.5)
+    assert half["scales"] == pytest.approx((0.96, 1.04) * 3) and half["degrees"] == (-4.0, 4.0) * 3
+    assert half["translation"] == (-3.0, 3.0) * 3 and half["gamma"] == pytest.approx((-0.075, 0.075))
+    assert half["noise"] == pytest.approx((0.0, 0.01)) and half["p"] == full["p"] and half["pad"] == "minimum"
+    assert augmentation(0.0) is None and augmentation(-1.0) is None and augmentation(1e-3) is not None

@@ -273,6 +273,7 @@ def test_checkpoint_of_a_run_started_from_init_weights_loads_without_that_file(t
         FemurSegmenter(VNet(base_channels=4, depth=2, kernel_size=3), init_weights=str(path))
 
 
+@pytest.mark.mutation_target("on_train_start")
 def test_the_schedule_refuses_at_train_start_what_would_fail_or_train_the_wrong_thing():
     """Checked in-process with stand-ins for the trainer (no DDP process group needed): a DDP model that does not
     look for unused parameters under a schedule that freezes parts; a first stage that freezes a V-Net nobody
@@ -301,6 +302,9 @@ def test_the_schedule_refuses_at_train_start_what_would_fail_or_train_the_wrong_
         schedule.on_train_start(trainer(), module())
     schedule.on_train_start(trainer(ckpt_path="last.ckpt"), module())  # resumed at epoch 0: its weights are trained
     schedule.on_train_start(trainer(epoch=1), module())
+    # a fresh run whose first stage trains the V-Net (the paper's order) needs no trained weights
+    paper = StageSchedule([Stage(name="vnet", epochs=2, train=["vnet"]), Stage(name="stn", epochs=1, train=["stn"])])
+    paper.on_train_start(trainer(), SimpleNamespace(stage=ActiveStage.of(paper.stages[0], 0, 1e-3), hparams={}))
 
 
 def test_setup_scales_stage_lengths_only_for_a_finite_real_run_and_warns_when_stages_are_cut(caplog):
@@ -341,6 +345,7 @@ def test_setup_scales_stage_lengths_only_for_a_finite_real_run_and_warns_when_st
         run(6, stages=[Stage(name="x", epochs=1, train=["vnet", "decoder"])])
 
 
+@pytest.mark.mutation_target("build_shape_prior")
 def test_com_alignment_moves_each_label_to_the_mean_centre_by_whole_voxels():
     a, b = torch.zeros(16, 16, 16), torch.zeros(16, 16, 16)
     a[2:6, 4:8, 6:10] = 1  # centre of mass (3.5, 5.5, 7.5)
@@ -386,10 +391,12 @@ def test_rescaled_stages_share_the_leftover_epochs_in_order_and_an_empty_schedul
         StageSchedule([])
 
 
+@pytest.mark.mutation_target("build_shape_prior")
 def test_a_shape_prior_is_one_channel_and_its_errors_say_what_is_wrong():
     labels = [torch.zeros(4, 5, 6), torch.ones(4, 5, 6)]
     prior = build_shape_prior(labels)
     assert prior.shape == (1, 4, 5, 6) and torch.all(prior == 0.5)
+    assert torch.equal(build_shape_prior(labels[1:]), torch.ones(1, 4, 5, 6))  # one training label is its own prior
     with pytest.raises(ValueError, match="^a shape prior needs at least one training label$"):
         build_shape_prior([])
     with pytest.raises(ValueError, match=r"^alignment must be one of \('roi', 'com'\), got 'rigid'$"):
