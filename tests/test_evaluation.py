@@ -49,8 +49,10 @@ def test_evaluate_two_models_writes_full_report(trained_runs, tiny_cohort, tmp_p
     assert set(table["model"]) == {"vnet", "vnet_b"} and set(table["split"]) == {"test", "val"}
     assert np.isfinite(table[[m for m in METRIC_KEYS if m != "rvd"]].to_numpy()).all()
     per_subject = pd.read_csv(out / "per_subject.csv")
-    assert list(per_subject.columns) == ["subject_id", "sex", "fold", "model", "split", "cohort", "image", "label",
-                                         "ckpt_epoch", "ckpt_stage", *METRIC_KEYS]  # no index column
+    assert list(per_subject.columns) == ["subject_id", "sex", "fold", "seed", "model", "split", "cohort", "image",
+                                         "label", "ckpt_epoch", "ckpt_stage", "prediction", *METRIC_KEYS,
+                                         "joint_space_mm", "osteoporotic"]  # no index; hard-case columns
+    assert all(Path(p).is_file() for p in per_subject["prediction"])  # each row names the mask it scored
     assert set(per_subject["cohort"]) == {"all"}
     # each Dice is the one of the saved mask against the label, in the label's own spacing
     for _, r in per_subject.iterrows():
