@@ -37,6 +37,7 @@ from data_modules.manifest import filter_cohort, validate_manifest
 from data_modules.scan_io import read_header, read_voxels
 from stvnet.hard_cases import (
     SUBGROUP_COLUMNS,
+    difference_cell,
     hard_case_markdown,
     hard_case_table,
     in_any_subgroup,
@@ -191,9 +192,10 @@ def write_report(per_subject: pd.DataFrame, out: Path, figures: bool) -> None:
     if not figures:
         return
     box_plots(per_subject, PAPER_METRICS, out / "boxplots.png")
-    if architecture_pairs(per_subject):
-        paired_differences(per_subject, architecture_pairs(per_subject), ("dice", "hd", "hd95"),
-                           in_any_subgroup(per_subject), out / "paired_differences.png")
+    pairs = architecture_pairs(per_subject)
+    if pairs:
+        paired_differences(per_subject, pairs, ("dice", "hd", "hd95"), in_any_subgroup(per_subject),
+                           out / "paired_differences.png")
     for model, part in per_subject.groupby("model"):
         ranked = part.sort_values("dice").reset_index(drop=True)
         for tag, i in {"worst": 0, "median": len(ranked) // 2, "best": len(ranked) - 1}.items():
@@ -312,8 +314,7 @@ def _effect_markdown(tests: pd.DataFrame) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|"]
     for r in tests.itertuples():
         lines.append(f"| {r.split} | {r.model_b} − {r.model_a} | {r.cohort} | {r.n_pairs} | {r.metric} | "
-                     f"{r.mean_diff:+.3g} [{r.ci_low:+.3g}, {r.ci_high:+.3g}] | {r.cohen_dz:+.2f} | "
-                     f"{r.rank_biserial:+.2f} | {r.p_value:.3g} |")
+                     f"{difference_cell(r)} | {r.cohen_dz:+.2f} | {r.rank_biserial:+.2f} | {r.p_value:.3g} |")
     return lines + [""]
 
 

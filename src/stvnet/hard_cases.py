@@ -68,6 +68,11 @@ def in_any_subgroup(per_subject: pd.DataFrame) -> pd.Series | None:
     return pd.concat(groups, axis=1).any(axis=1) if groups else None
 
 
+def difference_cell(row) -> str:
+    """A paired-test row's mean difference (b - a) with its 95% CI, as a table cell."""
+    return f"{row.mean_diff:+.3g} [{row.ci_low:+.3g}, {row.ci_high:+.3g}]"
+
+
 def hard_case_markdown(table: pd.DataFrame, tests: pd.DataFrame) -> list[str]:
     """The hard-case section: means in and out of each subgroup per model, and the paired differences within it."""
     if table.empty:
@@ -86,6 +91,5 @@ def hard_case_markdown(table: pd.DataFrame, tests: pd.DataFrame) -> list[str]:
                   "|---|---|---|---|---|---|---|---|"]
         for r in tests.itertuples():
             lines.append(f"| {r.subgroup} | {r.split} | {r.model_b} − {r.model_a} | {r.n_pairs} | {r.metric} | "
-                         f"{r.mean_diff:+.3g} [{r.ci_low:+.3g}, {r.ci_high:+.3g}] | {r.rank_biserial:+.2f} | "
-                         f"{r.p_value:.3g} |")
+                         f"{difference_cell(r)} | {r.rank_biserial:+.2f} | {r.p_value:.3g} |")
     return lines + [""]

@@ -20,6 +20,15 @@ LABELS = {"dice": "DSC", "sensitivity": "Sensitivity", "specificity": "Specifici
           "hd95": "HD95 (mm)", "assd": "ASSD (mm)", "jaccard": "Jaccard", "precision": "Precision", "rvd": "RVD"}
 
 
+def save_figure(fig: plt.Figure, title: str, path: str | Path, dpi: int = 110) -> Path:
+    """Title, lay out, write and close a figure; returns its path."""
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return Path(path)
+
+
 def box_plots(per_subject: pd.DataFrame, metrics: Sequence[str], path: str | Path) -> Path:
     """One panel per metric, one box per model (points overlaid), split by sex in colour."""
     models = list(dict.fromkeys(per_subject["model"]))
@@ -35,11 +44,7 @@ def box_plots(per_subject: pd.DataFrame, metrics: Sequence[str], path: str | Pat
             ax.scatter(i + jitter[: len(part)], part[m], s=10, c=colours, alpha=0.7, zorder=3)
         ax.set_title(LABELS.get(m, m))
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Per-subject metrics (blue: men, red: women)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, "Per-subject metrics (blue: men, red: women)", path)
 
 
 def _canonical(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -81,11 +86,7 @@ def overlay_png(image: str | Path, label: str | Path, prediction: str | Path, pa
             ax.contour(p.T, levels=[0.5], colors="red", linewidths=1.0, linestyles="--")
         ax.set_title(name)
         ax.axis("off")
-    fig.suptitle(f"{title}\nground truth: green, prediction: red dashed")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, f"{title}\nground truth: green, prediction: red dashed", path, dpi=100)
 
 
 def paired_differences(per_subject: pd.DataFrame, pairs: Sequence[tuple[str, str]], metrics: Sequence[str],
@@ -109,8 +110,4 @@ def paired_differences(per_subject: pd.DataFrame, pairs: Sequence[tuple[str, str
             ax.set_title(f"{split}: {b} − {a}\n{LABELS.get(metric, metric)}", fontsize=9)
             ax.set_xlabel("subjects, sorted")
             ax.grid(axis="y", alpha=0.3)
-    fig.suptitle("Paired per-subject differences (orange: hard cases)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, "Paired per-subject differences (orange: hard cases)", path)
