@@ -37,6 +37,7 @@ VERDICT_SUBJECTS ?= 100
 VERDICT_FOLDS ?= 0 1 2 3 4 5 6 7 8 9
 VERDICT_SEEDS ?= 0 1
 VERDICT_EPOCHS ?= 24
+VERDICT_JOBS ?= 1
 VERDICT_COHORT := data/verdict-$(VERDICT_SUBJECTS)
 
 .PHONY: install train test test-multiprocess mutate planted-bugs synth bench evaluate ablate verdict sweep clean help
@@ -89,7 +90,7 @@ $(VERDICT_COHORT)/manifest.csv: | $(STAMP)
 
 verdict: $(STAMP) $(VERDICT_COHORT)/manifest.csv
 	$(BIN)/stvnet ablate --configs experiments/vnet.yaml experiments/stvnet.yaml --cohorts all --folds $(VERDICT_FOLDS) \
-		--seeds $(VERDICT_SEEDS) --splits val test --out $(OUT)/verdict -- \
+		--seeds $(VERDICT_SEEDS) --splits val test --jobs $(VERDICT_JOBS) --out $(OUT)/verdict -- \
 		--data.manifest $(VERDICT_COHORT)/manifest.csv --trainer.max_epochs $(VERDICT_EPOCHS) $(ARGS)
 
 test: $(STAMP)

@@ -73,6 +73,12 @@ def test_train_refuses_a_cohort_with_no_subjects(tiny_cohort, tmp_path, capsys):
              f"{men}: no subjects in cohort 'female' (column 'sex' holds M for male, F for female)", tmp_path)
 
 
+def test_train_refuses_fewer_epochs_than_the_experiment_has_stages(tiny_cohort, tmp_path, capsys):
+    argv = ["train", *tiny_train_args(tiny_cohort, tmp_path / "runs", epochs=2, config="stvnet.yaml")]
+    _refused(argv, capsys, "--trainer.max_epochs 2: the experiment's 3 stages (vnet, stn, finetune) need at least one "
+             "epoch each; pass --trainer.max_epochs 3 or more", tmp_path)
+
+
 @pytest.mark.parametrize("kind", ["missing", "not YAML"])
 def test_train_refuses_a_config_file_it_cannot_read(kind, tiny_cohort, tmp_path, capsys):
     config = tmp_path / "experiment.yaml"

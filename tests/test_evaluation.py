@@ -467,3 +467,14 @@ def test_hard_cases_are_scored_apart_and_compared_within_their_subgroup(tmp_path
     write_report(plain, tmp_path / "plain", figures=False)
     assert not (tmp_path / "plain" / "hard_cases.csv").exists()
     assert "Hard cases" not in (tmp_path / "plain" / "summary.md").read_text()
+
+
+@pytest.mark.slow
+def test_runs_evaluated_in_parallel_score_as_one_at_a_time(trained_runs, tmp_path):
+    """--workers: each run scored in a process of its own gives the same table, in the runs' order, and its masks."""
+    runs = [trained_runs["vnet"], trained_runs["vnet_b"]]
+    serial = evaluate_runs(runs, tmp_path / "serial", figures=False)
+    parallel = evaluate_runs(runs, tmp_path / "parallel", figures=False, workers=2)
+    assert parallel["model"].tolist() == ["vnet"] * (len(serial) // 2) + ["vnet_b"] * (len(serial) // 2)
+    pd.testing.assert_frame_equal(parallel.drop(columns="prediction"), serial.drop(columns="prediction"))
+    assert all(Path(p).is_file() and "parallel" in p for p in parallel["prediction"])

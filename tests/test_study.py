@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
+from stvnet.ablate import Cell
 from stvnet.cli import main as cli_main
 from stvnet.compare import compare_runs
 from stvnet.training import resolved_config
@@ -85,20 +86,22 @@ def test_compare_reports_convergence_and_learning_curves(trained_runs, tmp_path)
 def test_each_seed_is_a_cell_of_its_own_trained_with_that_seed(tmp_path, monkeypatch):
     """--seeds repeats every cell once per seed (its own status entry, run folder and --seed_everything); a re-run
     skips the finished ones."""
-    import subprocess
-
     import stvnet.ablate as ablate
 
     commands = []
 
-    def fake_train(cmd, **_):
-        commands.append(cmd)
-        run = Path(cmd[cmd.index("--run.dir") + 1])
-        run.mkdir(parents=True)
-        (run / "metrics.csv").write_text("epoch,val/dice\n0,0.5\n")
-        return subprocess.CompletedProcess(cmd, 0, "", "")
+    class FakeTrain:  # a training process that writes its run's metrics and exits at once
+        def __init__(self, cmd, **_):
+            commands.append(cmd)
+            run = Path(cmd[cmd.index("--run.dir") + 1])
+            run.mkdir(parents=True)
+            (run / "metrics.csv").write_text("epoch,val/dice\n0,0.5\n")
+            self.returncode = 0
 
-    monkeypatch.setattr(ablate.subprocess, "run", fake_train)
+        def poll(self):
+            return self.returncode
+
+    monkeypatch.setattr(ablate.subprocess, "Popen", FakeTrain)
     config = str(ROOT / "experiments" / "vnet.yaml")
     status = ablate.run_ablation([config], ["all"], [0, 1], tmp_path / "study", evaluate=False, seeds=[3, 4])
     assert sorted(status) == ["vnet/all/fold0/seed3", "vnet/all/fold0/seed4", "vnet/all/fold1/seed3",
@@ -141,3 +144,77 @@ def test_compare_counts_runs_over_folds_and_seeds_and_reports_the_warped_priors_
     md = (tmp_path / "cmp" / "comparison.md").read_text()
     sd = pd.Series([0.6, 0.7, 0.8, 0.9]).std()
     assert "| all | stvnet | 4 (2 x 2) | 0.9000 ± 0.0000 |" in md and f"| 0.7500 ± {sd:.4f} |" in md
+
+
+def _cell(tmp_path: Path, name: str, code: str) -> Cell:
+    """A study cell whose 'training' is a few lines of Python run in the cell's run folder."""
+    import sys
+
+    run = tmp_path / "runs" / name / "t0"
+    run.mkdir(parents=True)
+    return Cell(name, [sys.executable, "-c", f"import os, sys, time\nos.chdir({str(run)!r})\n{code}"], run)
+
+
+def test_cells_train_jobs_at_a_time_each_with_its_share_of_the_cores(tmp_path):
+    """--jobs 2: two cells run at once, never three; each sees unbuffered output and half the cores; a cell that
+    fails is recorded with its log's last lines while the others finish."""
+    import os
+
+    from stvnet.ablate import train_cells
+
+    work = ("open('start', 'w').write(repr(time.time())); time.sleep(1.0)\n"
+            "open('env', 'w').write(os.environ['OMP_NUM_THREADS'] + ' ' + os.environ['PYTHONUNBUFFERED'])\n"
+            "open('end', 'w').write(repr(time.time())); open('metrics.csv', 'w').write('epoch\\n0\\n')")
+    cells = [_cell(tmp_path, f"c{i}", work) for i in range(3)]
+    cells.append(_cell(tmp_path, "broken", "print('loading ...'); sys.exit('stvnet train: error: no such manifest')"))
+    status = {c.key: {"status": "pending", "run": str(c.run_dir)} for c in cells}
+    train_cells(cells, status, tmp_path / "status.json", jobs=2)
+    assert {k: v["status"] for k, v in status.items()} == {"c0": "done", "c1": "done", "c2": "done", "broken": "failed"}
+    assert status["broken"]["exit"] == 1 and status["broken"]["error"].splitlines() == [
+        "loading ...", "stvnet train: error: no such manifest"]
+    spans = [(float((c.run_dir / "start").read_text()), float((c.run_dir / "end").read_text())) for c in cells[:3]]
+    overlapping = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert overlapping == 2  # c0 and c1 together, c2 after one of them
+    share = max(1, (os.cpu_count() or 1) // 2)
+    assert {(c.run_dir / "env").read_text() for c in cells[:3]} == {f"{share} 1"}
+    assert json.loads((tmp_path / "status.json").read_text()) == status
+
+
+def test_each_job_gets_one_gpu_in_turn_unless_the_user_chose():
+    from stvnet.ablate import cell_environment
+
+    assert [cell_environment(slot, 4, gpus=2)["CUDA_VISIBLE_DEVICES"] for slot in range(4)] == ["0", "1", "0", "1"]
+    assert "CUDA_VISIBLE_DEVICES" not in cell_environment(0, 1, gpus=2)  # one job: Lightning's devices decide
+
+
+def test_an_interrupted_study_stops_its_cells_and_can_continue_them(tmp_path):
+    """SIGTERM (a scheduler's time limit) or Ctrl-C: the running cells are stopped, not orphaned, and recorded as
+    interrupted, so the same command continues them; the signal that `timeout` sends the whole process group next does
+    not break the clean-up."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cell = _cell(tmp_path, "long", "open('pid', 'w').write(str(os.getpid())); time.sleep(120)")
+    driver = (f"import sys; sys.path[:0] = {sys.path!r}\n"
+              "from pathlib import Path\nfrom stvnet.ablate import Cell, train_cells\n"
+              f"cell = Cell('long', {cell.cmd!r}, Path({str(cell.run_dir)!r}))\n"
+              "try:\n"
+              f"    train_cells([cell], {{'long': {{'status': 'pending'}}}}, Path({str(tmp_path / 'status.json')!r}))\n"
+              "except KeyboardInterrupt:\n    sys.exit(130)")
+    proc = subprocess.Popen([sys.executable, "-c", driver], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pid_file = cell.run_dir / "pid"
+    deadline = time.time() + 60
+    while not pid_file.is_file() and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(0.2)
+    child = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "the same command continues them" in err and "Traceback" not in err, err
+    assert json.loads((tmp_path / "status.json").read_text())["long"]["status"] == "interrupted"
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)

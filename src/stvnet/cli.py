@@ -106,7 +106,11 @@ def _evaluate(argv: list[str]) -> int:
     parser.add_argument("--no-masks", action="store_true", help="do not save predicted masks (no overlays either)")
     parser.add_argument("--largest-component", action="store_true",
                         help="score masks after keeping their largest connected component (as predict can)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="runs evaluated at once, each in its own process (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        raise UserError(f"--workers {args.workers}: at least 1 run must be evaluated at a time")
     from stvnet.evaluation import describe_run, evaluate_runs
 
     splits = ("test", "val") if args.split == "both" else (args.split,)
@@ -121,7 +125,7 @@ def _evaluate(argv: list[str]) -> int:
             out = Path(os.path.commonpath([str(Path(r).resolve()) for r in args.runs])) / f"evaluation_{names}"
         evaluate_runs(args.runs, out, manifest=args.manifest, splits=splits, overwrite=args.overwrite,
                       device=args.device, save_masks=not args.no_masks, figures=not args.no_masks,
-                      keep_largest=args.largest_component)
+                      keep_largest=args.largest_component, workers=args.workers)
     except (FileExistsError, FileNotFoundError) as exc:  # an output folder in use, a run or scan that is not there
         raise UserError(str(exc)) from exc
     print((out / "summary.md").read_text())
@@ -200,13 +204,25 @@ def _ablate(argv: list[str]) -> int:
                         "once, by the fold that held it out) (default: %(default)s)")
     parser.add_argument("--out", default="runs/ablation", help="study folder (default: %(default)s)")
     parser.add_argument("--no-evaluate", action="store_true", help="only train")
+    parser.add_argument("--no-train", action="store_true",
+                        help="train nothing: evaluate and compare the cells that finished (e.g. after an interrupted "
+                        "study)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="cells trained (and runs evaluated) at once, each in its own process; small models share "
+                        "one GPU well, and on a node with several GPUs each job gets one in turn (default: %(default)s)")
     own, extra = _split_passthrough(argv)
     args = parser.parse_args(own)
     from stvnet.ablate import check_study, run_ablation, user_errors
 
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: at least 1 cell must train at a time")
     check_study(args.configs, args.folds, extra)
-    status = run_ablation(args.configs, args.cohorts, args.folds, args.out, extra_args=extra,
-                          evaluate=not args.no_evaluate, seeds=args.seeds, splits=tuple(args.splits))
+    try:
+        status = run_ablation(args.configs, args.cohorts, args.folds, args.out, extra_args=extra,
+                              evaluate=not args.no_evaluate, seeds=args.seeds, splits=tuple(args.splits),
+                              jobs=args.jobs, train=not args.no_train)
+    except KeyboardInterrupt:  # the running cells are stopped and recorded; train_cells said so
+        return 130
     failed = [k for k, v in status.items() if v["status"] != "done"]
     report = Path(args.out) / "report.md"
     if report.is_file():

@@ -45,6 +45,7 @@ from stvnet.hard_cases import (
 )
 from stvnet.inference import CheckpointInfo, Predictor, find_checkpoint, largest_component, read_checkpoint_info
 from stvnet.metrics import METRIC_KEYS, evaluate_case
+from stvnet.parallel import map_in_processes
 from stvnet.report import box_plots, overlay_png, paired_differences
 
 #: the paper's reported metrics, in table order
@@ -126,8 +127,10 @@ def evaluate_runs(
     save_masks: bool = True,
     figures: bool = True,
     keep_largest: bool = False,
+    workers: int = 1,
 ) -> pd.DataFrame:
-    """Evaluate runs and write the report; returns the per-subject table.
+    """Evaluate runs (``workers`` runs at a time, each in a process of its own) and write the report; returns the
+    per-subject table, in the order of ``runs`` whatever ``workers``.
 
     ``keep_largest`` scores the masks after keeping their largest connected component (as ``stvnet predict
     --largest-component`` writes them); the default scores the network's raw thresholded output."""
@@ -139,16 +142,21 @@ def evaluate_runs(
     out.mkdir(parents=True, exist_ok=True)
     # several seeds of one model and fold: their masks go to fold<k>_seed<s>
     seeded = len({(i.model, i.fold, i.seed) for i in infos}) > len({(i.model, i.fold) for i in infos})
-    rows = []
-    for info, table in zip(infos, tables):
-        predictor = Predictor.from_checkpoint(info.checkpoint, device=device)
-        run_folder = f"fold{info.fold}_seed{info.seed}" if seeded else f"fold{info.fold}"
-        masks = out / "predictions" / info.model / run_folder if save_masks else None
-        for split in splits:
-            rows += score_run(info, table, predictor, split, masks, keep_largest)
+    tasks = [(info, table, device, splits, (out / "predictions" / info.model / (
+        f"fold{info.fold}_seed{info.seed}" if seeded else f"fold{info.fold}")) if save_masks else None, keep_largest)
+             for info, table in zip(infos, tables)]
+    results = map_in_processes(_score_task, tasks, workers)
+    rows = [row for run_rows in results for row in run_rows]
     per_subject = pd.DataFrame(rows)
     write_report(per_subject, out, figures)
     return per_subject
+
+
+def _score_task(task: tuple) -> list[dict]:
+    """Every split of one run (a worker's unit of :func:`evaluate_runs`)."""
+    info, table, device, splits, masks, keep_largest = task
+    predictor = Predictor.from_checkpoint(info.checkpoint, device=device)
+    return [row for split in splits for row in score_run(info, table, predictor, split, masks, keep_largest)]
 
 
 def score_run(info: RunInfo, table: pd.DataFrame, predictor: Predictor, split: str, masks: Path | None,

@@ -244,6 +244,7 @@ class TrainCLI(LightningCLI):
         run = config["run"]
         options = run if isinstance(run, RunOptions) else RunOptions(**vars(run))
         data = config["data"]
+        check_stage_budget(config["trainer"])
         self.run_dir = run_dir_for(options, data.cohort, data.fold, config.get("ckpt_path"))
         trainer_cfg = config["trainer"]
         if trainer_cfg.get("logger") in (None, True):
@@ -268,6 +269,18 @@ class TrainCLI(LightningCLI):
 
             if wandb.run is not None:  # the run this process logged to (none on ranks > 0)
                 wandb.finish()
+
+
+def check_stage_budget(trainer_cfg: dict) -> None:
+    """Refuse a ``trainer.max_epochs`` too short to give each stage of a scaled schedule one epoch, before a run
+    folder is made (the schedule itself would only find out inside ``Trainer.fit``)."""
+    max_epochs = trainer_cfg.get("max_epochs")
+    for schedule in trainer_cfg.get("callbacks") or []:
+        if (isinstance(schedule, StageSchedule) and schedule.scale_to_max_epochs and max_epochs is not None
+                and 0 < max_epochs < len(schedule.stages)):
+            raise InvalidInput(f"--trainer.max_epochs {max_epochs}: the experiment's {len(schedule.stages)} stages "
+                               f"({', '.join(s.name for s in schedule.stages)}) need at least one epoch each; pass "
+                               f"--trainer.max_epochs {len(schedule.stages)} or more")
 
 
 def check_resume_checkpoint(path: str) -> None:
