@@ -108,6 +108,7 @@ mutate: $(STAMP)
 	mkdir -p mutation
 	$(BIN)/mutmut results --all true > mutation/results.txt
 	$(BIN)/python mutation/score.py mutants-log.tsv < mutation/results.txt | tee mutation/score.md
+	$(BIN)/python mutation/survivors.py mutation/results.txt mutation/survivors.tsv
 
 planted-bugs: $(STAMP)
 	$(BIN)/python mutation/planted_bugs.py

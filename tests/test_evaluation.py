@@ -302,6 +302,7 @@ def test_the_report_reads_exactly_as_the_golden_file():
     assert md == GOLDEN_REPORT.read_text()
 
 
+@pytest.mark.mutation_target("score_run")
 def test_evaluate_runs_writes_what_its_defaults_promise(tiny_cohort, tmp_path, monkeypatch):
     """evaluate_runs end to end with a stand-in network (the label plus one stray voxel) on a hand-made run folder:
     by default it creates a nested --out, saves the raw masks (stray voxel kept, so DSC < 1), writes summary.csv as
@@ -357,8 +358,9 @@ def test_evaluate_runs_writes_what_its_defaults_promise(tiny_cohort, tmp_path, m
     largest = evaluate_runs([run], tmp_path / "lcc", keep_largest=True, figures=False)
     assert (largest["dice"] == 1.0).all() and len(largest) == 4
     (tmp_path / "bare").mkdir()
-    evaluate_runs([run], tmp_path / "bare", save_masks=False, figures=False)
+    bare = evaluate_runs([run], tmp_path / "bare", save_masks=False, figures=False)
     assert not (tmp_path / "bare" / "predictions").exists() and not list((tmp_path / "bare").glob("*.png"))
+    assert (bare["prediction"] == "").all()  # no mask written, none named
     with pytest.raises(FileExistsError, match="already exists; pass --overwrite"):
         evaluate_runs([run], out)
     # a second seed of the same model and fold: its own masks, rows and checkpoint line
@@ -399,9 +401,11 @@ def test_paired_tests_pair_test_subjects_across_folds_and_validation_subjects_wi
     assert n_pairs.to_dict() == {"test": 4, "val": 4}  # t0..t3 once; (v1, 0), (v2, 0), (v1, 1), (v3, 1)
 
 
+@pytest.mark.mutation_target("paired_tests")
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_identical_scores_give_p_1_and_a_constant_difference_is_still_tested():
-    """Wilcoxon cannot rank all-zero differences (p = 1 by definition here); a difference of exactly 1 mm on every
-    subject is a real, consistent difference (exact p = 2 / 2**8 for 8 pairs)."""
+    """Wilcoxon cannot rank all-zero differences (p = 1 by definition here, without scipy's division warning); a
+    difference of exactly 1 mm on every subject is a real, consistent difference (exact p = 2 / 2**8 for 8 pairs)."""
     rows = []
     for model, extra_hd in (("vnet", 0.0), ("stvnet", 1.0)):
         for i in range(8):
@@ -414,6 +418,7 @@ def test_identical_scores_give_p_1_and_a_constant_difference_is_still_tested():
     assert tests.loc[("all", "hd"), "median_diff"] == pytest.approx(1.0)
 
 
+@pytest.mark.mutation_target("effect_sizes")
 def test_effect_sizes_of_known_paired_differences():
     """Mean difference with its t-interval, d_z and the rank-biserial r on differences worked out by hand; zero
     differences carry no rank (as in the Wilcoxon test)."""
@@ -426,8 +431,13 @@ def test_effect_sizes_of_known_paired_differences():
     assert mixed["rank_biserial"] == pytest.approx(4 / 6) and mixed["mean_diff"] == 1.0
     assert effect_sizes(np.zeros(3)) == {"mean_diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "cohen_dz": 0.0,
                                          "rank_biserial": 0.0}
+    # one pair: no spread to scale by (d_z infinite in the difference's direction) and no interval
+    single = effect_sizes(np.array([-0.3]))
+    assert single["mean_diff"] == -0.3 and single["cohen_dz"] == -np.inf and single["rank_biserial"] == -1.0
+    assert np.isnan(single["ci_low"]) and np.isnan(single["ci_high"])
 
 
+@pytest.mark.mutation_target("write_report", "hard_case_tests")
 def test_hard_cases_are_scored_apart_and_compared_within_their_subgroup(tmp_path):
     """Subjects with a narrow joint space or osteoporotic bone (manifest columns) get their own means, each subject
     counted once over the runs that scored it, and the architectures are compared on them alone."""
@@ -448,7 +458,11 @@ def test_hard_cases_are_scored_apart_and_compared_within_their_subgroup(tmp_path
     assert narrow.loc["stvnet", "hd"] == 7.5 and table.loc[("narrow joint space (< 1.5 mm)", "out", "stvnet"), "hd"] == 4.5
     assert table.loc[("osteoporotic", "in", "vnet"), "subjects"] == 4
     write_report(per_subject, tmp_path, figures=False)
-    tests = pd.read_csv(tmp_path / "hard_case_tests.csv").set_index(["subgroup", "metric"])
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "hard_cases.csv"), hard_case_table(per_subject),
+                                  check_dtype=False)
+    written = pd.read_csv(tmp_path / "hard_case_tests.csv")
+    assert list(written.columns) == [*PAIRED_COLUMNS, "subgroup"]
+    tests = written.set_index(["subgroup", "metric"])
     hd = tests.loc[("narrow joint space (< 1.5 mm)", "hd")]
     assert hd["n_pairs"] == 4 and hd["mean_diff"] == -2.5 and hd["rank_biserial"] == -1.0
     summary = (tmp_path / "summary.md").read_text()
@@ -478,3 +492,24 @@ def test_runs_evaluated_in_parallel_score_as_one_at_a_time(trained_runs, tmp_pat
     assert parallel["model"].tolist() == ["vnet"] * (len(serial) // 2) + ["vnet_b"] * (len(serial) // 2)
     pd.testing.assert_frame_equal(parallel.drop(columns="prediction"), serial.drop(columns="prediction"))
     assert all(Path(p).is_file() and "parallel" in p for p in parallel["prediction"])
+
+
+@pytest.mark.mutation_target("hard_case_tests", "_checkpoint_markdown")
+def test_a_cohort_without_hard_cases_still_gets_the_tables_columns_and_one_seed_no_seed_column():
+    """No subgroup columns: hard_case_tests is empty but keeps its schema (callers query and concatenate it). The
+    checkpoint table names seeds only when runs differ by seed, and then one row per fold and seed."""
+    from stvnet.evaluation import _checkpoint_markdown, hard_case_tests
+
+    rows = [{"subject_id": f"s{i}", "sex": "F", "fold": fold, "seed": seed, "model": model, "split": "test",
+             "cohort": "all", "ckpt_epoch": 3 + seed, "ckpt_stage": "finetune", **dict.fromkeys(METRIC_KEYS, 0.9)}
+            for i in range(3) for fold in (1, 0) for seed in (0, 1) for model in ("vnet", "stvnet")]
+    per_subject = pd.DataFrame(rows)
+    empty = hard_case_tests(per_subject)
+    assert empty.empty and list(empty.columns) == [*PAIRED_COLUMNS, "subgroup"]
+    one_seed = _checkpoint_markdown(per_subject[per_subject["seed"] == 1])
+    assert one_seed[4:6] == ["| model | fold | stage | epoch |", "|---|---|---|---|"]
+    assert one_seed[6:8] == ["| vnet | 1 | finetune | 4 |", "| stvnet | 1 | finetune | 4 |"]
+    two_seeds = _checkpoint_markdown(per_subject)
+    assert two_seeds[4:6] == ["| model | fold | seed | stage | epoch |", "|---|---|---|---|---|"]
+    assert two_seeds[6:10] == ["| vnet | 1 | 0 | finetune | 3 |", "| stvnet | 1 | 0 | finetune | 3 |",
+                               "| vnet | 1 | 1 | finetune | 4 |", "| stvnet | 1 | 1 | finetune | 4 |"]

@@ -153,3 +153,19 @@ def test_splits_written_without_a_key_are_refused_with_what_to_do(tmp_path):
     with pytest.raises(ValueError, match=rf"^{path}: these splits record no key \(written by an older version\); "
                                          r"delete the file or set data\.splits_dir elsewhere to make new ones$"):
         load_or_create_splits(path, table, n_folds=5)
+
+
+@pytest.mark.mutation_target("load_or_create_splits")
+def test_created_splits_are_the_protocols_own_written_readably_in_a_new_folder(tmp_path):
+    """Whatever the protocol (the defaults are the paper's: 10 folds, 10% test, seed 0, stratified by sex), the splits
+    written are exactly make_splits' for it, into folders made on the way, as indented JSON a person can read."""
+    table = _cohort(30, 25)
+    protocols = [{}, {"n_folds": 5, "test_fraction": 0.2, "seed": 3, "strata": [], "cohort": "female"}]
+    for i, protocol in enumerate(protocols):
+        path = tmp_path / f"study{i}" / "splits" / "splits.json"
+        made = load_or_create_splits(path, table, **protocol)
+        assert made == make_splits(table, **protocol)
+        assert path.read_text() == json.dumps(made, indent=2)
+    default_key = json.loads((tmp_path / "study0" / "splits" / "splits.json").read_text())["key"]
+    assert (default_key["n_folds"], default_key["test_fraction"], default_key["seed"], default_key["cohort"]) == (
+        10, 0.1, 0, "all")

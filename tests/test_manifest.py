@@ -45,11 +45,15 @@ def test_valid_manifest_passes(cohort_copy):
     assert len(table) == 4 and Path(table.loc[0, "image"]).is_absolute()
 
 
+@pytest.mark.mutation_target("validate_manifest")
 def test_missing_file(cohort_copy):
     table = pd.read_csv(cohort_copy)
     (cohort_copy.parent / table.loc[1, "image"]).unlink()
-    problems = _problems(cohort_copy)
+    with pytest.raises(ManifestError) as info:
+        validate_manifest(cohort_copy)
+    problems = info.value.problems
     assert len(problems) == 1 and problems[0].startswith(table.loc[1, "subject_id"]) and "not found" in problems[0]
+    assert info.value.lines == [f"{cohort_copy}: {problems[0]}"]  # the command line names the manifest
 
 
 def test_shape_mismatch(cohort_copy):

@@ -272,6 +272,33 @@ def test_training_batches_are_augmented_and_full_and_validation_batches_are_not(
         assert torch.equal(batch["image"]["data"][0], {s["subject_id"]: s["image"].data for s in dm.subjects("val")}[sid])
 
 
+@pytest.mark.mutation_target("train_dataloader", "_dataset")
+@pytest.mark.parametrize("cache", [True, False])
+def test_training_order_is_shuffled_and_a_short_last_batch_dropped(tiny_cohort, tmp_path, cache):
+    """Each training epoch serves the fold's subjects in a new order, in full batches of preprocessed ROIs (from the
+    cache, or preprocessed by the loader without it)."""
+    dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", batch_size=3, cache=cache))
+    dm.prepare_data()
+    dm.setup("fit")
+    ids = dm.subject_ids("train")
+    assert len(ids) % 3  # this fold leaves a partial batch to drop
+    torch.manual_seed(0)
+    batches = list(dm.train_dataloader())
+    served = [sid for b in batches for sid in b["subject_id"]]
+    assert len(batches) == len(ids) // 3 and all(tuple(b["image"]["data"].shape) == (3, 1, 32, 32, 32) for b in batches)
+    assert len(set(served)) == len(served) and set(served) <= set(ids)
+    assert served != list(ids[:len(served)])  # shuffled, not the split's order
+
+
+@pytest.mark.mutation_target("shape_prior")
+def test_the_datamodules_shape_prior_defaults_to_the_roi_aligned_mean_of_the_training_labels(tiny_cohort, tmp_path):
+    dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits"))
+    dm.prepare_data()
+    dm.setup("fit")
+    labels = [s["label"].data[0].float() for s in dm.subjects("train")]
+    assert torch.allclose(dm.shape_prior(), torch.stack(labels).mean(0)[None])
+
+
 @pytest.mark.mutation_target("train_dataloader")
 def test_patch_training_draws_samples_per_volume_patches_of_the_patch_size(tiny_cohort, tmp_path):
     dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits", patch_size=(16, 16, 8),
