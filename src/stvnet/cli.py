@@ -208,8 +208,9 @@ def _ablate(argv: list[str]) -> int:
                         help="train nothing: evaluate and compare the cells that finished (e.g. after an interrupted "
                         "study)")
     parser.add_argument("--jobs", type=int, default=1,
-                        help="cells trained (and runs evaluated) at once, each in its own process; small models share "
-                        "one GPU well, and on a node with several GPUs each job gets one in turn (default: %(default)s)")
+                        help="cells trained (and runs evaluated) at once, each in its own process with its share of "
+                        "the cores; on a node with several GPUs each job gets one in turn, with one GPU they share it "
+                        "(default: %(default)s)")
     own, extra = _split_passthrough(argv)
     args = parser.parse_args(own)
     from stvnet.ablate import check_study, run_ablation, user_errors

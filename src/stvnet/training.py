@@ -243,10 +243,9 @@ class TrainCLI(LightningCLI):
         config = self.config_init[self.subcommand] if self.subcommand else self.config_init
         run = config["run"]
         options = run if isinstance(run, RunOptions) else RunOptions(**vars(run))
-        data = config["data"]
-        check_stage_budget(config["trainer"])
+        data, trainer_cfg = config["data"], config["trainer"]
+        check_stage_budget(trainer_cfg)
         self.run_dir = run_dir_for(options, data.cohort, data.fold, config.get("ckpt_path"))
-        trainer_cfg = config["trainer"]
         if trainer_cfg.get("logger") in (None, True):
             kwargs["logger"] = [ResumableCSVLogger(save_dir=str(self.run_dir), name="", version="")]
             wandb_logger = make_wandb_logger(options, self.run_dir, data.cohort, data.fold)
