@@ -140,6 +140,7 @@ def test_the_cache_folder_can_move_with_the_data(tiny_cohort, tmp_path):
     assert PreprocessedCache(tmp_path / "b", SETTINGS).build(_scans(tiny_cohort)[:2], workers=1) == 0
 
 
+@pytest.mark.mutation_target("_build_cache", "build")
 def test_voxels_are_checked_once_when_the_entry_is_built(tiny_cohort, tmp_path):
     table = pd.read_csv(tiny_cohort)
     row = table.iloc[0]
@@ -154,8 +155,9 @@ def test_voxels_are_checked_once_when_the_entry_is_built(tiny_cohort, tmp_path):
     manifest = tmp_path / "manifest.csv"
     table.to_csv(manifest, index=False)
     dm = FemurDataModule(**tiny_data_args(manifest, tmp_path / "splits"))
-    with pytest.raises(ManifestError, match=rf"manifest.csv: 1 problem\(s\):\n  - {row['subject_id']}: image contains NaN"):
+    with pytest.raises(ManifestError, match=rf"manifest.csv: 1 problem\(s\):\n  - {row['subject_id']}: image contains NaN") as info:
         dm.prepare_data()  # headers were fine; the build read the voxels
+    assert str(info.value).startswith(f"{manifest}: ")  # the error names the manifest the user gave
     assert not (dm.store.folder(str(bad), table.loc[0, "label"]) / "meta.json").exists()
     assert dm.store.build(_scans(tiny_cohort)[1:], workers=1) == 0  # the good scans were built all the same
 

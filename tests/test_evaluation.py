@@ -419,6 +419,7 @@ def test_identical_scores_give_p_1_and_a_constant_difference_is_still_tested():
 
 
 @pytest.mark.mutation_target("effect_sizes")
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 def test_effect_sizes_of_known_paired_differences():
     """Mean difference with its t-interval, d_z and the rank-biserial r on differences worked out by hand; zero
     differences carry no rank (as in the Wilcoxon test)."""
@@ -431,7 +432,8 @@ def test_effect_sizes_of_known_paired_differences():
     assert mixed["rank_biserial"] == pytest.approx(4 / 6) and mixed["mean_diff"] == 1.0
     assert effect_sizes(np.zeros(3)) == {"mean_diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "cohen_dz": 0.0,
                                          "rank_biserial": 0.0}
-    # one pair: no spread to scale by (d_z infinite in the difference's direction) and no interval
+    # one pair: no spread to scale by (d_z infinite in the difference's direction) and no interval, without numpy's
+    # degrees-of-freedom warning
     single = effect_sizes(np.array([-0.3]))
     assert single["mean_diff"] == -0.3 and single["cohen_dz"] == -np.inf and single["rank_biserial"] == -1.0
     assert np.isnan(single["ci_low"]) and np.isnan(single["ci_high"])
