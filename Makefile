@@ -103,7 +103,7 @@ test-multiprocess: $(STAMP)
 # mutation testing ([tool.mutmut] in pyproject.toml names the modules); mutation/survivors.md explains the survivors
 mutate: $(STAMP)
 	$(BIN)/python -m pip install --quiet "mutmut==3.8.1"
-	rm -rf mutants mutants-cohort mutants-runs mutants-log.tsv
+	rm -rf mutants mutants-cohort mutants-runs mutants-runs-cache mutants-log.tsv
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 STVNET_TEST_COHORT_CACHE=$(CURDIR)/mutants-cohort STVNET_TEST_RUNS_CACHE=$(CURDIR)/mutants-runs STVNET_MUTATION_LOG=$(CURDIR)/mutants-log.tsv $(BIN)/mutmut run --max-children $$(nproc) || true
 	mkdir -p mutation
 	$(BIN)/mutmut results --all true > mutation/results.txt
@@ -114,4 +114,4 @@ planted-bugs: $(STAMP)
 	$(BIN)/python mutation/planted_bugs.py
 
 clean:
-	rm -rf runs outputs wandb lightning_logs .pytest_cache mutants mutants-cohort mutants-runs mutants-log.tsv
+	rm -rf runs outputs wandb lightning_logs .pytest_cache mutants mutants-cohort mutants-runs mutants-runs-cache mutants-log.tsv

@@ -34,7 +34,8 @@ against them, :mod:`data_modules.realism`):
 Men's femurs are larger (head diameter 48-50 mm vs 43-45 mm) and women's bone density lower on
 average, so sex-stratified experiments have something to find. World coordinates are RAS+ mm; the
 volumes are stored in LPS voxel order (as DICOM converters write them) so that canonical
-reorientation is exercised. One seed gives a byte-identical cohort.
+reorientation is exercised. One seed gives a byte-identical cohort with the same library versions (others draw the
+same subjects, but their files may differ in bytes).
 """
 
 from __future__ import annotations

@@ -46,7 +46,9 @@ def _synth(argv: list[str]) -> int:
     )
     parser.add_argument("--out", default=DEFAULT_COHORT_DIR, help="output folder (default: %(default)s)")
     parser.add_argument("--subjects", type=int, default=40, help="number of subjects (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="random seed; same seed, same subjects (and bytes, with the same library versions) "
+                        "(default: %(default)s)")
     parser.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 2.5), metavar=("X", "Y", "Z"),
                         help="voxel spacing in mm (default: 1.0 1.0 2.5, thick QCT slices)")
     parser.add_argument("--female-fraction", type=float, default=216 / 397,
