@@ -39,8 +39,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     then fastest first; run the kept ones fastest first, so a mutant is killed by the cheapest test that can kill it
     (mutmut stops at the first failure). A surviving mutant runs every test it keeps, and with all of them a whole run
     does not fit the hour it may take on two cores. A mutant that runs far past its kept tests' time (an endless loop)
-    ends as a timeout: mutmut's own limit is 15 times *all* covering tests, up to half an hour each. Tests marked ``not_in_mutation_run`` (longer than the budget, never kept) are left
-    out of mutmut's coverage and clean-test passes as well (pyproject.toml)."""
+    ends as a timeout: mutmut's own limit is 15 times *all* covering tests, up to half an hour each. Tests marked
+    ``not_in_mutation_run`` (longer than the budget, never kept) are left out of mutmut's coverage and clean-test passes
+    as well (pyproject.toml)."""
     mutant = os.environ.get("MUTANT_UNDER_TEST", "")
     stats = Path("mutmut-stats.json")
     if "__mutmut_" not in mutant or not stats.exists():

@@ -25,6 +25,7 @@ from pathlib import Path
 from data_modules.errors import InvalidInput, MissingInput
 from stvnet.compare import compare_runs
 from stvnet.evaluation import evaluate_runs
+from stvnet.parallel import core_share
 
 
 def cell_key(config: str, cohort: str, fold: int, seed: int | None = None) -> str:
@@ -77,6 +78,11 @@ class Cell:
     cmd: list[str]
     run_dir: Path
 
+    @property
+    def log(self) -> Path:
+        """What the cell's processes printed, beside its run folder (appended to on each attempt)."""
+        return self.run_dir.parent / f"{self.run_dir.name}.log"
+
 
 def _cells(configs: list[str], cohorts: list[str], folds: list[int], seeds: list[int] | None, out: Path,
            extra_args: list[str], status: dict) -> list[Cell]:
@@ -109,7 +115,7 @@ def cell_environment(slot: int, jobs: int, gpus: int) -> dict[str, str]:
     with several GPUs and no ``CUDA_VISIBLE_DEVICES``, one GPU per slot in turn."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     if jobs > 1:
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+        env.setdefault("OMP_NUM_THREADS", str(core_share(jobs)))
         if gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
             env["CUDA_VISIBLE_DEVICES"] = str(slot % gpus)
     return env
@@ -135,9 +141,8 @@ def train_cells(cells: list[Cell], status: dict, status_path: Path, jobs: int = 
             for slot in [s for s in range(jobs) if s not in running][:len(queue)]:
                 cell = queue.pop(0)
                 cell.run_dir.parent.mkdir(parents=True, exist_ok=True)
-                log = cell.run_dir.parent / f"{cell.run_dir.name}.log"
-                offset = log.stat().st_size if log.is_file() else 0
-                with open(log, "a") as handle:
+                offset = cell.log.stat().st_size if cell.log.is_file() else 0
+                with open(cell.log, "a") as handle:
                     proc = subprocess.Popen(cell.cmd, stdout=handle, stderr=subprocess.STDOUT,
                                             env=cell_environment(slot, jobs, gpus))
                 running[slot] = (cell, proc, time.perf_counter(), offset)
@@ -182,8 +187,7 @@ def _finish(cell: Cell, returncode: int, seconds: float, offset: int, status: di
     ok = returncode == 0 and (cell.run_dir / "metrics.csv").is_file()
     status[cell.key].update(status="done" if ok else "failed", seconds=round(seconds, 1), exit=returncode)
     if not ok:
-        log = cell.run_dir.parent / f"{cell.run_dir.name}.log"
-        with open(log, errors="replace") as handle:
+        with open(cell.log, errors="replace") as handle:
             handle.seek(offset)
             status[cell.key]["error"] = "\n".join(handle.read().strip().splitlines()[-5:])
 

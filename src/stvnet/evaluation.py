@@ -142,9 +142,12 @@ def evaluate_runs(
     out.mkdir(parents=True, exist_ok=True)
     # several seeds of one model and fold: their masks go to fold<k>_seed<s>
     seeded = len({(i.model, i.fold, i.seed) for i in infos}) > len({(i.model, i.fold) for i in infos})
-    tasks = [(info, table, device, splits, (out / "predictions" / info.model / (
-        f"fold{info.fold}_seed{info.seed}" if seeded else f"fold{info.fold}")) if save_masks else None, keep_largest)
-             for info, table in zip(infos, tables)]
+
+    def masks(info: RunInfo) -> Path | None:
+        run_folder = f"fold{info.fold}_seed{info.seed}" if seeded else f"fold{info.fold}"
+        return out / "predictions" / info.model / run_folder if save_masks else None
+
+    tasks = [(info, table, device, splits, masks(info), keep_largest) for info, table in zip(infos, tables)]
     results = map_in_processes(_score_task, tasks, workers)
     rows = [row for run_rows in results for row in run_rows]
     per_subject = pd.DataFrame(rows)

@@ -19,9 +19,14 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def core_share(workers: int) -> int:
+    """The cores each of ``workers`` processes may use (at least one)."""
+    return max(1, (os.cpu_count() or 1) // workers)
+
+
 def share_cores(workers: int) -> None:
     """Give this process its share of the machine's cores for torch's intra-op threads."""
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    torch.set_num_threads(core_share(workers))
 
 
 def map_in_processes(function: Callable[[T], R], items: Sequence[T], workers: int) -> list[R]:
