@@ -38,9 +38,9 @@ VERDICT_FOLDS ?= 0 1 2 3 4 5 6 7 8 9
 VERDICT_SEEDS ?= 0 1
 VERDICT_EPOCHS ?= 24
 VERDICT_JOBS ?= 1
-VERDICT_COHORT := data/verdict-$(VERDICT_SUBJECTS)
+VERDICT_COHORT := data/verdict-v3-$(VERDICT_SUBJECTS)
 
-.PHONY: install train test test-multiprocess mutate planted-bugs synth bench evaluate ablate verdict sweep clean help
+.PHONY: install train test test-multiprocess mutate planted-bugs synth bench evaluate ablate verdict verdict-cpu sweep clean help
 
 help:
 	@echo "make train   train EXPERIMENT (default $(EXPERIMENT)) on fold FOLD of DATA (default: synthetic cohort)"
@@ -48,9 +48,10 @@ help:
 	@echo "make test-multiprocess   tests that launch DDP ranks, torchrun, sweeps and kill/resume (~5 min; CI runs both)"
 	@echo "make mutate  mutation testing (mutmut) of the modules in [tool.mutmut]; score in mutation/score.md"
 	@echo "make planted-bugs   plant the bugs that once slipped through, one at a time; each must fail a test"
-	@echo "make synth   write the synthetic cohort to data/synthetic-v2"
+	@echo "make synth   write the synthetic cohort to data/synthetic-v3"
 	@echo "make ablate  V-Net vs ST-V-Net x all/male/female x ABLATE_FOLDS, then evaluate + compare"
 	@echo "make verdict V-Net vs ST-V-Net, 10 folds x 2 seeds, paired tests, effect sizes, hard cases (OUT/verdict/report.md)"
+	@echo "make verdict-cpu   the same study sized for 2 CPU cores (40 subjects, 48^3 ROIs, 20 epochs; OUT/cpu/verdict)"
 	@echo "make sweep   Optuna search (SPACE, TRIALS); best.yaml + plots under OUT/sweeps/<study>"
 	@echo "make bench   benchmark against MONAI (ratios), table in bench_results/bench.md"
 	@echo "make evaluate RUNS=\"run1 run2\"   paper-style evaluation of trained runs"
@@ -68,7 +69,7 @@ train: $(STAMP)
 	$(BIN)/stvnet train $(TRAIN_ARGS) $(ARGS)
 
 synth: $(STAMP)
-	$(BIN)/stvnet synth --out data/synthetic-v2
+	$(BIN)/stvnet synth --out data/synthetic-v3
 
 bench: $(STAMP)
 	$(BIN)/stvnet bench --out bench_results/bench.md $(ARGS)
@@ -92,6 +93,12 @@ verdict: $(STAMP) $(VERDICT_COHORT)/manifest.csv
 	$(BIN)/stvnet ablate --configs experiments/vnet.yaml experiments/stvnet.yaml --cohorts all --folds $(VERDICT_FOLDS) \
 		--seeds $(VERDICT_SEEDS) --splits val test --jobs $(VERDICT_JOBS) --out $(OUT)/verdict -- \
 		--data.manifest $(VERDICT_COHORT)/manifest.csv --trainer.max_epochs $(VERDICT_EPOCHS) $(ARGS)
+
+# the same study sized for a 2-core CPU machine: 40 subjects, 48^3 ROIs at 3 mm (the same 144 mm box), 20 epochs, two
+# cells at a time, under OUT/cpu (README: "The verdict on a CPU")
+verdict-cpu: $(STAMP)
+	$(MAKE) verdict VERDICT_SUBJECTS=40 VERDICT_EPOCHS=20 VERDICT_JOBS=2 OUT=$(OUT)/cpu \
+		ARGS="--data.roi_size [48,48,48] --data.target_spacing [3.0,3.0,3.0] $(ARGS)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not multiprocess and not heavy" $(ARGS)

@@ -16,7 +16,11 @@ Published ranges (the statistic a subject's tissue must fall in):
   Image Anal 2010;14:276-290);
 * skeletal muscle, median 0-70 HU: normal-density muscle 31-100 HU, lipid-rich muscle of the elderly 0-30 HU
   (Goodpaster BH et al., J Appl Physiol 2000;89:104-110);
-* subcutaneous fat, median -190 to -30 HU (Yoshizumi T et al., Radiology 1999;211:283-286).
+* subcutaneous fat, median -190 to -30 HU (Yoshizumi T et al., Radiology 1999;211:283-286);
+* urine in the bladder, median -9 to 20 HU: simple fluid on unenhanced CT (Silverman SG et al., Radiology
+  2019;292:475-488, the Bosniak classification's definition);
+* trabecular bone of the sacrum and L5, median 30-250 HU: volumetric BMD by spinal QCT of adults, < 80 mg/cm3
+  osteoporotic and > 120 normal (ACR-SPR-SSR practice parameter for QCT, 2018), young adults up to ~250.
 
 The report also sets each statistic beside one real pelvic CT (3 mm, TotalSegmentator labels) measured for the
 project's issue 16: femur median 168 HU (p95 419, p99 629), pelvis median 188 HU, muscle median 22 HU (p5-p95
@@ -57,12 +61,14 @@ PUBLISHED: dict[str, Range] = {
     "cortical": Range("p99", 300.0, 1500.0, "Treece 2010"),
     "muscle": Range("median", 0.0, 70.0, "Goodpaster 2000"),
     "fat": Range("median", -190.0, -30.0, "Yoshizumi 1999"),
+    "bladder": Range("median", -9.0, 20.0, "Silverman 2019"),
+    "vertebra": Range("median", 30.0, 250.0, "ACR-SPR-SSR 2018"),
 }
 #: one real pelvic CT at 3 mm (issue 16), for comparison (the cohort is measured resampled to the same voxel size)
 REAL_CT_MM = 3.0
 REAL_CT = {"femur": {"median": 168.0, "p95": 419.0, "p99": 629.0}, "pelvis": {"median": 188.0},
            "muscle": {"median": 22.0, "p5": -27.0, "p95": 69.0}, "head surface peak": {"peak": 273.0}}
-TISSUES = ("femur", "cortical", "trabecular", "pelvis", "muscle", "fat")
+TISSUES = ("femur", "cortical", "trabecular", "pelvis", "muscle", "fat", "bladder", "vertebra")
 STATISTICS = ("median", "p5", "p95", "p99")
 _PERCENTILE = {"median": 50, "p5": 5, "p95": 95, "p99": 99}
 #: the joint-space profile: distances from the femoral head's centre, along the subject's superior axis (mm)
@@ -76,15 +82,21 @@ def tissue_masks(prm: SubjectParams, affine: np.ndarray, shape: tuple[int, ...])
     spacing = tuple(abs(float(affine[i, i])) for i in range(3))
     sdfs, _ = anatomy(prm, spacing, origin=tuple(float(v) for v in affine[:3, 3]), shape=shape)
     femur = sdfs["label"] < 0.0
-    bones = np.minimum(np.minimum(sdfs["left"], sdfs["right"]), sdfs["pelvis"])
+    bones = np.minimum(np.minimum(sdfs["left"], sdfs["right"]), np.minimum(sdfs["pelvis"], sdfs["spine"]))
+    if "metal" in sdfs:
+        bones = np.minimum(bones, sdfs["metal"])
+    viscera = np.minimum(np.minimum(sdfs["bladder"], sdfs["gas"]), sdfs["vessels"] - 5.0)  # vessels with their sheath
+    soft = (bones > 3.0) & (viscera > 3.0)
     margin = 1.5 + 0.5 * float(np.linalg.norm(spacing))  # past the partial volume of the voxels holding the cortex
     return {
         "femur": femur,
         "cortical": femur & (sdfs["left"] > -sdfs["left_cortex"]),
         "trabecular": femur & (sdfs["left"] < -(sdfs["left_cortex"] + margin)) & (sdfs["left_canal"] > margin),
         "pelvis": sdfs["pelvis"] < 0.0,
-        "muscle": (sdfs["skin"] < 0.84) & (bones > 3.0),
-        "fat": (sdfs["skin"] > 0.88) & (sdfs["skin"] < 0.98) & (bones > 3.0),
+        "muscle": (sdfs["skin"] < 0.84) & soft,
+        "fat": (sdfs["skin"] > 0.88) & (sdfs["skin"] < 0.98) & soft,
+        "bladder": (sdfs["bladder"] < -margin) & (bones > 3.0),
+        "vertebra": sdfs["spine"] < -(1.0 + margin),
     }
 
 
@@ -134,13 +146,13 @@ def resampled(image: np.ndarray, affine: np.ndarray, mm: float) -> tuple[np.ndar
 
 def in_range(table: pd.DataFrame) -> pd.DataFrame:
     """Per published range: the cohort's median of the statistic, its lowest and highest subject and the fraction of
-    subjects inside the range."""
+    subjects inside the range (of those with the tissue in view: the spine or bladder may lie outside a scan)."""
     rows = []
     for tissue, r in PUBLISHED.items():
         values = table[f"{tissue} {r.statistic}"]
         rows.append({"tissue": tissue, "statistic": r.statistic, "published": f"{r.low:g} to {r.high:g} HU",
                      "source": r.source, "median": values.median(), "lowest": values.min(), "highest": values.max(),
-                     "inside": ((values >= r.low) & (values <= r.high)).mean()})
+                     "inside": ((values >= r.low) & (values <= r.high))[values.notna()].mean()})
     return pd.DataFrame(rows)
 
 
@@ -173,7 +185,7 @@ def _save_figure(fig: plt.Figure, path: Path) -> Path:
 
 def plot_histograms(pooled: dict[str, np.ndarray], path: Path) -> Path:
     """One panel per tissue: the pooled HU histogram, the published range shaded and the real CT's median marked."""
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7))
     for ax, tissue in zip(axes.flat, TISSUES):
         ax.hist(pooled[tissue], bins=80, color="#4878a8", density=True)
         if tissue in PUBLISHED:

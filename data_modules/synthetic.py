@@ -10,7 +10,14 @@ signed distance fields (SDFs) of simple primitives joined by smooth unions:
 * distractors: both acetabula and the pelvis (ilium, pubis, ischium; sparser trabecular bone than the femoral neck
   and a 0.8-1.5 mm cortex) with a 1.5-3 mm joint space around each femoral head (0.5-1.5 mm in osteoarthritic hips), and the right
   femur, in view but **not** labelled;
+* the surroundings of real pelvic CT (generator v3, drawn from each subject's own random stream, so the v2
+  parameters are unchanged): the sacrum and the L5 vertebra (a 1 mm shell around ~150 HU trabecular bone), the bladder
+  (urine 0-20 HU, filled to a varying size) above the pubis, bowel gas (a few air pockets, some in the rectum),
+  the femoral and external iliac vessels (unenhanced blood ~40 HU in a fatty sheath) in front of each hip, and in ~10%
+  of subjects metal in the *right* hip (a prosthesis or three cannulated screws) with streak artefacts;
 * soft tissue (muscle, fattier with age) inside a subcutaneous fat ring, air outside;
+* framing from hips only to abdomen (L5) or mid-thigh: the field of view spans 160-260 mm along z, placed anywhere
+  that keeps the labelled femur and the acetabulum in view;
 * partial volume (each voxel covered by the share of it inside a tissue, then the slice profile), correlated noise
   and anisotropic voxels (default 1.0 x 1.0 x 2.5 mm).
 
@@ -29,7 +36,10 @@ against them, :mod:`data_modules.realism`):
   Poole KES et al., PLoS One 2012;7:e38466), so that at clinical resolution the thin shell peaks far below it;
 * muscle ~50 HU at 55 falling ~0.8 HU a year with fat infiltration (Goodpaster BH et al., J Appl Physiol
   2000;89:104-110); subcutaneous fat ~-100 HU (Yoshizumi T et al., Radiology 1999;211:283-286);
-* osteoarthritic narrowing of the joint space (0.5-1.5 mm) in 10-40% of hips, rising with age.
+* osteoarthritic narrowing of the joint space (0.5-1.5 mm) in 10-40% of hips, rising with age;
+* vertebral trabecular bone ~150 HU at 55, lower with age and osteoporosis (QCT of the spine: 80-120 mg/cm3 is
+  osteopenia, < 80 osteoporosis; ACR-SPR-SSR practice parameter for QCT, 2018), urine 0-20 HU and unenhanced blood
+  35-45 HU (Lamba R et al., AJR 2014;203:W38-W43 on blood attenuation), metal above the scanner's 3071 HU ceiling.
 
 Men's femurs are larger (head diameter 48-50 mm vs 43-45 mm) and women's bone density lower on
 average, so sex-stratified experiments have something to find. World coordinates are RAS+ mm; the
@@ -54,8 +64,14 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
-#: Field of view in RAS mm (x: patient right is +, y: anterior is +, z: superior is +).
+#: Field of view in RAS mm (x: patient right is +, y: anterior is +, z: superior is +); z is each subject's framing
+#: (:func:`sample_surroundings`), here its hips-only extreme.
 FOV_MM = ((-190.0, 120.0), (-85.0, 85.0), (-135.0, 50.0))
+#: framing along z: a length in this range (mm), its ends anywhere between these limits that keep the label and the
+#: acetabulum (-100 to 50 mm) in view
+FOV_LENGTH_MM = (160.0, 260.0)
+FOV_Z_LIMITS_MM = (-200.0, 160.0)
+HIP_Z_MM = (-100.0, 50.0)
 #: ROI centre as fractions of the canonical (RAS) field of view: the "middle-right" box of the paper
 #: (patient's left hip) that contains the left proximal femur and the left acetabulum.
 ROI_CENTER_FRACTION = (0.242, 0.5, 0.55)
@@ -63,7 +79,7 @@ ROI_CENTER_FRACTION = (0.242, 0.5, 0.55)
 PRESETS = ("default", "clinical")
 #: the generator's version: a change that alters the cohort's bytes bumps it, so the default cohort (a folder named
 #: after it) is written afresh instead of an older one being reused; runs on an older cohort keep their files
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 DEFAULT_COHORT_DIR = f"data/synthetic-v{GENERATOR_VERSION}"
 
 
@@ -300,6 +316,101 @@ def _pelvis_sdf(p: Points, prm: SubjectParams) -> torch.Tensor:
     return d
 
 
+METAL_KINDS = ("none", "prosthesis", "screws")
+
+
+@dataclass(frozen=True)
+class Surroundings:
+    """What generator v3 adds around the hips, and the framing: drawn by :func:`sample_surroundings` from the
+    subject's own random stream, so the v2 parameters (and ``parameters.csv``) are unchanged.
+
+    Positions are body coordinates (mm): x towards the patient's right, y anterior, z superior, the femoral heads'
+    centres at z = 0."""
+
+    fov_z_mm: tuple[float, float]
+    spine_hu: float
+    bladder_centre: tuple[float, float, float]
+    bladder_radii: tuple[float, float, float]
+    bladder_hu: float
+    gas: tuple[tuple[float, float, float, float], ...]  # (x, y, z, radius) of each air pocket
+    blood_hu: float
+    metal: str
+
+
+def sample_surroundings(prm: SubjectParams) -> Surroundings:
+    """The subject's spine density, bladder, bowel gas, blood, metal and framing (sources in the module docstring)."""
+    rng = np.random.default_rng([prm.seed, 2])
+    length = float(rng.uniform(*FOV_LENGTH_MM))
+    low = float(rng.uniform(max(FOV_Z_LIMITS_MM[0], HIP_Z_MM[1] - length), HIP_Z_MM[0]))
+    spine = rng.uniform(0.55, 0.75) * prm.trabecular_hu
+    radii = (float(rng.uniform(25.0, 45.0)), float(rng.uniform(18.0, 35.0)), float(rng.uniform(12.0, 35.0)))
+    bladder = (float(rng.uniform(-5.0, 5.0)), float(rng.uniform(10.0, 20.0)), -22.0 + radii[2])
+    pockets: list[tuple[float, float, float, float]] = []
+    for _ in range(int(rng.integers(1, 7))):
+        rectum = rng.random() < 0.3
+        centre = (np.array([rng.uniform(-8.0, 8.0), rng.uniform(-75.0, -60.0), rng.uniform(-10.0, 30.0)]) if rectum
+                  else np.array([rng.uniform(-60.0, 60.0), rng.uniform(-30.0, 50.0), rng.uniform(30.0, 140.0)]))
+        radius = float(rng.uniform(4.0, 8.0) if rectum else rng.uniform(5.0, 18.0))
+        inside_bladder = np.linalg.norm((centre - bladder) / (np.array(radii) + radius)) < 1.0
+        if not inside_bladder:
+            pockets.append((*(float(v) for v in centre), radius))
+    draw = rng.random()
+    metal = "prosthesis" if draw < 0.05 else "screws" if draw < 0.10 else "none"
+    return Surroundings(
+        fov_z_mm=(low, low + length),
+        spine_hu=float(np.clip(spine, 50.0, 250.0)),
+        bladder_centre=bladder,
+        bladder_radii=radii,
+        bladder_hu=float(rng.uniform(0.0, 20.0)),
+        gas=tuple(pockets),
+        blood_hu=float(rng.uniform(35.0, 45.0)),
+        metal=metal,
+    )
+
+
+def _spine_sdf(p: Points) -> torch.Tensor:
+    """SDF of the sacrum (alae, the tilted body tapering to the coccyx) and the L5 vertebra (body, transverse and
+    spinous processes), the disc between them left as soft tissue."""
+    sacrum = _ellipsoid(p, np.array([0.0, -55.0, 82.0]), np.array([52.0, 20.0, 16.0]))
+    sacrum = _smooth_union(sacrum, _capsule(p, np.array([0.0, -52.0, 80.0]), np.array([0.0, -82.0, 20.0]), 16.0), 8.0)
+    sacrum = _smooth_union(sacrum, _capsule(p, np.array([0.0, -82.0, 20.0]), np.array([0.0, -78.0, -8.0]), 6.0), 4.0)
+    body = _ellipsoid(p, np.array([0.0, -38.0, 122.0]), np.array([26.0, 18.0, 13.0]))
+    processes = torch.minimum(_capsule(p, np.array([-42.0, -52.0, 124.0]), np.array([42.0, -52.0, 124.0]), 6.0),
+                              _capsule(p, np.array([0.0, -55.0, 124.0]), np.array([0.0, -92.0, 116.0]), 6.0))
+    return torch.minimum(sacrum, _smooth_union(body, processes, 5.0))
+
+
+def _vessels_sdf(p: Points, side: float) -> torch.Tensor:
+    """SDF of one side's external iliac and femoral artery and vein (the vein medial), in front of the hip."""
+    path = [np.array([side * x, y, z]) for x, y, z in ((45.0, 5.0, 95.0), (68.0, 28.0, 25.0), (78.0, 38.0, -30.0),
+                                                      (76.0, 30.0, -210.0))]
+    medial = np.array([-side * 11.0, 0.0, 0.0])
+    d = torch.full_like(p[0], float("inf"))
+    for a, b in zip(path[:-1], path[1:]):
+        d = torch.minimum(d, _capsule(p, a, b, 4.0))  # artery
+        d = torch.minimum(d, _capsule(p, a + medial, b + medial, 6.0))  # vein
+    return d
+
+
+def _metal_sdf(p: Points, prm: SubjectParams, kind: str) -> torch.Tensor:
+    """SDF of the metal in the right hip: a prosthesis (head, neck, stem down the shaft) or three cannulated screws
+    across the neck."""
+    head = head_centre(prm, side=1.0)
+    nsa, av = np.deg2rad(prm.neck_shaft_angle), np.deg2rad(prm.anteversion)
+    neck_dir = _unit(np.array([-np.sin(nsa) * np.cos(av), np.sin(nsa) * np.sin(av), -np.cos(nsa)]))
+    junction = head - prm.neck_length * neck_dir
+    if kind == "prosthesis":
+        shaft = _unit(np.array([-np.sin(np.deg2rad(7.0)), 0.0, -np.cos(np.deg2rad(7.0))]))
+        d = _sphere(p, head, prm.head_radius - 0.5)
+        d = torch.minimum(d, _capsule(p, head, junction, 7.0))
+        return torch.minimum(d, _capsule(p, junction, junction + 130.0 * shaft, 6.0))
+    d = torch.full_like(p[0], float("inf"))
+    for dy, dz in ((0.0, -8.0), (-7.0, 6.0), (7.0, 6.0)):
+        offset = np.array([0.0, dy, dz]) * prm.head_radius / 23.0
+        d = torch.minimum(d, _capsule(p, junction - 25.0 * neck_dir + offset, head + offset + 0.5 * prm.head_radius * neck_dir, 3.2))
+    return d
+
+
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma: tuple[float, ...]) -> np.ndarray:
     field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
     return field / (field.std() + 1e-6)
@@ -311,12 +422,16 @@ def anatomy(prm: SubjectParams, spacing: tuple[float, float, float], origin: Seq
     grid's affine. Keys: ``left``, ``left_canal``, ``right``, ``right_canal``, ``pelvis``, ``label`` (the left
     proximal femur: the left femur above the shaft cut), ``skin`` (a normalised radius, < 1 inside the body), and
     each femur's density fields ``left_cortex`` / ``right_cortex`` (cortical thickness, mm) and ``left_trabecular`` /
-    ``right_trabecular`` (trabecular HU). The femurs are cut away where they would meet the pelvis,
-    so structures never overlap. The grid starts at ``origin`` (RAS mm of voxel 0) with ``shape`` voxels; by default
-    it is the cohort's field of view (:data:`FOV_MM`, jittered per subject)."""
+    ``right_trabecular`` (trabecular HU), and the surroundings (:class:`Surroundings`): ``spine``, ``bladder``,
+    ``gas``, ``vessels`` and, with metal in the right hip, ``metal``. The femurs are cut away where they would meet
+    the pelvis (and a prosthesis replaces the right femur's head and neck), so bones never overlap; soft structures
+    are painted under the bones. The grid starts at ``origin`` (RAS mm of voxel 0) with ``shape`` voxels; by default
+    it is the subject's field of view (:data:`FOV_MM` across, the subject's framing along z, jittered)."""
+    around = sample_surroundings(prm)
     if origin is None or shape is None:
-        lo = np.array([FOV_MM[i][0] + prm.fov_jitter_mm[i] for i in range(3)])
-        hi = np.array([FOV_MM[i][1] + prm.fov_jitter_mm[i] for i in range(3)])
+        frame = (FOV_MM[0], FOV_MM[1], around.fov_z_mm)
+        lo = np.array([frame[i][0] + prm.fov_jitter_mm[i] for i in range(3)])
+        hi = np.array([frame[i][1] + prm.fov_jitter_mm[i] for i in range(3)])
         shape = tuple(int(round((hi[i] - lo[i]) / spacing[i])) for i in range(3))
         origin = (hi[0], hi[1], lo[2])
     # LPS voxel order: i runs towards patient left (-x), j towards posterior (-y), k towards superior.
@@ -329,10 +444,18 @@ def anatomy(prm: SubjectParams, spacing: tuple[float, float, float], origin: Seq
     del world
     with torch.no_grad():
         pelvis = _pelvis_sdf(body, prm)
-        sdfs = {"pelvis": pelvis.numpy()}
+        sdfs = {"pelvis": pelvis.numpy(), "spine": _spine_sdf(body).numpy()}
+        resected = None
+        if around.metal != "none":
+            sdfs["metal"] = _metal_sdf(body, prm, around.metal).numpy()
+        if around.metal == "prosthesis":
+            head = head_centre(prm, side=1.0)
+            resected = _sphere(body, head, prm.head_radius + 1.0)
         for name, side in (("left", -1.0), ("right", 1.0)):
             femur = _femur_sdf(body, prm, side=side)
             sdf = torch.maximum(femur.sdf, -pelvis)  # CSG difference: femur minus pelvis
+            if name == "right" and resected is not None:
+                sdf = torch.maximum(sdf, -resected)
             sdfs[name] = sdf.numpy()
             sdfs[f"{name}_canal"] = femur.canal.numpy()
             sdfs[f"{name}_cortex"] = femur.cortex_mm.numpy()
@@ -340,6 +463,12 @@ def anatomy(prm: SubjectParams, spacing: tuple[float, float, float], origin: Seq
             if name == "left":
                 sdfs["label"] = torch.maximum(sdf, femur.distal).numpy()  # the proximal part only
         sdfs["skin"] = torch.sqrt((body[0] / 175.0) ** 2 + (body[1] / 125.0) ** 2).numpy()
+        sdfs["bladder"] = _ellipsoid(body, np.array(around.bladder_centre), np.array(around.bladder_radii)).numpy()
+        gas = torch.full_like(body[0], float("inf"))
+        for x, y, z, r in around.gas:
+            gas = torch.minimum(gas, _ellipsoid(body, np.array([x, y, z]), np.array([r, 0.8 * r, 1.3 * r])))
+        sdfs["gas"] = gas.numpy()
+        sdfs["vessels"] = torch.minimum(_vessels_sdf(body, -1.0), _vessels_sdf(body, 1.0)).numpy()
     affine = np.diag([-spacing[0], -spacing[1], spacing[2], 1.0])
     affine[:3, 3] = origin
     return sdfs, affine
@@ -375,6 +504,45 @@ def _bounds(mask: np.ndarray) -> tuple[slice, ...]:
     return tuple(box)
 
 
+#: HU of implant metal before the scanner's ceiling (3071) clips it
+METAL_HU = 8000.0
+
+
+def _paint(hu: np.ndarray, sdf: np.ndarray, value: np.ndarray | np.float32 | float, spacing: Sequence[float]) -> None:
+    """Fill a structure into ``hu`` in place with partial volume: each voxel takes ``value`` (a number, or a field on
+    the whole grid) by the share of it inside the surface."""
+    reach = 0.5 * float(np.linalg.norm(spacing))
+    box = _bounds(sdf < reach)
+    near = sdf[box] < reach
+    if not near.any():
+        return
+    extent = _normal_extent(sdf[box], spacing)[near]
+    target = value[box][near] if isinstance(value, np.ndarray) and value.ndim else value
+    voxels = hu[box][near]
+    voxels += _coverage(sdf[box][near], extent) * (target - voxels)
+    hu[box][near] = voxels
+
+
+def _streaks(metal: np.ndarray, spacing: Sequence[float], rng: np.random.Generator) -> np.ndarray:
+    """Streak artefacts of metal (HU to add): in each axial slice through metal, bright and dark rays from the metal's
+    centre at a dozen angles, fading with distance and growing with the metal's cross-section."""
+    out = np.zeros(metal.shape, dtype=np.float32)
+    angles = rng.uniform(0.0, np.pi, 12)
+    amplitudes = rng.choice([-1.0, 1.0], 12) * rng.uniform(150.0, 400.0, 12)
+    x = np.arange(metal.shape[0], dtype=np.float32)[:, None] * spacing[0]
+    y = np.arange(metal.shape[1], dtype=np.float32)[None, :] * spacing[1]
+    for k in np.flatnonzero(metal.any(axis=(0, 1))):
+        ii, jj = np.nonzero(metal[:, :, k])
+        cx, cy = ii.mean() * spacing[0], jj.mean() * spacing[1]
+        theta = np.arctan2(y - cy, x - cx)
+        radius = np.hypot(x - cx, y - cy)
+        strength = min(1.0, ii.size * spacing[0] * spacing[1] / 100.0)  # a 100 mm2 cross-section streaks fully
+        rays = sum(a * np.exp(-0.5 * (np.angle(np.exp(2j * (theta - t))) / 0.04) ** 2)
+                   for a, t in zip(amplitudes, angles))
+        out[:, :, k] = strength * rays / (1.0 + radius / 60.0)
+    return out
+
+
 def _intensities(sdfs: dict[str, np.ndarray], prm: SubjectParams, spacing: Sequence[float], rng: np.random.Generator,
                  phantom: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """HU image (int16) and label (uint8) from the distance fields: tissues, bone, optional calibration phantom
@@ -388,11 +556,17 @@ def _intensities(sdfs: dict[str, np.ndarray], prm: SubjectParams, spacing: Seque
     hu[skin < 1.0] = prm.fat_hu  # subcutaneous fat
     muscle = skin < 0.86
     hu[muscle] = prm.muscle_hu + 8.0 * texture[muscle]
+    around = sample_surroundings(prm)
+    # soft structures under the bones: the vessels' fatty sheath, blood, urine, bowel gas
+    _paint(hu, sdfs["vessels"] - 5.0, prm.fat_hu + 10.0 * texture, spacing)
+    _paint(hu, sdfs["vessels"], around.blood_hu + 4.0 * texture, spacing)
+    _paint(hu, sdfs["bladder"], around.bladder_hu + 3.0 * texture, spacing)
+    _paint(hu, sdfs["gas"], np.float32(-1000.0), spacing)
     # bone by partial volume: each layer (bone as cortex, its trabecular core, the marrow canal) covers a voxel by the
     # share of it that lies inside, from the distance fields and the voxel's extent across the surface, so a
     # sub-millimetre cortex shows as a faint shell and a thick slice averages what it spans
     reach = 0.5 * float(np.linalg.norm(spacing))  # voxels farther outside a surface than this hold none of it
-    for name in ("left", "right", "pelvis"):
+    for name in ("left", "right", "pelvis", "spine"):
         box = _bounds(sdfs[name] < reach)
         near = sdfs[name][box] < reach
         if not near.any():  # the structure lies outside this field of view
@@ -401,13 +575,15 @@ def _intensities(sdfs: dict[str, np.ndarray], prm: SubjectParams, spacing: Seque
         sdf, tex = sdfs[name][box][near], texture[box][near]
         if name == "pelvis":
             cortex, trabecular, canal = np.float32(prm.pelvis_cortex), prm.pelvis_hu + 50.0 * tex, None
+        elif name == "spine":
+            cortex, trabecular, canal = np.float32(1.0), around.spine_hu + 40.0 * tex, None
         else:
             cortex, trabecular = sdfs[f"{name}_cortex"][box][near], sdfs[f"{name}_trabecular"][box][near]
             trabecular = trabecular * (1.0 + 0.25 * tex)
             canal = sdfs[f"{name}_canal"][box]
             canal = _coverage(canal, _normal_extent(canal, spacing))[near]
         voxels = hu[box][near]
-        compact = prm.cortical_hu * (PELVIS_CORTEX_DENSITY if name == "pelvis" else 1.0)
+        compact = prm.cortical_hu * (PELVIS_CORTEX_DENSITY if name in ("pelvis", "spine") else 1.0)
         voxels += _coverage(sdf, extent) * (compact + 60.0 * tex - voxels)
         core = _coverage(sdf + cortex, extent)
         voxels += core * (trabecular - voxels)
@@ -418,8 +594,13 @@ def _intensities(sdfs: dict[str, np.ndarray], prm: SubjectParams, spacing: Seque
         inside = np.isfinite(phantom)
         hu[inside] = phantom[inside]
 
-    # the point spread function (wider along the thick axis), then correlated noise
+    if "metal" in sdfs:
+        _paint(hu, sdfs["metal"], np.float32(METAL_HU), spacing)
+
+    # the point spread function (wider along the thick axis), metal's streaks, then correlated noise
     hu = ndimage.gaussian_filter(hu, (0.6, 0.6, 0.45))
+    if "metal" in sdfs:
+        hu += _streaks(sdfs["metal"] < 0.0, spacing, np.random.default_rng([prm.seed, 3]))
     hu += prm.noise_hu * _smooth_noise(rng, shape, (0.6, 0.6, 0.3))
     image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     label = (sdfs["label"] < 0.0).astype(np.uint8)
@@ -460,6 +641,7 @@ def _write_one(args: tuple[SubjectParams, tuple[float, float, float], str, str])
         "trabecular_hu": round(prm.trabecular_hu, 1),
         "osteoporotic": prm.osteoporotic,
         "joint_space_mm": round(prm.joint_space, 2),
+        "metal": sample_surroundings(prm).metal,
         "shape": "x".join(str(n) for n in image.shape),
         "spacing_mm": "x".join(f"{abs(affine[i, i]):.3g}" for i in range(3)),
     }

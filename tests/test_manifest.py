@@ -77,7 +77,8 @@ def test_non_binary_and_empty_labels(cohort_copy):
     lbl = np.asarray(nib.load(cohort_copy.parent / table.loc[0, "label"]).dataobj).copy()
     lbl[lbl > 0] = 2
     sid0 = _rewrite(cohort_copy, "label", 0, lbl)
-    sid1 = _rewrite(cohort_copy, "label", 1, np.zeros_like(lbl))
+    empty = np.zeros(nib.load(cohort_copy.parent / table.loc[1, "label"]).shape, np.uint8)  # scans differ in framing
+    sid1 = _rewrite(cohort_copy, "label", 1, empty)
     problems = _problems(cohort_copy)
     assert len(problems) == 2
     assert problems[0].startswith(sid0) and "not binary" in problems[0]

@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 
 from data_modules.realism import PROFILE_MM, PUBLISHED, REAL_CT, in_range, measure_cohort, tissue_masks
-from data_modules.synthetic import _coverage, _normal_extent, anatomy, make_cohort, read_parameters, sample_params
+from data_modules.synthetic import (_coverage, _normal_extent, anatomy, make_cohort, read_parameters, sample_params,
+                                   sample_surroundings)
 from stvnet.cli import main as cli_main
 from tests.conftest import png_colours
 
@@ -21,9 +22,9 @@ def measured(tiny_cohort):
 
 
 def test_each_tissue_is_measured_on_its_own_voxels(tiny_cohort, measured):
-    """The generator renders trabecular bone at its density field, muscle at the subject's muscle_hu and fat at its
-    fat_hu (plus texture and noise): the medians measured on the re-rendered masks find those values, so no mask
-    mixes tissues."""
+    """The generator renders trabecular bone at its density field, muscle at the subject's muscle_hu, fat at its
+    fat_hu, urine and the vertebrae at theirs (plus texture and noise): the medians measured on the re-rendered masks
+    find those values, so no mask mixes tissues."""
     table, pooled, _ = measured
     params = {p.subject_id: p for p in read_parameters(tiny_cohort.parent / "parameters.csv")}
     manifest = pd.read_csv(tiny_cohort, dtype={"subject_id": str}).set_index("subject_id")
@@ -36,8 +37,11 @@ def test_each_tissue_is_measured_on_its_own_voxels(tiny_cohort, measured):
         assert row[table.columns.get_loc("trabecular median")] == pytest.approx(rendered, abs=40.0)
         assert row[table.columns.get_loc("muscle median")] == pytest.approx(prm.muscle_hu, abs=10.0)
         assert row[table.columns.get_loc("fat median")] == pytest.approx(prm.fat_hu, abs=15.0)
+        around = sample_surroundings(prm)
+        assert row[table.columns.get_loc("bladder median")] == pytest.approx(around.bladder_hu, abs=10.0)
+        assert row[table.columns.get_loc("vertebra median")] == pytest.approx(around.spine_hu, abs=40.0)
     assert (table["cortical p99"] > table["trabecular p99"] + 150.0).all()  # at 3 x 3 x 4 mm the thin shell is smeared
-    assert set(pooled) == {"femur", "cortical", "trabecular", "pelvis", "muscle", "fat"}
+    assert set(pooled) == {"femur", "cortical", "trabecular", "pelvis", "muscle", "fat", "bladder", "vertebra"}
 
 
 @pytest.mark.not_in_mutation_run
@@ -95,9 +99,11 @@ def test_the_joint_space_profile_runs_from_the_heads_core_through_its_cortex(tin
 
 def test_in_range_counts_the_subjects_inside_each_published_range():
     table = pd.DataFrame({"trabecular median": [40.0, 100.0, 300.0, 360.0], "cortical p99": [1000.0] * 4,
-                          "muscle median": [45.0] * 4, "fat median": [-100.0, -100.0, -20.0, -100.0]})
+                          "muscle median": [45.0] * 4, "fat median": [-100.0, -100.0, -20.0, -100.0],
+                          "bladder median": [5.0, np.nan, 30.0, np.nan], "vertebra median": [150.0] * 4})
     checks = in_range(table).set_index("tissue")
     assert checks.loc["trabecular", "inside"] == 0.5 and checks.loc["fat", "inside"] == 0.75
+    assert checks.loc["bladder", "inside"] == 0.5  # of the two subjects with a bladder in view
     assert checks.loc["trabecular", "lowest"] == 40.0 and checks.loc["trabecular", "highest"] == 360.0
     assert checks.loc["cortical", "published"] == "300 to 1500 HU"
 
@@ -117,7 +123,7 @@ def test_synth_report_writes_the_table_and_figures(tiny_cohort, tmp_path, capsys
     (width, height), colours = png_colours(cohort / "realism" / "histograms.png",
                                            {"published range": (0.85, 0.93, 0.85), "real CT": (0.84, 0.15, 0.16)},
                                            tol=0.2)
-    assert (width, height) == (1040, 560) and colours["published range"] > 1000 and colours["real CT"] > 50
+    assert (width, height) == (1360, 560) and colours["published range"] > 1000 and colours["real CT"] > 50
     assert png_colours(cohort / "realism" / "views.png", {})[0] == (960, 400)
 
 

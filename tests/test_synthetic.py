@@ -1,4 +1,5 @@
-"""The synthetic cohort: deterministic, anatomically labelled (left proximal femur only), sex differences."""
+"""The synthetic cohort: deterministic, anatomically labelled (left proximal femur only), sex differences, the
+surroundings of real pelvic CT (spine, bladder, bowel gas, vessels, metal) and framing."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_modules.synthetic import anatomy, cohort_fingerprint, make_cohort, read_parameters, sample_params
+from data_modules.synthetic import (FOV_LENGTH_MM, FOV_Z_LIMITS_MM, HIP_Z_MM, anatomy, cohort_fingerprint, head_centre,
+                                   make_cohort, read_parameters, render_subject, sample_params, sample_surroundings)
 from tests.conftest import TINY_SPACING
 
 
@@ -59,3 +61,66 @@ def test_men_have_larger_heads_and_women_lower_density():
     women = [sample_params(i, "F", rng) for i in range(30)]
     assert min(2 * m.head_radius for m in men) >= 48.0 and max(2 * w.head_radius for w in women) <= 45.0
     assert np.mean([m.trabecular_hu for m in men]) > np.mean([w.trabecular_hu for w in women]) + 30
+
+
+def _people(n: int) -> list:
+    rng = np.random.default_rng(0)
+    return [sample_params(i, "F" if i % 2 else "M", rng) for i in range(n)]
+
+
+def test_framing_ranges_from_hips_only_to_abdomen_or_thigh_and_always_holds_the_hip():
+    frames = [sample_surroundings(p) for p in _people(400)]
+    low, high = np.array([f.fov_z_mm for f in frames]).T
+    assert ((high - low >= FOV_LENGTH_MM[0]) & (high - low <= FOV_LENGTH_MM[1])).all()
+    assert (low <= HIP_Z_MM[0]).all() and (high >= HIP_Z_MM[1]).all()  # the label and the acetabulum in every scan
+    assert (low >= FOV_Z_LIMITS_MM[0]).all() and (high <= FOV_Z_LIMITS_MM[1]).all()
+    assert (high > 115.0).mean() > 0.1 and (low < -170.0).mean() > 0.05  # L5 in view; the thigh in view
+    assert (high < 70.0).mean() > 0.1  # hips only
+    metal = pd.Series([f.metal for f in frames]).value_counts(normalize=True)
+    assert 0.02 < metal["prosthesis"] < 0.09 and 0.02 < metal["screws"] < 0.09
+
+
+def _rendered(kind: str, abdomen: bool = False, spacing=(2.0, 2.0, 3.0)):
+    """The first subject whose surroundings have ``kind`` of metal (and with ``abdomen`` its L5 and a bowel gas pocket
+    of >= 8 mm in view), rendered: (params, surroundings, distance fields, HU image, label)."""
+    for prm in _people(400):
+        around = sample_surroundings(prm)
+        in_view = around.fov_z_mm[1] > 140.0 and any(g[3] >= 8.0 for g in around.gas)
+        if around.metal == kind and (in_view or not abdomen):
+            sdfs, _ = anatomy(prm, spacing)
+            image, label, _ = render_subject(prm, spacing)
+            return prm, around, sdfs, image, label
+    raise AssertionError(f"no subject with {kind} metal")
+
+
+def test_spine_bladder_gas_and_vessels_show_at_their_densities_outside_the_label():
+    prm, around, sdfs, image, label = _rendered("none", abdomen=True)
+    inside = {name: (sdfs[name] < -3.0) & (label == 0) for name in ("bladder", "gas", "vessels")}
+    assert np.median(image[inside["bladder"]]) == pytest.approx(around.bladder_hu, abs=15.0)
+    assert np.median(image[inside["gas"]]) < -700.0
+    assert np.median(image[(sdfs["vessels"] < -2.5)]) == pytest.approx(around.blood_hu, abs=25.0)
+    vertebra = sdfs["spine"] < -4.0
+    assert vertebra[:, :, -10:].any(), "the L5 vertebra is in view of an abdomen-framed scan"
+    assert np.median(image[vertebra]) == pytest.approx(around.spine_hu, abs=50.0)
+    for name in ("spine", "bladder", "gas", "vessels"):
+        assert not ((sdfs[name] < 0) & (label > 0)).any(), f"{name} overlaps the labelled femur"
+
+
+@pytest.mark.parametrize("kind", ["prosthesis", "screws"])
+def test_metal_in_the_right_hip_saturates_and_streaks_but_spares_the_left_femur(kind):
+    prm, _, sdfs, image, label = _rendered(kind)
+    metal = sdfs["metal"] < -1.5
+    assert (image[metal] >= 3000).mean() > 0.9
+    assert not ((sdfs["metal"] < 3.0) & (label > 0)).any()
+    # streaks: soft tissue far from the metal varies more in slices through it than in the others
+    soft = (sdfs["skin"] < 0.8) & (sdfs["bladder"] > 3) & (sdfs["gas"] > 3) & (sdfs["vessels"] > 8)
+    soft &= np.minimum(np.minimum(sdfs["left"], sdfs["right"]), np.minimum(sdfs["pelvis"], sdfs["spine"])) > 5
+    through = metal.any(axis=(0, 1))
+    assert through.any() and not through.all()
+    spread = [np.std(image[:, :, k][soft[:, :, k]]) for k in range(image.shape[2])]
+    assert np.median(np.array(spread)[through]) > 1.5 * np.median(np.array(spread)[~through])
+    if kind == "prosthesis":  # the right femoral head is replaced, not overlaid
+        head = head_centre(prm, side=1.0)
+        assert sdfs["right"].min() < 0
+        assert not ((sdfs["right"] < 0) & (sdfs["metal"] < -prm.head_radius * 0.5)).any()
+        assert head[0] > 0
