@@ -137,7 +137,13 @@ def _turned_box(array: np.ndarray, affine: np.ndarray, center_mm: np.ndarray, ro
     linear = np.linalg.inv(affine[:3, :3]) @ rotation @ affine[:3, :3]
     center = voxel_of_affine(affine, center_mm)
     offset = center - linear @ (np.asarray(shape, float) / 2.0)
-    return ndimage.affine_transform(array, linear, offset=offset, output_shape=tuple(shape), order=1, cval=0.0)
+    return ndimage.affine_transform(array, linear, offset=offset, output_shape=tuple(shape), order=1, mode="nearest")
+
+
+def _correlation(box: np.ndarray, template: np.ndarray) -> float:
+    """Pearson correlation of a box with the template; 0 for a box of one value (a water phantom, a blank region),
+    which correlates with nothing."""
+    return float(np.corrcoef(box.ravel(), template.ravel())[0, 1]) if np.ptp(box) > 0 else 0.0
 
 
 def voxel_of_affine(affine: np.ndarray, point_mm: Sequence[float]) -> np.ndarray:
@@ -209,10 +215,12 @@ class FemurLocator:
     def locate_coarse(self, scan: tio.ScalarImage) -> Location:
         """:meth:`locate` for a scan already passed through :func:`coarse`."""
         array = scan.data[0].numpy().astype(np.float32)
-        # scans smaller than the template are padded with air (a hips-only scan of a small patient)
-        pad = [(max(0, (t - n + 1) // 2 + 1),) * 2 for n, t in zip(array.shape, self.template.shape)]
-        padded = np.pad(array, pad, constant_values=0.0)
-        ncc = match_template(padded, self.template, pad_input=True, mode="constant", constant_values=0.0)
+        # the scan continues past its edges as its border voxels do (a scan cut through the femur, a small field of
+        # view), so the template may be centred anywhere in the scan
+        pad = [(t // 2, t - 1 - t // 2) for t in self.template.shape]
+        padded = np.pad(array, pad, mode="edge")
+        ncc = match_template(padded, self.template)
+        pad = [(0, 0)] * 3
         peak = np.array(np.unravel_index(int(np.argmax(ncc)), ncc.shape))
         refined = peak + _subvoxel_offset(ncc, peak) - [p[0] for p in pad]
         location = Location((scan.affine @ np.append(refined, 1.0))[:3], float(ncc.max()))
@@ -239,8 +247,7 @@ class FemurLocator:
         return Location(center, self._turned_score(array, affine, center, rotation), rotation)
 
     def _turned_score(self, array: np.ndarray, affine: np.ndarray, center: np.ndarray, rotation: np.ndarray) -> float:
-        box = _turned_box(array, affine, center, rotation, self.template.shape)
-        return float(np.corrcoef(box.ravel(), self.template.ravel())[0, 1])
+        return _correlation(_turned_box(array, affine, center, rotation, self.template.shape), self.template)
 
     def _recentre(self, array: np.ndarray, affine: np.ndarray, center: np.ndarray, rotation: np.ndarray) -> np.ndarray:
         """The centre re-matched within :data:`RECENTRE_VOXELS` in the frame turned by ``rotation``."""
@@ -256,8 +263,7 @@ class FemurLocator:
         if rotation is not None:
             return self._turned_score(scan.data[0].numpy().astype(np.float32), scan.affine,
                                       np.asarray(center_mm, float), rotation)
-        match = _box(scan, center_mm, self.template.shape, fill=0.0)
-        return float(np.corrcoef(match.ravel(), self.template.ravel())[0, 1])
+        return _correlation(_box(scan, center_mm, self.template.shape, fill=0.0), self.template)
 
     def digest(self) -> str:
         """A short hash of what decides where this locator puts a ROI (template, spacing, window, pose range)."""
