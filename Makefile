@@ -51,7 +51,7 @@ help:
 	@echo "make synth   write the synthetic cohort to data/synthetic-v3"
 	@echo "make ablate  V-Net vs ST-V-Net x all/male/female x ABLATE_FOLDS, then evaluate + compare"
 	@echo "make verdict V-Net vs ST-V-Net, 10 folds x 2 seeds, paired tests, effect sizes, hard cases (OUT/verdict/report.md)"
-	@echo "make verdict-cpu   the same study sized for 2 CPU cores (40 subjects, 48^3 ROIs, 20 epochs; OUT/cpu/verdict)"
+	@echo "make verdict-cpu   the same study sized for 2 CPU cores (40 subjects, 48^3 ROIs, 40 epochs; OUT/cpu/verdict)"
 	@echo "make sweep   Optuna search (SPACE, TRIALS); best.yaml + plots under OUT/sweeps/<study>"
 	@echo "make bench   benchmark against MONAI (ratios), table in bench_results/bench.md"
 	@echo "make evaluate RUNS=\"run1 run2\"   paper-style evaluation of trained runs"
@@ -94,11 +94,11 @@ verdict: $(STAMP) $(VERDICT_COHORT)/manifest.csv
 		--seeds $(VERDICT_SEEDS) --splits val test --jobs $(VERDICT_JOBS) --out $(OUT)/verdict -- \
 		--data.manifest $(VERDICT_COHORT)/manifest.csv --trainer.max_epochs $(VERDICT_EPOCHS) $(ARGS)
 
-# the same study sized for a 2-core CPU machine: 40 subjects, 48^3 ROIs at 3 mm (the same 144 mm box), 20 epochs, two
+# the same study sized for a 2-core CPU machine: 40 subjects, 48^3 ROIs at 3.2 mm (a 154 mm box), 40 epochs, two
 # cells at a time, under OUT/cpu (README: "The verdict on a CPU")
 verdict-cpu: $(STAMP)
-	$(MAKE) verdict VERDICT_SUBJECTS=40 VERDICT_EPOCHS=20 VERDICT_JOBS=2 OUT=$(OUT)/cpu \
-		ARGS="--data.roi_size [48,48,48] --data.target_spacing [3.0,3.0,3.0] $(ARGS)"
+	$(MAKE) verdict VERDICT_SUBJECTS=40 VERDICT_EPOCHS=40 VERDICT_JOBS=2 OUT=$(OUT)/cpu \
+		ARGS="--data.roi_size [48,48,48] --data.target_spacing [3.2,3.2,3.2] $(ARGS)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not multiprocess and not heavy" $(ARGS)
