@@ -51,7 +51,7 @@ def test_evaluate_two_models_writes_full_report(trained_runs, tiny_cohort, tmp_p
     per_subject = pd.read_csv(out / "per_subject.csv")
     assert list(per_subject.columns) == ["subject_id", "sex", "fold", "seed", "model", "split", "cohort", "image",
                                          "label", "ckpt_epoch", "ckpt_stage", "prediction", *METRIC_KEYS,
-                                         "joint_space_mm", "osteoporotic"]  # no index; hard-case columns
+                                         "joint_space_mm", "osteoporotic", "metal"]  # no index; hard-case columns
     assert all(Path(p).is_file() for p in per_subject["prediction"])  # each row names the mask it scored
     assert set(per_subject["cohort"]) == {"all"}
     # each Dice is the one of the saved mask against the label, in the label's own spacing
@@ -452,9 +452,12 @@ def test_hard_cases_are_scored_apart_and_compared_within_their_subgroup(tmp_path
             for model, hd in (("vnet", 10.0 if narrow else 4.0), ("stvnet", (7.0 if narrow else 4.0) + fold)):
                 rows.append({"subject_id": f"s{i}", "sex": "F", "fold": fold, "model": model, "split": "test",
                              "cohort": "all", **dict.fromkeys(METRIC_KEYS, 0.9), "hd": hd, "hd95": hd / 2,
-                             "joint_space_mm": 1.0 if narrow else 2.5, "osteoporotic": porotic})
+                             "joint_space_mm": 1.0 if narrow else 2.5, "osteoporotic": porotic,
+                             "metal": {0: "prosthesis", 2: "screws"}.get(i, "none")})
     per_subject = pd.DataFrame(rows)
     table = hard_case_table(per_subject).set_index(["subgroup", "members", "model"])
+    assert table.loc[("metal in the other hip", "in", "vnet"), "subjects"] == 2  # a prosthesis or screws, not "none"
+    assert table.loc[("metal in the other hip", "out", "vnet"), "subjects"] == 6
     narrow = table.loc[("narrow joint space (< 1.5 mm)", "in")]
     assert narrow.loc["vnet", "subjects"] == 4 and narrow.loc["vnet", "hd"] == 10.0
     assert narrow.loc["stvnet", "hd"] == 7.5 and table.loc[("narrow joint space (< 1.5 mm)", "out", "stvnet"), "hd"] == 4.5
@@ -477,7 +480,7 @@ def test_hard_cases_are_scored_apart_and_compared_within_their_subgroup(tmp_path
     size, counts = png_colours(tmp_path / "figures" / "paired_differences.png", {"hard": (1.0, 0.5, 0.05)}, tol=0.05)
     assert size == (round(3.4 * 3 * 110), round(2.8 * 110)) and 16 * 18 < counts["hard"] < 26 * 18, counts
     # a manifest without the columns: no hard-case table or file
-    plain = per_subject.drop(columns=["joint_space_mm", "osteoporotic"])
+    plain = per_subject.drop(columns=["joint_space_mm", "osteoporotic", "metal"])
     assert hard_case_table(plain).empty
     (tmp_path / "plain").mkdir()
     write_report(plain, tmp_path / "plain", figures=False)

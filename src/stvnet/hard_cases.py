@@ -2,7 +2,7 @@
 
 A femur whose head nearly touches the acetabulum (osteoarthritic narrow joint space) or whose bone is barely denser
 than the muscle around it (osteoporosis) is where intensity alone leaves the boundary ambiguous and the paper's shape
-prior is meant to help. The subgroups are read from optional manifest columns (the synthetic cohort writes them; a
+prior is meant to help; metal in the other hip streaks across the femur's slices. The subgroups are read from optional manifest columns (the synthetic cohort writes them; a
 clinical cohort can add them): a manifest without them gets no hard-case table.
 """
 
@@ -15,7 +15,8 @@ import pandas as pd
 
 @dataclass(frozen=True)
 class Subgroup:
-    """Subjects whose manifest ``column`` satisfies ``below`` (a number: strictly below it) or equals ``value``."""
+    """Subjects whose manifest ``column`` satisfies ``below`` (a number: strictly below it) or equals ``value`` (or
+    one of them, for a tuple)."""
 
     name: str
     column: str
@@ -26,13 +27,15 @@ class Subgroup:
         values = table[self.column]
         if self.below is not None:
             return pd.to_numeric(values, errors="coerce") < self.below
-        return values.astype(str).str.lower() == str(self.value).lower()
+        accepted = self.value if isinstance(self.value, tuple) else (self.value,)
+        return values.astype(str).str.lower().isin([str(v).lower() for v in accepted])
 
 
 #: the hard cases of issue-16's comparison: the synthetic generator's osteoarthritic joints are 0.5-1.5 mm wide
 SUBGROUPS = (
     Subgroup("narrow joint space (< 1.5 mm)", "joint_space_mm", below=1.5),
     Subgroup("osteoporotic", "osteoporotic", value=True),
+    Subgroup("metal in the other hip", "metal", value=("prosthesis", "screws")),
 )
 #: manifest columns evaluation copies into each per-subject row
 SUBGROUP_COLUMNS = tuple(dict.fromkeys(g.column for g in SUBGROUPS))
