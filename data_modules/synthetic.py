@@ -16,8 +16,8 @@ signed distance fields (SDFs) of simple primitives joined by smooth unions:
   the femoral and external iliac vessels (unenhanced blood ~40 HU in a fatty sheath) in front of each hip, and in ~10%
   of subjects metal in the *right* hip (a prosthesis or three cannulated screws) with streak artefacts;
 * soft tissue (muscle, fattier with age) inside a subcutaneous fat ring, air outside;
-* framing from hips only to abdomen (L5) or mid-thigh: the field of view spans 160-260 mm along z, placed anywhere
-  that keeps the labelled femur and the acetabulum in view;
+* framing from hips only to the abdomen (L5) or the upper thigh: the field of view spans 160-260 mm along z, placed
+  anywhere that keeps the labelled femur and the acetabulum in view;
 * partial volume (each voxel covered by the share of it inside a tissue, then the slice profile), correlated noise
   and anisotropic voxels (default 1.0 x 1.0 x 2.5 mm).
 
@@ -38,8 +38,9 @@ against them, :mod:`data_modules.realism`):
   2000;89:104-110); subcutaneous fat ~-100 HU (Yoshizumi T et al., Radiology 1999;211:283-286);
 * osteoarthritic narrowing of the joint space (0.5-1.5 mm) in 10-40% of hips, rising with age;
 * vertebral trabecular bone ~150 HU at 55, lower with age and osteoporosis (QCT of the spine: 80-120 mg/cm3 is
-  osteopenia, < 80 osteoporosis; ACR-SPR-SSR practice parameter for QCT, 2018), urine 0-20 HU and unenhanced blood
-  35-45 HU (Lamba R et al., AJR 2014;203:W38-W43 on blood attenuation), metal above the scanner's 3071 HU ceiling.
+  osteopenia, < 80 osteoporosis; ACR-SPR-SSR practice parameter for QCT, 2018), urine 0-20 HU (simple fluid -9 to
+  20 HU: Silverman SG et al., Radiology 2019;292:475-488), unenhanced blood 35-45 HU (rising with the haematocrit:
+  New PF, Aronow S, Radiology 1976;121:635-640), metal above the scanner's 3071 HU ceiling.
 
 Men's femurs are larger (head diameter 48-50 mm vs 43-45 mm) and women's bone density lower on
 average, so sex-stratified experiments have something to find. World coordinates are RAS+ mm; the
@@ -316,9 +317,6 @@ def _pelvis_sdf(p: Points, prm: SubjectParams) -> torch.Tensor:
     return d
 
 
-METAL_KINDS = ("none", "prosthesis", "screws")
-
-
 @dataclass(frozen=True)
 class Surroundings:
     """What generator v3 adds around the hips, and the framing: drawn by :func:`sample_surroundings` from the
@@ -407,7 +405,8 @@ def _metal_sdf(p: Points, prm: SubjectParams, kind: str) -> torch.Tensor:
     d = torch.full_like(p[0], float("inf"))
     for dy, dz in ((0.0, -8.0), (-7.0, 6.0), (7.0, 6.0)):
         offset = np.array([0.0, dy, dz]) * prm.head_radius / 23.0
-        d = torch.minimum(d, _capsule(p, junction - 25.0 * neck_dir + offset, head + offset + 0.5 * prm.head_radius * neck_dir, 3.2))
+        tip = head + offset + 0.5 * prm.head_radius * neck_dir  # short of the subchondral bone
+        d = torch.minimum(d, _capsule(p, junction - 25.0 * neck_dir + offset, tip, 3.2))
     return d
 
 
