@@ -219,10 +219,9 @@ class FemurLocator:
         # view), so the template may be centred anywhere in the scan
         pad = [(t // 2, t - 1 - t // 2) for t in self.template.shape]
         padded = np.pad(array, pad, mode="edge")
-        ncc = match_template(padded, self.template)
-        pad = [(0, 0)] * 3
+        ncc = match_template(padded, self.template)  # ncc[i]: the template centred on the scan's voxel i
         peak = np.array(np.unravel_index(int(np.argmax(ncc)), ncc.shape))
-        refined = peak + _subvoxel_offset(ncc, peak) - [p[0] for p in pad]
+        refined = peak + _subvoxel_offset(ncc, peak)
         location = Location((scan.affine @ np.append(refined, 1.0))[:3], float(ncc.max()))
         return self._pose(array, scan.affine, location) if self.max_rotation > 0 else location
 
