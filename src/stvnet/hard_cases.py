@@ -2,8 +2,9 @@
 
 A femur whose head nearly touches the acetabulum (osteoarthritic narrow joint space) or whose bone is barely denser
 than the muscle around it (osteoporosis) is where intensity alone leaves the boundary ambiguous and the paper's shape
-prior is meant to help; metal in the other hip streaks across the femur's slices. The subgroups are read from optional manifest columns (the synthetic cohort writes them; a
-clinical cohort can add them): a manifest without them gets no hard-case table.
+prior is meant to help; metal in the other hip streaks across the femur's slices. The subgroups are read from
+optional manifest columns (the synthetic cohort writes them; a clinical cohort can add them): a manifest without them
+gets no hard-case table.
 """
 
 from __future__ import annotations
