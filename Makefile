@@ -38,7 +38,7 @@ VERDICT_FOLDS ?= 0 1 2 3 4 5 6 7 8 9
 VERDICT_SEEDS ?= 0 1
 VERDICT_EPOCHS ?= 24
 VERDICT_JOBS ?= 1
-VERDICT_COHORT := data/verdict-v3-$(VERDICT_SUBJECTS)
+VERDICT_COHORT := data/verdict-v4-$(VERDICT_SUBJECTS)
 
 .PHONY: install train test test-multiprocess mutate planted-bugs synth bench evaluate ablate verdict verdict-cpu sweep clean help
 
@@ -48,7 +48,7 @@ help:
 	@echo "make test-multiprocess   tests that launch DDP ranks, torchrun, sweeps and kill/resume (~5 min; CI runs both)"
 	@echo "make mutate  mutation testing (mutmut) of the modules in [tool.mutmut]; score in mutation/score.md"
 	@echo "make planted-bugs   plant the bugs that once slipped through, one at a time; each must fail a test"
-	@echo "make synth   write the synthetic cohort to data/synthetic-v3"
+	@echo "make synth   write the synthetic cohort to data/synthetic-v4"
 	@echo "make ablate  V-Net vs ST-V-Net x all/male/female x ABLATE_FOLDS, then evaluate + compare"
 	@echo "make verdict V-Net vs ST-V-Net, 10 folds x 2 seeds, paired tests, effect sizes, hard cases (OUT/verdict/report.md)"
 	@echo "make verdict-cpu   the same study sized for 2 CPU cores (40 subjects, 48^3 ROIs, 40 epochs; OUT/cpu/verdict)"
@@ -69,7 +69,7 @@ train: $(STAMP)
 	$(BIN)/stvnet train $(TRAIN_ARGS) $(ARGS)
 
 synth: $(STAMP)
-	$(BIN)/stvnet synth --out data/synthetic-v3
+	$(BIN)/stvnet synth --out data/synthetic-v4
 
 bench: $(STAMP)
 	$(BIN)/stvnet bench --out bench_results/bench.md $(ARGS)

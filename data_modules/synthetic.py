@@ -1,18 +1,20 @@
 """Deterministic synthetic QCT hip cohort: the embedded default dataset.
 
 Each subject is a hip CT in Hounsfield units with the *left* proximal femur labelled, built from
-signed distance fields (SDFs) of simple primitives joined by smooth unions:
+signed distance fields (SDFs):
 
-* left femur (labelled down to a cut 10 mm below the lesser trochanter's centre): spherical head, neck at a
-  neck-shaft angle of 125-135 deg with 5-20 deg anteversion, greater and lesser trochanter, shaft; a thin cortex
-  (0.3-0.5 mm over the head, 0.6-1.1 mm over the neck and trochanters) thickening to 3-5 mm in the shaft, around trabecular bone densest
-  in the head and sparsest in the trochanteric region, and a fatty marrow canal in the shaft;
-* distractors: both acetabula and the pelvis (ilium, pubis, ischium; sparser trabecular bone than the femoral neck
-  and a 0.8-1.5 mm cortex) with a 1.5-3 mm joint space around each femoral head (0.5-1.5 mm in osteoarthritic hips), and the right
-  femur, in view but **not** labelled;
-* the surroundings of real pelvic CT (generator v3, drawn from each subject's own random stream, so the v2
-  parameters are unchanged): the sacrum and the L5 vertebra (a 1 mm shell around ~150 HU trabecular bone), the bladder
-  (urine 0-20 HU, filled to a varying size) above the pubis, bowel gas (a few air pockets, some in the rectum),
+* left femur (labelled down to a cut 10 mm below the lesser trochanter's apex): since generator v4 a real femur's
+  shape, drawn from the LLP26 statistical shape model (12 modes; :mod:`data_modules.femur_shape`, MPL-2.0) and scaled
+  to the subject's head radius; a thin cortex (0.3-0.5 mm over the head, 0.6-1.1 mm over the neck and trochanters)
+  thickening to 3-5 mm in the shaft, around trabecular bone densest in the head and sparsest in the trochanteric
+  region, and a fatty marrow canal in the shaft;
+* distractors: both acetabula and the pelvis (primitives joined by smooth unions: ilium, pubis, ischium; sparser
+  trabecular bone than the femoral neck and a 0.8-1.5 mm cortex) with a 1.5-3 mm joint space around each femoral
+  head's fitted sphere (0.5-1.5 mm in osteoarthritic hips), and the right femur (the left one's mirror image), in
+  view but **not** labelled;
+* the surroundings of real pelvic CT (since generator v3, drawn from each subject's own random stream): the sacrum
+  and the L5 vertebra (a 1 mm shell around ~150 HU trabecular bone), the bladder (urine 0-20 HU, filled to a varying
+  size) above the pubis, bowel gas (a few air pockets, some in the rectum),
   the femoral and external iliac vessels (unenhanced blood ~40 HU in a fatty sheath) in front of each hip, and in ~10%
   of subjects metal in the *right* hip (a prosthesis or three cannulated screws) with streak artefacts;
 * soft tissue (muscle, fattier with age) inside a subcutaneous fat ring, air outside;
@@ -65,6 +67,8 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
+from data_modules.femur_shape import DistanceGrid, FemurShape, distance_grid, femur_instance, n_modes
+
 #: Field of view in RAS mm (x: patient right is +, y: anterior is +, z: superior is +); z is each subject's framing
 #: (:func:`sample_surroundings`), here its hips-only extreme.
 FOV_MM = ((-190.0, 120.0), (-85.0, 85.0), (-135.0, 50.0))
@@ -80,7 +84,7 @@ ROI_CENTER_FRACTION = (0.242, 0.5, 0.55)
 PRESETS = ("default", "clinical")
 #: the generator's version: a change that alters the cohort's bytes bumps it, so the default cohort (a folder named
 #: after it) is written afresh instead of an older one being reused; runs on an older cohort keep their files
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 DEFAULT_COHORT_DIR = f"data/synthetic-v{GENERATOR_VERSION}"
 
 
@@ -99,11 +103,7 @@ class SubjectParams:
     osteoporotic: bool
     osteoarthritic: bool
     head_radius: float
-    neck_shaft_angle: float
-    anteversion: float
-    neck_length: float
-    neck_radius: float
-    shaft_radius: float
+    shape_modes: tuple[float, ...]
     cortical_thickness: float
     thin_cortex: float
     head_cortex: float
@@ -132,7 +132,6 @@ def sample_params(index: int, sex: str, rng: np.random.Generator) -> SubjectPara
     module docstring)."""
     male = sex == "M"
     head_radius = rng.uniform(24.0, 25.0) if male else rng.uniform(21.5, 22.5)
-    scale = head_radius / 23.0
     age = int(rng.integers(55, 86))
     years = age - 55
     osteoporotic = bool(rng.random() < (0.05 + 0.005 * years if male else 0.15 + 0.01 * years))
@@ -146,11 +145,7 @@ def sample_params(index: int, sex: str, rng: np.random.Generator) -> SubjectPara
         osteoporotic=osteoporotic,
         osteoarthritic=osteoarthritic,
         head_radius=float(head_radius),
-        neck_shaft_angle=float(rng.uniform(125.0, 135.0)),
-        anteversion=float(rng.uniform(5.0, 20.0)),
-        neck_length=float(rng.uniform(44.0, 50.0) * scale),
-        neck_radius=float(rng.uniform(0.62, 0.70) * head_radius),
-        shaft_radius=float(rng.uniform(0.52, 0.58) * head_radius),
+        shape_modes=tuple(float(v) for v in np.clip(rng.standard_normal(n_modes()), -2.5, 2.5)),
         cortical_thickness=float(rng.uniform(3.5, 5.0) * (1.0 - 0.006 * years) * (0.85 if osteoporotic else 1.0)),
         thin_cortex=float(rng.uniform(0.6, 1.1)),
         head_cortex=float(rng.uniform(0.3, 0.5)),
@@ -243,48 +238,43 @@ def _smoothstep(x: torch.Tensor) -> torch.Tensor:
     return x * x * (3.0 - 2.0 * x)
 
 
-def _femur_sdf(p: Points, prm: SubjectParams, side: float) -> Femur:
-    """One femur: its SDF, its medullary canal's, the half-space distal to the proximal-femur cut, and its density.
+def femur_shape(prm: SubjectParams) -> FemurShape:
+    """The subject's left femur from the statistical shape model (:mod:`data_modules.femur_shape`); the right one is
+    its mirror image."""
+    return femur_instance(prm.shape_modes, prm.head_radius)
+
+
+def _mirror(v: np.ndarray, side: float) -> np.ndarray:
+    """A left-femur vector (body axes) for the femur on ``side`` (-1 left, +1 right: x mirrored)."""
+    return v * np.array([-1.0, 1.0, 1.0]) if side > 0 else v
+
+
+def _femur_sdf(p: Points, prm: SubjectParams, side: float, shape: FemurShape, grid: DistanceGrid) -> Femur:
+    """One femur: its SDF (the shape model's surface, ``grid``), its medullary canal's, the half-space distal to the
+    proximal-femur cut, and its density.
 
     The proximal femur (what is labelled) ends at a plane across the shaft 10 mm (scaled) below the lesser
-    trochanter, as QCT hip analyses define it; the shaft continues in the image beyond that plane. The cortex is a
-    shell of ``head_cortex`` over the head (the subchondral plate), ``thin_cortex`` over the neck and
-    trochanters, and thickens below the lesser trochanter to the
-    shaft's ``cortical_thickness`` 25 mm further down; trabecular bone is densest in the head (principal compressive
-    group) and sparsest in the trochanteric region (Ward's triangle).
+    trochanter's apex, as QCT hip analyses define it; the shaft continues in the image beyond that plane. The cortex
+    is a shell of ``head_cortex`` over the head (the subchondral plate), ``thin_cortex`` over the neck and
+    trochanters, and thickens below the lesser trochanter to the shaft's ``cortical_thickness`` 25 mm further down;
+    the fatty marrow canal starts 13 mm (scaled) below the lesser trochanter, 3 mm inside the shaft's cortex;
+    trabecular bone is densest in the head (principal compressive group) and sparsest in the trochanteric region
+    (Ward's triangle).
 
     ``p`` are body coordinates; ``side`` is -1 for the left femur (patient's left is -x in RAS) and +1
     for the right one, which is the mirror image.
     """
     head = head_centre(prm, side)
-    medial = -side  # direction from the femur towards the midline along x
-    shaft_dir = _unit(np.array([medial * np.sin(np.deg2rad(7.0)), 0.0, -np.cos(np.deg2rad(7.0))]))
-    nsa = np.deg2rad(prm.neck_shaft_angle)
-    av = np.deg2rad(prm.anteversion)
-    neck_dir = _unit(np.array([medial * np.sin(nsa) * np.cos(av), np.sin(nsa) * np.sin(av), -np.cos(nsa)]))
-    junction = head - prm.neck_length * neck_dir
+    # the left femur's frame: head centre at the origin, x mirrored for the right femur
+    q = ((p[0] - float(head[0])) * (1.0 if side < 0 else -1.0), p[1] - float(head[1]), p[2] - float(head[2]))
     s = prm.head_radius / 23.0
-    lateral = np.array([-medial, 0.0, 0.0])
-
-    d = _sphere(p, head, prm.head_radius)
-    d = _smooth_union(d, _capsule(p, head, junction, prm.neck_radius), 6.0)
-    shaft_top = junction - 10.0 * shaft_dir
-    shaft_end = junction + 220.0 * shaft_dir
-    d = _smooth_union(d, _capsule(p, shaft_top, shaft_end, prm.shaft_radius), 8.0)
-    greater = junction + s * (16.0 * lateral + np.array([0.0, -4.0, 10.0]))
-    d = _smooth_union(d, _ellipsoid(p, greater, s * np.array([13.0, 15.0, 19.0])), 7.0)
-    lesser = junction + 42.0 * s * shaft_dir + s * np.array([medial * 11.0, -9.0, 0.0])
-    d = _smooth_union(d, _ellipsoid(p, lesser, s * np.array([8.0, 7.0, 9.0])), 5.0)
-    # intertrochanteric crest joining the trochanters
-    d = _smooth_union(d, _capsule(p, greater, lesser, 9.0 * s), 6.0)
-    canal_top = junction + 55.0 * s * shaft_dir
-    canal = _capsule(p, canal_top, shaft_end, prm.shaft_radius - prm.cortical_thickness - 3.0)
-    along = sum((p[i] - float(junction[i])) * float(shaft_dir[i]) for i in range(3))  # mm down the shaft
-    cut = 52.0 * s
-    distal = along - cut
-    below_lesser = _smoothstep((along - 42.0 * s) / 25.0)
+    d = grid.sample(q)
+    along = sum((q[i] - float(shape.lesser[i])) * float(shape.shaft_dir[i]) for i in range(3))  # mm below the apex
+    distal = along - 10.0 * s
+    canal = torch.maximum(d + (prm.cortical_thickness + 3.0), 13.0 * s - along)
+    below_lesser = _smoothstep(along / 25.0)
     cortex = prm.thin_cortex + (prm.cortical_thickness - prm.thin_cortex) * below_lesser
-    from_head = _sphere(p, head, 0.0)
+    from_head = _norm(*q)
     cortex = torch.lerp(cortex, torch.full_like(cortex, prm.head_cortex), torch.sigmoid((prm.head_radius + 4.0 - from_head) / 2.0))
     in_head = torch.sigmoid((prm.head_radius - from_head) / 8.0)
     density = TROCHANTER_DENSITY + (HEAD_DENSITY - TROCHANTER_DENSITY) * in_head
@@ -319,8 +309,8 @@ def _pelvis_sdf(p: Points, prm: SubjectParams) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Surroundings:
-    """What generator v3 adds around the hips, and the framing: drawn by :func:`sample_surroundings` from the
-    subject's own random stream, so the v2 parameters (and ``parameters.csv``) are unchanged.
+    """What surrounds the hips, and the framing: drawn by :func:`sample_surroundings` from the subject's own random
+    stream (added in generator v3 without changing the other parameters' draws).
 
     Positions are body coordinates (mm): x towards the patient's right, y anterior, z superior, the femoral heads'
     centres at z = 0."""
@@ -390,18 +380,16 @@ def _vessels_sdf(p: Points, side: float) -> torch.Tensor:
     return d
 
 
-def _metal_sdf(p: Points, prm: SubjectParams, kind: str) -> torch.Tensor:
+def _metal_sdf(p: Points, prm: SubjectParams, kind: str, shape: FemurShape) -> torch.Tensor:
     """SDF of the metal in the right hip: a prosthesis (head, neck, stem down the shaft) or three cannulated screws
     across the neck."""
     head = head_centre(prm, side=1.0)
-    nsa, av = np.deg2rad(prm.neck_shaft_angle), np.deg2rad(prm.anteversion)
-    neck_dir = _unit(np.array([-np.sin(nsa) * np.cos(av), np.sin(nsa) * np.sin(av), -np.cos(nsa)]))
-    junction = head - prm.neck_length * neck_dir
+    neck_dir, shaft_dir = _mirror(shape.neck_dir, 1.0), _mirror(shape.shaft_dir, 1.0)
+    junction = head + _mirror(shape.junction, 1.0)
     if kind == "prosthesis":
-        shaft = _unit(np.array([-np.sin(np.deg2rad(7.0)), 0.0, -np.cos(np.deg2rad(7.0))]))
         d = _sphere(p, head, prm.head_radius - 0.5)
         d = torch.minimum(d, _capsule(p, head, junction, 7.0))
-        return torch.minimum(d, _capsule(p, junction, junction + 130.0 * shaft, 6.0))
+        return torch.minimum(d, _capsule(p, junction, junction + 130.0 * shaft_dir, 6.0))
     d = torch.full_like(p[0], float("inf"))
     for dy, dz in ((0.0, -8.0), (-7.0, 6.0), (7.0, 6.0)):
         offset = np.array([0.0, dy, dz]) * prm.head_radius / 23.0
@@ -442,16 +430,20 @@ def anatomy(prm: SubjectParams, spacing: tuple[float, float, float], origin: Seq
     body = tuple(sum(world[r] * float(rot[r, c]) for r in range(3)) for c in range(3))
     del world
     with torch.no_grad():
+        shape = femur_shape(prm)
+        # the femur's distance field on a 1 mm grid down to the lowest point in view (both femurs share it)
+        bottom = float(min(body[2].min(), 0.0)) - 2.0
+        grid = distance_grid(shape, (max(bottom, float(shape.vertices[:, 2].min())), prm.head_radius + 8.0))
         pelvis = _pelvis_sdf(body, prm)
         sdfs = {"pelvis": pelvis.numpy(), "spine": _spine_sdf(body).numpy()}
         resected = None
         if around.metal != "none":
-            sdfs["metal"] = _metal_sdf(body, prm, around.metal).numpy()
+            sdfs["metal"] = _metal_sdf(body, prm, around.metal, shape).numpy()
         if around.metal == "prosthesis":
             head = head_centre(prm, side=1.0)
             resected = _sphere(body, head, prm.head_radius + 1.0)
         for name, side in (("left", -1.0), ("right", 1.0)):
-            femur = _femur_sdf(body, prm, side=side)
+            femur = _femur_sdf(body, prm, side, shape, grid)
             sdf = torch.maximum(femur.sdf, -pelvis)  # CSG difference: femur minus pelvis
             if name == "right" and resected is not None:
                 sdf = torch.maximum(sdf, -resected)
@@ -491,7 +483,8 @@ def _normal_extent(sdf: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     surface sees it, e.g. the slice thickness for a surface parallel to the slices, the pixel size across them."""
     grads = np.gradient(sdf, *spacing)
     norm = np.sqrt(sum(g * g for g in grads)) + 1e-6
-    return sum(np.abs(g) * (s / norm) for g, s in zip(grads, spacing))
+    # no thinner than the voxel's smallest side (where a field is flat, e.g. past the edge of a sampled one)
+    return np.maximum(sum(np.abs(g) * (s / norm) for g, s in zip(grads, spacing)), min(spacing))
 
 
 def _bounds(mask: np.ndarray) -> tuple[slice, ...]:
@@ -636,7 +629,7 @@ def _write_one(args: tuple[SubjectParams, tuple[float, float, float], str, str])
         "sex": prm.sex,
         "age": prm.age,
         "head_diameter_mm": round(2 * prm.head_radius, 2),
-        "neck_shaft_angle_deg": round(prm.neck_shaft_angle, 2),
+        "neck_shaft_angle_deg": round(femur_shape(prm).neck_shaft_angle, 2),
         "trabecular_hu": round(prm.trabecular_hu, 1),
         "osteoporotic": prm.osteoporotic,
         "joint_space_mm": round(prm.joint_space, 2),

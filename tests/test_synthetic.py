@@ -75,7 +75,8 @@ def test_framing_ranges_from_hips_only_to_abdomen_or_thigh_and_always_holds_the_
     assert ((high - low >= FOV_LENGTH_MM[0]) & (high - low <= FOV_LENGTH_MM[1])).all()
     assert (low <= HIP_Z_MM[0]).all() and (high >= HIP_Z_MM[1]).all()  # the label and the acetabulum in every scan
     assert (low >= FOV_Z_LIMITS_MM[0]).all() and (high <= FOV_Z_LIMITS_MM[1]).all()
-    assert (high > 115.0).mean() > 0.1 and (low < -170.0).mean() > 0.05  # L5 in view; the thigh in view
+    # L5 in view (expected 11%), the thigh in view (8%); bounds > 3 standard errors below for 400 subjects
+    assert (high > 115.0).mean() > 0.06 and (low < -170.0).mean() > 0.04
     assert (high < 70.0).mean() > 0.1  # hips only
     metal = pd.Series([f.metal for f in frames]).value_counts(normalize=True)
     assert 0.02 < metal["prosthesis"] < 0.09 and 0.02 < metal["screws"] < 0.09
@@ -119,7 +120,8 @@ def test_metal_in_the_right_hip_saturates_and_streaks_but_spares_the_left_femur(
     through = metal.any(axis=(0, 1))
     assert through.any() and not through.all()
     spread = [np.std(image[:, :, k][soft[:, :, k]]) for k in range(image.shape[2])]
-    assert np.median(np.array(spread)[through]) > 1.5 * np.median(np.array(spread)[~through])
+    # (1.3-1.7x over the first four prosthesis subjects, 1.00x with the streaks removed)
+    assert np.median(np.array(spread)[through]) > 1.2 * np.median(np.array(spread)[~through])
     if kind == "prosthesis":  # the right femoral head is replaced, not overlaid
         assert sdfs["right"].min() < 0
         assert not ((sdfs["right"] < 0) & (sdfs["metal"] < -prm.head_radius * 0.5)).any()
