@@ -10,11 +10,12 @@ asymmetric context of the *left* hip (the pelvis and the midline lie to its righ
 The peak is where the ROI is centred; its height is kept as a QC score.
 
 The patient's pose. Patients lie turned by some degrees on the table; the network was trained on the cohort's range
-of poses. Around the peak, the template is matched against the scan turned about each RAS axis (two coordinate
-sweeps over ``±max_rotation`` degrees in 5° steps, refined by Powell's method, the centre re-matched after each), and
-the ROI box is turned by the best rotation (:mod:`data_modules.roi`), so every ROI shows the femur in the training pose
-and predictions are mapped back through the turned box. ``max_rotation: 0`` keeps axis-aligned boxes. All of it runs
-the same way in training, evaluation and ``stvnet predict``.
+of poses. Around each of the best :data:`CANDIDATE_PEAKS` separate peaks (a turned femur lowers the true peak, so a
+look-alike may top it), the template is matched against the scan turned about each RAS axis (two coordinate sweeps
+over ``±max_rotation`` degrees in 5° steps, refined by Powell's method, the centre re-matched after each); the ROI box
+is centred on the best posed match and turned by its rotation (:mod:`data_modules.roi`), so every ROI shows the femur
+in the training pose and predictions are mapped back through the turned box. ``max_rotation: 0`` keeps axis-aligned
+boxes at the highest peak. All of it runs the same way in training, evaluation and ``stvnet predict``.
 
 Limits (measured in the README): anatomy the template never saw lowers the peak; a scan without a left hip still
 has a peak somewhere, so predict checks the ROI's contents
@@ -33,7 +34,7 @@ import torch
 import torchio as tio
 from scipy import ndimage, optimize
 from scipy.spatial.transform import Rotation
-from skimage.feature import match_template
+from skimage.feature import match_template, peak_local_max
 
 from data_modules.roi import place_box, read_box
 
@@ -49,6 +50,8 @@ ROTATION_STEP = 5.0
 SWEEPS = 2
 #: coarse voxels the centre may move when it is re-matched in a turned frame
 RECENTRE_VOXELS = 3
+#: separate correlation peaks whose poses are searched (the best posed match wins)
+CANDIDATE_PEAKS = 3
 
 
 def coarse(image: tio.ScalarImage, hu_window: Sequence[float], spacing: float = COARSE_SPACING) -> tio.ScalarImage:
@@ -220,10 +223,19 @@ class FemurLocator:
         pad = [(t // 2, t - 1 - t // 2) for t in self.template.shape]
         padded = np.pad(array, pad, mode="edge")
         ncc = match_template(padded, self.template)  # ncc[i]: the template centred on the scan's voxel i
-        peak = np.array(np.unravel_index(int(np.argmax(ncc)), ncc.shape))
+        if self.max_rotation <= 0:
+            return self._location(ncc, np.array(np.unravel_index(int(np.argmax(ncc)), ncc.shape)), scan.affine)
+        # the axis-aligned peak may be a look-alike (a turned patient lowers the true one): the best few separate
+        # peaks are each posed, and the best posed match wins
+        half = min(self.template.shape) // 2
+        peaks = peak_local_max(ncc, min_distance=half, num_peaks=CANDIDATE_PEAKS, exclude_border=False)
+        posed = [self._pose(array, scan.affine, self._location(ncc, peak, scan.affine)) for peak in peaks]
+        return max(posed, key=lambda location: location.score)
+
+    @staticmethod
+    def _location(ncc: np.ndarray, peak: np.ndarray, affine: np.ndarray) -> Location:
         refined = peak + _subvoxel_offset(ncc, peak)
-        location = Location((scan.affine @ np.append(refined, 1.0))[:3], float(ncc.max()))
-        return self._pose(array, scan.affine, location) if self.max_rotation > 0 else location
+        return Location((affine @ np.append(refined, 1.0))[:3], float(ncc[tuple(peak)]))
 
     def _pose(self, array: np.ndarray, affine: np.ndarray, location: Location) -> Location:
         """Search the rotation of the ROI box that best matches the template: :data:`SWEEPS` coordinate sweeps over
@@ -265,8 +277,10 @@ class FemurLocator:
         return _correlation(_box(scan, center_mm, self.template.shape, fill=0.0), self.template)
 
     def digest(self) -> str:
-        """A short hash of what decides where this locator puts a ROI (template, spacing, window, pose range)."""
-        payload = self.template.tobytes() + json.dumps([self.spacing, list(self.hu_window), self.max_rotation]).encode()
+        """A short hash of what decides where this locator puts a ROI (template, spacing, window, pose range, the
+        peaks searched): the key of the ROI locations the cache keeps."""
+        payload = self.template.tobytes() + json.dumps([self.spacing, list(self.hu_window), self.max_rotation,
+                                                        CANDIDATE_PEAKS]).encode()
         return hashlib.sha1(payload).hexdigest()[:16]
 
     def state_dict(self) -> dict:
