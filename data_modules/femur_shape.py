@@ -60,7 +60,7 @@ class FemurShape:
 
     @property
     def neck_shaft_angle(self) -> float:
-        """Angle (deg) between the neck's axis and the shaft's, as measured on radiographs (~125-135 in adults)."""
+        """Angle (deg) in 3D between the neck's axis (towards the head) and the shaft's (distally); adults ~120-135."""
         return float(np.degrees(np.arccos(np.clip(self.neck_dir @ self.shaft_dir, -1.0, 1.0))))
 
     @property

@@ -244,9 +244,9 @@ def femur_shape(prm: SubjectParams) -> FemurShape:
     return femur_instance(prm.shape_modes, prm.head_radius)
 
 
-def _mirror(v: np.ndarray, side: float) -> np.ndarray:
-    """A left-femur vector (body axes) for the femur on ``side`` (-1 left, +1 right: x mirrored)."""
-    return v * np.array([-1.0, 1.0, 1.0]) if side > 0 else v
+def _mirrored(v: np.ndarray) -> np.ndarray:
+    """A left-femur vector (body axes) for the right femur: x mirrored."""
+    return v * np.array([-1.0, 1.0, 1.0])
 
 
 def _femur_sdf(p: Points, prm: SubjectParams, side: float, shape: FemurShape, grid: DistanceGrid) -> Femur:
@@ -384,8 +384,8 @@ def _metal_sdf(p: Points, prm: SubjectParams, kind: str, shape: FemurShape) -> t
     """SDF of the metal in the right hip: a prosthesis (head, neck, stem down the shaft) or three cannulated screws
     across the neck."""
     head = head_centre(prm, side=1.0)
-    neck_dir, shaft_dir = _mirror(shape.neck_dir, 1.0), _mirror(shape.shaft_dir, 1.0)
-    junction = head + _mirror(shape.junction, 1.0)
+    neck_dir, shaft_dir = _mirrored(shape.neck_dir), _mirrored(shape.shaft_dir)
+    junction = head + _mirrored(shape.junction)
     if kind == "prosthesis":
         d = _sphere(p, head, prm.head_radius - 0.5)
         d = torch.minimum(d, _capsule(p, head, junction, 7.0))
