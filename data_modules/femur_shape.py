@@ -144,9 +144,10 @@ def _surface_samples(vertices: np.ndarray, triangles: np.ndarray, step: float) -
     """Points on every triangle on a barycentric lattice no coarser than ``step`` mm, and their triangles."""
     corners = vertices[triangles]
     edges = np.linalg.norm(corners - np.roll(corners, 1, axis=1), axis=2).max(axis=1)
+    divisions = np.ceil(edges / step).astype(int)
     points, owners = [], []
-    for n in np.unique(np.ceil(edges / step).astype(int)):
-        ids = np.flatnonzero(np.ceil(edges / step).astype(int) == n)
+    for n in np.unique(divisions):
+        ids = np.flatnonzero(divisions == n)
         i, j = np.meshgrid(np.arange(n + 1), np.arange(n + 1), indexing="ij")
         keep = i + j <= n
         bary = np.stack([1.0 - (i[keep] + j[keep]) / n, i[keep] / n, j[keep] / n], axis=1)
