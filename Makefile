@@ -40,10 +40,14 @@ VERDICT_EPOCHS ?= 24
 VERDICT_JOBS ?= 1
 VERDICT_COHORT := data/verdict-v4-$(VERDICT_SUBJECTS)
 
-.PHONY: install train test test-multiprocess mutate planted-bugs synth bench evaluate ablate verdict verdict-cpu sweep clean help
+# make train-long: the same experiment for LONG_EPOCHS (stage lengths scale with it): the longer CPU run
+LONG_EPOCHS ?= 72
+
+.PHONY: install train train-long test test-multiprocess mutate planted-bugs synth bench evaluate ablate verdict verdict-cpu sweep clean help
 
 help:
 	@echo "make train   train EXPERIMENT (default $(EXPERIMENT)) on fold FOLD of DATA (default: synthetic cohort)"
+	@echo "make train-long   the same for LONG_EPOCHS (default $(LONG_EPOCHS)) epochs, the stages scaled with them"
 	@echo "make test    run the test suite (in-process tests, ~4 min on 2 cores)"
 	@echo "make test-multiprocess   tests that launch DDP ranks, torchrun, sweeps and kill/resume (~5 min; CI runs both)"
 	@echo "make mutate  mutation testing (mutmut) of the modules in [tool.mutmut]; score in mutation/score.md"
@@ -53,7 +57,7 @@ help:
 	@echo "make verdict V-Net vs ST-V-Net, 10 folds x 2 seeds, paired tests, effect sizes, hard cases (OUT/verdict/report.md)"
 	@echo "make verdict-cpu   the same study sized for 2 CPU cores (40 subjects, 48^3 ROIs, 40 epochs; OUT/cpu/verdict)"
 	@echo "make sweep   Optuna search (SPACE, TRIALS); best.yaml + plots under OUT/sweeps/<study>"
-	@echo "make bench   benchmark against MONAI (ratios), table in bench_results/bench.md"
+	@echo "make bench   benchmark against MONAI (ratios) and the ceiling of each experiment's ROI grid, in bench_results/bench.md"
 	@echo "make evaluate RUNS=\"run1 run2\"   paper-style evaluation of trained runs"
 
 $(STAMP): pyproject.toml
@@ -67,6 +71,9 @@ install: $(STAMP)
 
 train: $(STAMP)
 	$(BIN)/stvnet train $(TRAIN_ARGS) $(ARGS)
+
+train-long: $(STAMP)
+	$(BIN)/stvnet train $(TRAIN_ARGS) --trainer.max_epochs $(LONG_EPOCHS) $(ARGS)
 
 synth: $(STAMP)
 	$(BIN)/stvnet synth --out data/synthetic-v4

@@ -1,7 +1,8 @@
 """A persistent preprocessed cache: every scan is reoriented, windowed and resampled once, shared by everything.
 
 What is stored. Per (scan, settings) an entry folder holds the scan in canonical (RAS) orientation, HU-windowed to
-[0, 1] and resampled to ``target_spacing`` (``image.npy``, float32), its label (``label.npy``, uint8), the same scan at
+[0, 1] and resampled to ``target_spacing`` (``image.npy``, float32), its label (``label.npy``: uint8, or float32 soft
+labels with ``label_interpolation: linear``), the same scan at
 the locator's coarse 6 mm spacing (``coarse.npy``), and ``meta.json`` (affines, the label's bounding-box centre and
 the QC statistics the femur template needs). What is *not* stored is anything fold-dependent: the femur template is
 built per fold from the training entries' coarse scans, and the ROI is cut from the memory-mapped volume when a
@@ -63,6 +64,7 @@ class CacheSettings:
     target_spacing: tuple[float, float, float] | None
     hu_window: tuple[float, float]
     coarse_spacing: float = COARSE_SPACING
+    label_interpolation: str = "nearest"
 
     def digest(self) -> str:
         payload = json.dumps({"version": CACHE_VERSION, **asdict(self)}, sort_keys=True)
@@ -93,7 +95,7 @@ def write_entry(folder: Path, image: str, label: str | None, settings: CacheSett
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        fine = windowed(settings.target_spacing, settings.hu_window)(subject)
+        fine = windowed(settings.target_spacing, settings.hu_window, settings.label_interpolation)(subject)
         np.save(tmp / "image.npy", fine["image"].data[0].numpy().astype(np.float32))
         meta = {"image": image, "label": label, "affine": fine["image"].affine.tolist(),
                 "minimum": float(fine["image"].data.min())}
@@ -101,7 +103,9 @@ def write_entry(folder: Path, image: str, label: str | None, settings: CacheSett
         np.save(tmp / "coarse.npy", low.data[0].numpy().astype(np.float32))
         meta["coarse_affine"] = low.affine.tolist()
         if label:
-            np.save(tmp / "label.npy", (fine["label"].data[0].numpy() > 0).astype(np.uint8))
+            on_grid = fine["label"].data[0].numpy()
+            soft = settings.label_interpolation == "linear"
+            np.save(tmp / "label.npy", on_grid.astype(np.float32) if soft else (on_grid > 0).astype(np.uint8))
             center = box_center_mm(subject["label"])
             meta["label_center_mm"] = center.tolist()
             meta["stats"] = {**raw_statistics(subject["image"], center, settings.coarse_spacing),
@@ -226,7 +230,8 @@ class PreprocessedCache:
                 if locator is not None:
                     self._new.add(locator.digest())
             attributes.update(label_in_roi=coverage[key][0], label_cut=coverage[key][1])
-            images["label"] = tio.LabelMap(folder / "label.npy", reader=RoiReader(affine, box, 0.0, nearest=True))
+            nearest = self.settings.label_interpolation == "nearest"
+            images["label"] = tio.LabelMap(folder / "label.npy", reader=RoiReader(affine, box, 0.0, nearest=nearest))
         return tio.Subject(**images, roi_center_mm=np.asarray(center_mm, float), **attributes)
 
 

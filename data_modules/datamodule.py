@@ -79,6 +79,9 @@ class FemurDataModule(L.LightningDataModule):
         roi_max_rotation: with ``template``, the patient's pose is searched within this many degrees about each
             axis and the ROI box turned with it, so every ROI shows the femur in the training pose (0: axis-aligned).
         hu_window: HU range clamped and scaled to [0, 1].
+        label_interpolation: how labels reach the ROI grid: ``nearest`` (binary targets, jagged at a coarse spacing) or
+            ``linear`` (soft targets: each voxel's share of femur, which keeps the sub-voxel boundary; validation
+            thresholds them at 0.5).
         batch_size, num_workers: loader settings for training.
         augment: augmentation strength (0 disables it).
         patch_size: train on patches of this size through ``tio.Queue`` (``None``: whole ROIs).
@@ -107,6 +110,7 @@ class FemurDataModule(L.LightningDataModule):
         roi_center: tuple[float, float, float] | None = ROI_CENTER_FRACTION,
         roi_max_rotation: float = 20.0,
         hu_window: tuple[float, float] = (-200.0, 1800.0),
+        label_interpolation: str = "nearest",
         batch_size: int = 2,
         num_workers: int = 2,
         augment: float = 1.0,
@@ -133,7 +137,7 @@ class FemurDataModule(L.LightningDataModule):
         self.patch_size = patch_size
         self.store = PreprocessedCache(cache_dir, CacheSettings(
             tuple(float(v) for v in target_spacing) if target_spacing else None,
-            (float(hu_window[0]), float(hu_window[1])))) if cache else None
+            (float(hu_window[0]), float(hu_window[1])), label_interpolation=label_interpolation)) if cache else None
         # with the cache, voxels are checked once per scan when its entry is built
         self.folds = CohortSplits(self.manifest_path, cohort, n_folds, test_fraction, split_seed,
                                   list(strata) if strata is not None else ["sex"], Path(splits_dir),
@@ -141,7 +145,7 @@ class FemurDataModule(L.LightningDataModule):
         self.roi_locator = roi_locator
         self._locator: FemurLocator | None = None
         self._preprocess: tio.Compose | None = None
-        self.augment = augmentation(augment)
+        self.augment = augmentation(augment, label_interpolation)
         self._subjects: dict[str, list[tio.Subject]] = {}
 
     # ------------------------------------------------------------------ cohort and splits
@@ -194,7 +198,8 @@ class FemurDataModule(L.LightningDataModule):
         """Deterministic preprocessing of this fold (the same in training, evaluation and predict)."""
         if self._preprocess is None:
             h = self.hparams
-            self._preprocess = preprocessing(h.target_spacing, h.roi_size, h.roi_center, h.hu_window, self.locator)
+            self._preprocess = preprocessing(h.target_spacing, h.roi_size, h.roi_center, h.hu_window, self.locator,
+                                             h.label_interpolation)
         return self._preprocess
 
     # ------------------------------------------------------------------ subjects

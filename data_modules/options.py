@@ -9,7 +9,7 @@ from typing import Any
 
 from data_modules.errors import InvalidInput
 from data_modules.manifest import COHORTS
-from data_modules.transforms import PATCH_SAMPLERS
+from data_modules.transforms import LABEL_INTERPOLATIONS, PATCH_SAMPLERS
 
 ROI_LOCATORS = ("template", "fraction")
 
@@ -38,6 +38,8 @@ def option_problems(options: dict[str, Any]) -> list[str]:
         ("roi_max_rotation", 0.0 <= o["roi_max_rotation"] <= 90.0, "must be in [0, 90] degrees"),
         ("hu_window", len(o["hu_window"]) == 2 and o["hu_window"][0] < o["hu_window"][1],
          "must be [low, high] HU with low < high, e.g. [-200, 1800]"),
+        ("label_interpolation", o["label_interpolation"] in LABEL_INTERPOLATIONS,
+         f"must be one of {', '.join(LABEL_INTERPOLATIONS)}"),
         ("batch_size", o["batch_size"] >= 1, "must be at least 1"),
         ("num_workers", o["num_workers"] >= 0, "must be 0 (load in the main process) or more"),
         ("augment", o["augment"] >= 0.0, "must be 0 (off) or a positive strength"),

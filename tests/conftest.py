@@ -118,7 +118,7 @@ def tiny_train_args(manifest: Path, out: Path, epochs: int = 3, config: str | Pa
     root = Path(__file__).resolve().parents[1]
     path = Path(config) if Path(config).is_absolute() else root / "experiments" / config
     text = path.read_text()  # an ST-V-Net experiment names nets/stvnet*.yaml, a resolved one the class
-    net = "--model.net.init_args.vnet.init_args" if "nets/stvnet" in text or "STVNet" in text else "--model.net.init_args"
+    net = "--model.net.init_args.backbone.init_args" if "nets/stvnet" in text or "STVNet" in text else "--model.net.init_args"
     return [
         "--config", str(path),
         "--data.manifest", str(manifest), "--data.n_folds", "3", "--data.num_workers", "0",
@@ -164,7 +164,7 @@ def vnet_checkpoint(config: dict, data: dict, path: Path) -> Path:
     from stvnet.models import VNet
 
     init = config["model"]["net"]["init_args"]
-    module = FemurSegmenter(VNet(**(init["vnet"]["init_args"] if "vnet" in init else init)))
+    module = FemurSegmenter(VNet(**(init["backbone"]["init_args"] if "backbone" in init else init)))
     torch.save({"state_dict": module.state_dict(), "FemurDataModule": FemurDataModule(**data).state_dict()}, path)
     return path
 

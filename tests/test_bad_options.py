@@ -51,6 +51,8 @@ TRAIN_OPTIONS = {
     "one fold": (["--data.n_folds", "1"], "data.n_folds 1: cross-validation needs at least 2 folds"),
     "test fraction above 1": (["--data.test_fraction", "1.5"], "data.test_fraction 1.5: must be in [0, 1)"),
     "empty batches": (["--data.batch_size", "0"], "data.batch_size 0: must be at least 1"),
+    "unknown label interpolation": (["--data.label_interpolation", "cubic"],
+                                    "data.label_interpolation cubic: must be one of nearest, linear"),
     "patch larger than the ROI": (["--data.patch_size", "[48, 48, 48]"],
                                   "data.patch_size [48, 48, 48]: larger than data.roi_size [32, 32, 32]"),
     "misspelt option": (["--model.lrr", "0.1"], "unrecognized arguments: --model.lrr 0.1; see stvnet train --help"),
@@ -75,7 +77,7 @@ def test_train_refuses_a_cohort_with_no_subjects(tiny_cohort, tmp_path, capsys):
 
 def test_train_refuses_fewer_epochs_than_the_experiment_has_stages(tiny_cohort, tmp_path, capsys):
     argv = ["train", *tiny_train_args(tiny_cohort, tmp_path / "runs", epochs=2, config="stvnet.yaml")]
-    _refused(argv, capsys, "--trainer.max_epochs 2: the experiment's 3 stages (vnet, stn, finetune) need at least one "
+    _refused(argv, capsys, "--trainer.max_epochs 2: the experiment's 3 stages (backbone, stn, finetune) need at least one "
              "epoch each; pass --trainer.max_epochs 3 or more", tmp_path)
 
 

@@ -92,3 +92,16 @@ def test_worker_memory_is_extrapolated_from_the_workers_that_run_at_once():
     (row,) = [r for r in measured.rows() if r["what"].startswith("loader worker peak RSS")]
     assert row["ours"] == 900.0
     assert "(8 workers at once; x4 ranks: 28.1 GiB)" in row["what"]
+
+
+def test_the_ceiling_section_scores_each_distinct_data_setting_once(tiny_cohort):
+    """Experiments that share their data settings (the V-Net and ST-V-Net configs) share one ceiling row; another grid
+    (the GPU configs' 144^3 at 1 mm) gets its own; each is a DSC a perfect network reaches, below 1 on a coarser grid."""
+    from stvnet.bench import EXPERIMENTS, bench_ceiling
+
+    cfg = BenchConfig.tiny()
+    cfg.ceiling_configs = tuple(str(EXPERIMENTS / name) for name in ("vnet.yaml", "stvnet.yaml", "gpu/vnet.yaml"))
+    rows = bench_ceiling(cfg, str(tiny_cohort))
+    assert [r["what"].split(":")[0] for r in rows] == ["ceiling of vnet, stvnet", "ceiling of gpu/vnet"]
+    assert "64x64x64 at 2.3x2.3x2.3 mm, linear labels (1 scans;" in rows[0]["what"]
+    assert all(r["unit"] == "DSC" and 0.8 < r["ours"] <= 1.0 for r in rows)

@@ -30,9 +30,12 @@ def _scans(manifest: Path) -> list[tuple[str, str, str]]:
 
 
 @pytest.mark.mutation_target("subjects")
-@pytest.mark.parametrize(("locator", "turn"), [("template", 20.0), ("template", 0.0), ("fraction", 0.0)])
-def test_cached_subjects_hold_exactly_what_preprocessing_gives(tiny_cohort, tmp_path, locator, turn):
-    args = tiny_data_args(tiny_cohort, tmp_path / "splits", roi_locator=locator, roi_max_rotation=turn)
+@pytest.mark.parametrize(("locator", "turn", "labels"), [("template", 20.0, "nearest"), ("template", 0.0, "nearest"),
+                                                        ("fraction", 0.0, "nearest"), ("template", 20.0, "linear")])
+def test_cached_subjects_hold_exactly_what_preprocessing_gives(tiny_cohort, tmp_path, locator, turn, labels):
+    """...with binary labels, and with soft ones (``label_interpolation: linear``: each voxel's share of femur)."""
+    args = tiny_data_args(tiny_cohort, tmp_path / "splits", roi_locator=locator, roi_max_rotation=turn,
+                          label_interpolation=labels)
     cached, direct = FemurDataModule(**args), FemurDataModule(**{**args, "cache": False})
     if turn:
         assert any(not np.allclose(s["roi_rotation"], np.eye(3)) for s in cached.subjects("test"))  # turned boxes
@@ -50,6 +53,11 @@ def test_cached_subjects_hold_exactly_what_preprocessing_gives(tiny_cohort, tmp_
             if locator == "template":
                 assert np.allclose(lazy["roi_center_mm"], reference["roi_center_mm"], atol=1e-6)
             assert (lazy["label_in_roi"], lazy["label_cut"]) == (reference["label_in_roi"], reference["label_cut"])
+            values = lazy["label"].data
+            soft = ((values > 0.05) & (values < 0.95)).float().sum() / (values > 0.5).float().sum()
+            assert float(values.min()) >= 0.0 and float(values.max()) <= 1.0
+            # a femur at 4 mm: a third or more of its voxels are partly femur when the labels are soft, none when not
+            assert (soft > 0.3) if labels == "linear" else (soft == 0)
 
 
 def test_subjects_are_read_lazily_by_whoever_uses_them(tiny_cohort, tmp_path):

@@ -20,6 +20,12 @@ from stvnet.training import RunOptions, default_config_files
 from tests.conftest import EXPERIMENT_FILES, EXPERIMENTS, tiny_data_args, vnet_checkpoint
 
 CONFIGS = EXPERIMENT_FILES
+
+
+def GPU_PEER(config: Path) -> bool:  # noqa: N802 (a predicate used like a constant in the parametrisations)
+    """experiments/peers/gpu/: built and resolved here, but not stepped: one bf16 step of their 48-56-wide networks
+    takes over a minute at 24^3 on a 2-core CPU (their networks are the CPU peers', which are stepped)."""
+    return "peers" in config.parts and "gpu" in config.parts
 # each experiment's resolved config as it was before the experiments were composed from experiments/defaults.yaml and
 # experiments/nets/ (six full copies then); an intended change of an experiment updates its file here
 RESOLVED = Path(__file__).resolve().parent / "resolved_configs"
@@ -70,7 +76,9 @@ def test_experiment_builds(config, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["stvnet"])  # pytest's own arguments are not the CLI's
     cli = _BuildOnly(FemurSegmenter, FemurDataModule, run=False, parser_kwargs={"default_config_files": default_config_files()},
                      args=["--config", str(config), "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
-    expected = "STVNet" if "stvnet" in config.name else "VNet"
+    expected = _resolved(config)["model"]["net"]["class_path"].rsplit(".", 1)[1]
+    assert expected == ("STVNet" if "stvnet" in config.name else "VNet" if "vnet" in config.name else
+                        "DynUNet" if "dynunet" in config.name else "SegResNet")
     assert type(cli.model.net).__name__ == expected
     schedules = [c for c in cli.trainer.callbacks if isinstance(c, StageSchedule)]
     if expected == "STVNet" or "staged" in config.name:
@@ -82,7 +90,7 @@ def test_vnet_and_stvnet_share_data_seed_and_budget(folder):
     vnet, st = _resolved(folder / "vnet.yaml"), _resolved(folder / "stvnet.yaml")
     assert vnet["data"] == st["data"] and vnet["seed_everything"] == st["seed_everything"]
     assert vnet["trainer"]["max_epochs"] == st["trainer"]["max_epochs"]
-    assert vnet["model"]["net"]["init_args"] == st["model"]["net"]["init_args"]["vnet"]["init_args"]
+    assert vnet["model"]["net"]["init_args"] == st["model"]["net"]["init_args"]["backbone"]["init_args"]
 
 
 def test_staged_vnet_control_differs_from_the_baseline_only_in_its_schedule():
@@ -98,7 +106,8 @@ def test_staged_vnet_control_differs_from_the_baseline_only_in_its_schedule():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.not_in_mutation_run) if "gpu" in c.parts else c
-                                    for c in CONFIGS], ids=[str(c.relative_to(EXPERIMENTS)) for c in CONFIGS])
+                                    for c in CONFIGS if not GPU_PEER(c)], ids=[str(c.relative_to(EXPERIMENTS))
+                                                                               for c in CONFIGS if not GPU_PEER(c)])
 def test_every_experiment_trains_and_validates_through_all_its_stages(config, tiny_cohort, tmp_path):
     """No config ships broken: each one (GPU ones included, bf16 on CPU, at a reduced ROI) trains and validates one
     step in each of its stages through the real command, and its printed config reproduces itself.

@@ -69,12 +69,12 @@ def test_staged_stvnet_trains_under_ddp_as_a_user_types_it(tiny_cohort, tmp_path
     out, probe = tmp_path / "runs", tmp_path / "probe"
     args = tiny_train_args(tiny_cohort, out, epochs=3, config="stvnet.yaml") + [
         "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
-        "--model.net.init_args.vnet.init_args.norm", "batch",  # running statistics that a frozen V-Net must keep
+        "--model.net.init_args.backbone.init_args.norm", "batch",  # running statistics that a frozen V-Net must keep
         "--trainer.callbacks+=tests.ddp_probe.StageSnapshots", f"--trainer.callbacks.out={probe}"]
     proc = train_in_subprocess(args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(probe / f"rank{r}.pt", weights_only=False) for r in range(2)]
-    assert ranks[0]["stage"] == {0: "vnet", 1: "stn", 2: "finetune"}
+    assert ranks[0]["stage"] == {0: "backbone", 1: "stn", 2: "finetune"}
     for epoch in ("init", 0, 1, 2):  # identical parameters and buffers on both ranks after every stage
         for key, value in ranks[0]["states"][epoch].items():
             assert torch.equal(value, ranks[1]["states"][epoch][key]), (epoch, key)
@@ -83,11 +83,11 @@ def test_staged_stvnet_trains_under_ddp_as_a_user_types_it(tiny_cohort, tmp_path
     def changed(before, after) -> set[str]:
         return {k.split(".")[0] for k in states[after] if not torch.equal(states[before][k], states[after][k])}
 
-    assert changed("init", 0) == {"vnet"}  # stage 1: V-Net weights and BatchNorm statistics; STN, fusion untouched
+    assert changed("init", 0) == {"backbone"}  # stage 1: V-Net weights and BatchNorm statistics; STN, fusion untouched
     assert any("running_mean" in k and not torch.equal(states["init"][k], states[0][k]) for k in states[0])
     assert changed(0, 1) == {"stn", "fusion"}  # stage 2: the frozen V-Net keeps weights and statistics
     assert not torch.equal(states[1]["fusion.weight"], states["init"]["fusion.weight"])
-    assert changed(1, 2) == {"vnet", "stn", "fusion"}
+    assert changed(1, 2) == {"backbone", "stn", "fusion"}
 
     (run,) = list((out / "stvnet" / "all" / "fold0").iterdir())
     assert proc.stdout.count("Run folder:") == 1

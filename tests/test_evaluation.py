@@ -51,6 +51,7 @@ def test_evaluate_two_models_writes_full_report(trained_runs, tiny_cohort, tmp_p
     per_subject = pd.read_csv(out / "per_subject.csv")
     assert list(per_subject.columns) == ["subject_id", "sex", "fold", "seed", "model", "split", "cohort", "image",
                                          "label", "ckpt_epoch", "ckpt_stage", "prediction", *METRIC_KEYS,
+                                         "ceiling_dice", "ceiling_hd95", "ceiling_assd",
                                          "joint_space_mm", "osteoporotic", "metal"]  # no index; hard-case columns
     assert all(Path(p).is_file() for p in per_subject["prediction"])  # each row names the mask it scored
     assert set(per_subject["cohort"]) == {"all"}
@@ -255,8 +256,10 @@ def test_a_run_is_scored_in_each_labels_own_grid_and_its_masks_saved(tmp_path):
     mask_affine[:3, 3] = (5.0, -6.0, 7.0)
 
     class Predictor:
-        def segment(self, image):
-            return moved, mask_affine
+        threshold = 0.5
+
+        def with_ceiling(self, image, label):  # the label itself went through the preprocessing unharmed
+            return moved.astype(np.float32), truth.astype(np.float32), mask_affine
 
     info = RunInfo(tmp_path / "x.ckpt", "vnet-female", 2, "female", {}, 7, "finetune", {"test": ["s1", "s2"]}, "")
     label = str(tmp_path / "label.nii.gz")
@@ -266,6 +269,7 @@ def test_a_run_is_scored_in_each_labels_own_grid_and_its_masks_saved(tmp_path):
     assert [r["subject_id"] for r in rows] == ["s1", "s2"]
     for row, image in zip(rows, ("a.nii.gz", "b.nii.gz")):
         assert row["dice"] == pytest.approx(2 * 5 / 12) and row["hd"] == pytest.approx(3.0)  # one slice of 3 mm
+        assert row["ceiling_dice"] == 1.0 and row["ceiling_hd95"] == 0.0 and row["ceiling_assd"] == 0.0
         assert {k: row[k] for k in ("fold", "model", "split", "cohort", "image", "label", "sex", "ckpt_epoch",
                                     "ckpt_stage")} == {
             "fold": 2, "model": "vnet-female", "split": "test", "cohort": "female", "image": image, "label": label,
@@ -330,11 +334,17 @@ def test_evaluate_runs_writes_what_its_defaults_promise(tiny_cohort, tmp_path, m
             devices.append(device)
             return cls()
 
-        def segment(self, image):
+        threshold = 0.5
+
+        def with_ceiling(self, image, label_path):
             label = nib.load(label_of[Path(image).name])
-            mask = np.asanyarray(label.dataobj).astype(np.uint8)
-            mask[0, 0, 0] = 1
-            return mask, label.affine
+            assert Path(label_path) == label_of[Path(image).name]  # the subject's own label, for its ceiling
+            truth = np.asanyarray(label.dataobj).astype(np.float32)
+            prob = truth.copy()
+            prob[0, 0, 0] = 0.9
+            perfect = truth.copy()
+            perfect[tuple(np.argwhere(truth > 0)[0])] = 0.4  # the round trip loses one femur voxel
+            return prob, perfect, label.affine
 
     monkeypatch.setattr(stvnet.evaluation, "Predictor", StrayVoxelPredictor)
     out = tmp_path / "a" / "b" / "eval"
@@ -342,6 +352,8 @@ def test_evaluate_runs_writes_what_its_defaults_promise(tiny_cohort, tmp_path, m
     assert devices == ["cpu"] and list(table["subject_id"]) == subjects[:5]  # the test split, then val
     assert list(table["split"]) == ["test"] * 4 + ["val"]
     assert (table["dice"] < 1.0).all()  # raw masks: the stray voxel is scored
+    voxels = np.array([int((np.asanyarray(nib.load(label_of[Path(i).name]).dataobj) > 0).sum()) for i in table["image"]])
+    assert np.allclose(table["ceiling_dice"], 2 * (voxels - 1) / (2 * voxels - 1))  # the ceiling: one voxel missed
     assert sorted(p.name for p in (out / "predictions" / "vnet" / "fold0").iterdir()) == sorted(
         f"{s}.nii.gz" for s in subjects[:5])
     written = pd.read_csv(out / "summary.csv")
@@ -349,6 +361,12 @@ def test_evaluate_runs_writes_what_its_defaults_promise(tiny_cohort, tmp_path, m
     assert list(written.columns) == list(expected.columns)
     assert np.allclose(written["dice_mean"], expected["dice_mean"]) and list(written["cohort"]) == list(expected["cohort"])
     assert (out / "summary.md").read_text() == summary_markdown(expected, table)
+    ceiling = next(line for line in (out / "summary.md").read_text().splitlines() if line.startswith("| test | vnet | all |"))
+    cells = [c.strip() for c in ceiling.split("|")]
+    test_rows = table[table["split"] == "test"]
+    assert float(cells[5]) == pytest.approx(test_rows["dice"].mean(), abs=1e-4)
+    assert float(cells[6]) == pytest.approx(test_rows["ceiling_dice"].mean(), abs=1e-4)
+    assert float(cells[7]) == pytest.approx(test_rows["ceiling_dice"].mean() - test_rows["dice"].mean(), abs=2e-4)
     assert list(pd.read_csv(out / "paired_tests.csv").columns)[:3] == ["model_a", "model_b", "split"]  # header only
     ranked = table.sort_values("dice")["subject_id"].tolist()  # a model's rows of every split
     worst, median, best = ranked[0], ranked[len(ranked) // 2], ranked[-1]

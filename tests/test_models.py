@@ -79,7 +79,7 @@ def test_st_vnet_without_training_equals_its_vnet():
     model.set_prior(prior)
     x = torch.randn(2, 1, 16, 16, 16)
     out = model(x)
-    assert set(out) == {"logits", "vnet_logits", "prior", "theta"}
+    assert set(out) == {"logits", "backbone_logits", "prior", "theta"}
     assert torch.allclose(out["logits"], vnet(x), atol=1e-6)
     assert torch.allclose(out["prior"], prior.expand(2, 1, 16, 16, 16), atol=1e-5)
 
@@ -119,14 +119,14 @@ def test_the_prior_is_handed_over_once_from_the_data():
 
 
 def test_a_trained_vnet_starts_an_st_vnet_and_a_different_one_is_refused(tmp_path):
-    from stvnet.init_weights import load_vnet_weights
+    from stvnet.init_weights import load_backbone_weights
 
     source = VNet(base_channels=4, depth=2, kernel_size=3)
     torch.save({"state_dict": {f"net.{k}": v for k, v in source.state_dict().items()},
                 "FemurDataModule": {"fold": 1}}, tmp_path / "vnet.ckpt")
     target = STVNet(VNet(base_channels=4, depth=2, kernel_size=3), stn_features=(4,))
-    n, record = load_vnet_weights(target, tmp_path / "vnet.ckpt")
+    n, record = load_backbone_weights(target, tmp_path / "vnet.ckpt")
     assert n == len(source.state_dict()) and record == {"fold": 1}
-    assert all(torch.equal(target.vnet.state_dict()[k], v) for k, v in source.state_dict().items())
+    assert all(torch.equal(target.backbone.state_dict()[k], v) for k, v in source.state_dict().items())
     with pytest.raises(ValueError, match="no weights match this network"):
-        load_vnet_weights(STVNet(VNet(base_channels=8, depth=2, kernel_size=3), stn_features=(4,)), tmp_path / "vnet.ckpt")
+        load_backbone_weights(STVNet(VNet(base_channels=8, depth=2, kernel_size=3), stn_features=(4,)), tmp_path / "vnet.ckpt")

@@ -22,7 +22,7 @@ from stvnet.lightning_module import FemurSegmenter
 from stvnet.models import STVNet, VNet
 from tests.conftest import tiny_data_args
 
-STAGES = [Stage(name="vnet", epochs=1, train=["vnet"], loss_weights={"vnet": 1.0}),
+STAGES = [Stage(name="vnet", epochs=1, train=["backbone"], loss_weights={"backbone": 1.0}),
           Stage(name="stn", epochs=1, train=["stn", "fusion"], loss_weights={"prior": 1.0, "seg": 1.0}),
           Stage(name="finetune", epochs=1, lr_scale=0.1)]
 

@@ -170,7 +170,7 @@ def test_hd95_is_the_95th_percentile_of_a_known_distance_distribution():
 def test_a_checkpoint_restores_the_stage_it_was_written_in(tmp_path):
     module = FemurSegmenter(STVNet(VNet(base_channels=4, depth=2, kernel_size=3), stn_features=(4,)))
     module.net.set_prior(torch.full((1, 1, 8, 8, 8), 0.5))
-    schedule = StageSchedule([Stage(name="vnet", epochs=2, train=["vnet"]), Stage(name="stn", epochs=3, train=["stn"])])
+    schedule = StageSchedule([Stage(name="vnet", epochs=2, train=["backbone"]), Stage(name="stn", epochs=3, train=["stn"])])
     module.set_stage(schedule.active(1, module.lr))
     trainer = L.Trainer(logger=False, enable_checkpointing=False, accelerator="cpu")
     trainer.strategy.connect(module)

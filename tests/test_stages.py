@@ -21,7 +21,7 @@ from stvnet.models import STVNet, VNet
 from tests.conftest import tiny_data_args
 
 STAGES = [
-    Stage(name="vnet", epochs=1, train=["vnet"], loss_weights={"vnet": 1.0}),
+    Stage(name="vnet", epochs=1, train=["backbone"], loss_weights={"backbone": 1.0}),
     Stage(name="stn", epochs=2, train=["stn", "fusion"], lr_scale=0.5, loss_weights={"prior": 1.0, "seg": 1.0}),
     Stage(name="all", epochs=1, train=None, lr_scale=0.1, loss_weights={"seg": 1.0, "prior": 0.5}),
 ]
@@ -75,7 +75,7 @@ def test_each_stage_trains_exactly_its_parts(tiny_cohort, tmp_path):
     dm = FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits"))
     rec = Recorder()
     make_trainer(tmp_path, 4, rec).fit(make_module(), datamodule=dm)
-    expected = {0: {"vnet"}, 1: {"stn", "fusion"}, 2: {"stn", "fusion"}, 3: {"vnet", "stn", "fusion"}}
+    expected = {0: {"backbone"}, 1: {"stn", "fusion"}, 2: {"stn", "fusion"}, 3: {"backbone", "stn", "fusion"}}
     for epoch, parts in expected.items():
         assert rec.epochs[epoch]["grads"] == parts, f"epoch {epoch}"
         assert rec.epochs[epoch]["changed"] == parts, f"epoch {epoch}"
@@ -98,7 +98,7 @@ def test_resume_mid_stage_continues_that_stage(tiny_cohort, tmp_path):
     assert sorted(rec.epochs) == [2, 3]
     assert rec.epochs[2]["stage"] == "stn" and rec.epochs[2]["grads"] == {"stn", "fusion"}
     assert rec.epochs[2]["changed"] == {"stn", "fusion"}
-    assert rec.epochs[3]["stage"] == "all" and rec.epochs[3]["grads"] == {"vnet", "stn", "fusion"}
+    assert rec.epochs[3]["stage"] == "all" and rec.epochs[3]["grads"] == {"backbone", "stn", "fusion"}
     # the prior came back with the checkpoint rather than being rebuilt
     assert torch.equal(resumed.net.prior, ckpt["state_dict"]["net.prior"])
 
@@ -122,19 +122,19 @@ def test_part_lr_scale_gives_a_part_its_own_rate():
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(rates)
     assert [rates[id(p)] for p in module.net.fusion.parameters()] == pytest.approx([1e-2, 1e-2])
     assert set(rates[id(p)] for p in module.net.stn.parameters()) == {1e-3}
-    assert not any(id(p) in rates for p in module.net.vnet.parameters())
+    assert not any(id(p) in rates for p in module.net.backbone.parameters())
     with pytest.raises(ValueError, match="part_lr_scale names unknown parts"):
         bad = StageSchedule([Stage(name="a", epochs=1, part_lr_scale={"decoder": 2.0})])
         bad.setup(L.Trainer(logger=False, enable_progress_bar=False, max_epochs=1), make_module(), "fit")
 
 
-def test_freezing_an_untrained_vnet_from_the_start_is_refused(tiny_cohort, tmp_path):
+def test_freezing_an_untrained_backbone_from_the_start_is_refused(tiny_cohort, tmp_path):
     """stvnet_from_vnet.yaml without init_weights would tune an STN on a random V-Net: say so instead."""
     stages = [Stage(name="stn", epochs=1, train=["stn", "fusion"], loss_weights={"prior": 1.0, "seg": 1.0})]
     trainer = L.Trainer(max_epochs=1, default_root_dir=str(tmp_path), logger=False, enable_progress_bar=False,
                         enable_model_summary=False, num_sanity_val_steps=0, limit_train_batches=1,
                         limit_val_batches=1, callbacks=[StageSchedule(stages)])
-    with pytest.raises(ValueError, match="freezes the V-Net from the first epoch.*init_weights"):
+    with pytest.raises(ValueError, match="freezes the backbone from the first epoch.*init_weights"):
         trainer.fit(make_module(), datamodule=FemurDataModule(**tiny_data_args(tiny_cohort, tmp_path / "splits")))
 
 
@@ -210,13 +210,13 @@ def test_stage_lengths_scale_to_max_epochs():
 
 def test_the_active_stage_is_what_the_module_trains_with():
     schedule = StageSchedule([
-        Stage(name="a", epochs=2, train=["vnet"], lr_scale=0.5, loss_weights={"vnet": 1.0}, warmup_epochs=0.5,
-              part_lr_scale={"vnet": 2.0}),
+        Stage(name="a", epochs=2, train=["backbone"], lr_scale=0.5, loss_weights={"backbone": 1.0}, warmup_epochs=0.5,
+              part_lr_scale={"backbone": 2.0}),
         Stage(name="b", epochs=3, lr=1e-4, lr_scale=0.5),
     ])
     assert schedule.active(0, 0.01) == ActiveStage(
-        index=0, name="a", train=("vnet",), lr=0.005, loss_weights={"vnet": 1.0}, epochs=2, warmup_epochs=0.5,
-        part_lr_scale={"vnet": 2.0})
+        index=0, name="a", train=("backbone",), lr=0.005, loss_weights={"backbone": 1.0}, epochs=2, warmup_epochs=0.5,
+        part_lr_scale={"backbone": 2.0})
     assert schedule.active(1, 0.01).lr == 1e-4  # an explicit rate wins over the scale
     # what a checkpoint records reads back as the same stage
     assert ActiveStage.from_checkpoint(schedule.active(0, 0.01).to_checkpoint()) == schedule.active(0, 0.01)
@@ -248,7 +248,7 @@ def test_st_vnet_starts_from_a_trained_vnet_checkpoint(tmp_path):
     torch.save({"state_dict": vnet_module.state_dict()}, path)
     st = FemurSegmenter(STVNet(VNet(base_channels=4, depth=2, kernel_size=3), stn_features=(4,)), init_weights=str(path))
     for name, p in vnet_module.net.state_dict().items():
-        assert torch.equal(st.net.vnet.state_dict()[name], p), name
+        assert torch.equal(st.net.backbone.state_dict()[name], p), name
     with pytest.raises(ValueError, match="no weights match"):
         FemurSegmenter(VNet(base_channels=8, depth=3, kernel_size=5), init_weights=str(path))
 
@@ -297,13 +297,13 @@ def test_the_schedule_refuses_at_train_start_what_would_fail_or_train_the_wrong_
         schedule.on_train_start(trainer(strict_ddp), module("vnet.ckpt"))
     schedule.on_train_start(trainer(Mock(spec=DistributedDataParallel, find_unused_parameters=True)),
                             module("vnet.ckpt"))
-    with pytest.raises(ValueError, match=r"^stage 'stn' freezes the V-Net from the first epoch, but it was never "
-                                         r"trained: pass --model\.init_weights <a trained V-Net checkpoint>"):
+    with pytest.raises(ValueError, match=r"^stage 'stn' freezes the backbone from the first epoch, but it was never "
+                                         r"trained: pass --model\.init_weights <a trained backbone's checkpoint>"):
         schedule.on_train_start(trainer(), module())
     schedule.on_train_start(trainer(ckpt_path="last.ckpt"), module())  # resumed at epoch 0: its weights are trained
     schedule.on_train_start(trainer(epoch=1), module())
     # a fresh run whose first stage trains the V-Net (the paper's order) needs no trained weights
-    paper = StageSchedule([Stage(name="vnet", epochs=2, train=["vnet"]), Stage(name="stn", epochs=1, train=["stn"])])
+    paper = StageSchedule([Stage(name="vnet", epochs=2, train=["backbone"]), Stage(name="stn", epochs=1, train=["stn"])])
     paper.on_train_start(trainer(), SimpleNamespace(stage=ActiveStage.of(paper.stages[0], 0, 1e-3), hparams={}))
 
 
@@ -315,9 +315,9 @@ def test_setup_scales_stage_lengths_only_for_a_finite_real_run_and_warns_when_st
     from types import SimpleNamespace
 
     def run(max_epochs, scale=True, fast_dev_run=False, stages=None):
-        schedule = StageSchedule(stages or [Stage(name="vnet", epochs=4, train=["vnet"]), Stage(name="all", epochs=2)],
+        schedule = StageSchedule(stages or [Stage(name="vnet", epochs=4, train=["backbone"]), Stage(name="all", epochs=2)],
                                  scale_to_max_epochs=scale)
-        module = SimpleNamespace(parts=lambda: ["vnet", "stn", "fusion"], lr=1e-3, set_stage=lambda s: setattr(module, "stage", s))
+        module = SimpleNamespace(parts=lambda: ["backbone", "stn", "fusion"], lr=1e-3, set_stage=lambda s: setattr(module, "stage", s))
         schedule.setup(SimpleNamespace(max_epochs=max_epochs, fast_dev_run=fast_dev_run), module, "fit")
         return [s.epochs for s in schedule.stages], module.stage
 
@@ -341,8 +341,8 @@ def test_setup_scales_stage_lengths_only_for_a_finite_real_run_and_warns_when_st
         warnings.simplefilter("error")
         run(6, scale=False), run(-1, scale=False), run(None, scale=False), run(1, scale=False, fast_dev_run=True)
     with pytest.raises(ValueError, match=r"^stage 'x' trains unknown parts \['decoder'\]; this network has "
-                                         r"\['fusion', 'stn', 'vnet'\]$"):
-        run(6, stages=[Stage(name="x", epochs=1, train=["vnet", "decoder"])])
+                                         r"\['backbone', 'fusion', 'stn'\]$"):
+        run(6, stages=[Stage(name="x", epochs=1, train=["backbone", "decoder"])])
 
 
 @pytest.mark.mutation_target("build_shape_prior")
@@ -374,8 +374,8 @@ def test_the_datamodules_prior_is_the_same_with_or_without_the_cache_and_honours
 
 
 def test_a_schedule_from_yaml_mappings_is_the_same_as_from_stages():
-    as_dicts = StageSchedule([{"name": "vnet", "epochs": 2, "train": ["vnet"]}, {"name": "all", "epochs": 1}])
-    as_stages = StageSchedule([Stage(name="vnet", epochs=2, train=["vnet"]), Stage(name="all", epochs=1)])
+    as_dicts = StageSchedule([{"name": "vnet", "epochs": 2, "train": ["backbone"]}, {"name": "all", "epochs": 1}])
+    as_stages = StageSchedule([Stage(name="vnet", epochs=2, train=["backbone"]), Stage(name="all", epochs=1)])
     assert as_dicts.stages == as_stages.stages and not as_dicts.scale_to_max_epochs
     with pytest.raises(ValueError, match=r"^StageSchedule needs at least one stage$"):
         StageSchedule([])

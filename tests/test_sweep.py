@@ -58,7 +58,7 @@ def test_a_space_tunes_stages_by_name_and_keeps_the_sampled_lengths(tmp_path):
     callbacks.insert(0, callbacks.pop(next(i for i, c in enumerate(callbacks) if "StageSchedule" in c["class_path"])))
     callbacks[0]["init_args"]["stages"].reverse()
     assert config_path(moved, "stages.stn.epochs") == "trainer.callbacks.0.init_args.stages.1.epochs"
-    assert config_path(moved, "stages.vnet.lr_scale") == "trainer.callbacks.0.init_args.stages.2.lr_scale"
+    assert config_path(moved, "stages.backbone.lr_scale") == "trainer.callbacks.0.init_args.stages.2.lr_scale"
     for config in (base, moved):
         trial = trial_config(spec, config, {"stages.stn.epochs": 3, "stages.finetune.loss_weights.prior": 0.25},
                              "journal:x", "s", 0, tmp_path / "run", tmp_path)
@@ -75,7 +75,7 @@ def test_a_space_tunes_stages_by_name_and_keeps_the_sampled_lengths(tmp_path):
     assert refused.value.lines == [
         "space.yaml: space key 'trainer.callbacks.2.init_args.stages.1.epochs' addresses a callback by its position; "
         "name a stage instead, e.g. 'stages.stn.epochs' or 'stages.finetune.lr_scale'",
-        "space.yaml: space key 'stages.warmup.epochs' names no stage of b.yaml (stages: vnet, stn, finetune)"]
+        "space.yaml: space key 'stages.warmup.epochs' names no stage of b.yaml (stages: backbone, stn, finetune)"]
 
 
 @pytest.mark.multiprocess
@@ -156,7 +156,7 @@ def test_two_device_sweep_of_stvnet_trials_completes_and_prunes(tiny_cohort, tmp
         "data.manifest": str(tiny_cohort), "data.n_folds": 3, "data.num_workers": 0, "data.augment": 0.0,
         "data.roi_size": [32, 32, 32], "data.target_spacing": [4.0, 4.0, 4.0], "run.wandb": "disabled",
         "trainer.max_epochs": 3, "trainer.accelerator": "cpu",
-        "model.net.init_args.vnet.init_args.base_channels": 4, "model.net.init_args.vnet.init_args.depth": 2,
+        "model.net.init_args.backbone.init_args.base_channels": 4, "model.net.init_args.backbone.init_args.depth": 2,
     }
     out = tmp_path / "sweeps"
     space = _space(tmp_path, tiny_cohort, "ddp", base_config=str(ROOT / "experiments" / "stvnet.yaml"), overrides=stvnet)

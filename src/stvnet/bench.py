@@ -11,6 +11,8 @@ reference (MONAI), so ratios hold on a shared machine where absolute times drift
 * data pipeline: training samples/s delivered by the datamodule vs the model's consumption rate;
 * peak resident memory of training and of inference (each measured in a fresh subprocess);
 * DDP: the per-step cost of ``find_unused_parameters=True`` (what staged runs need) against plain DDP, 2 gloo ranks;
+* the ceiling of each experiment's ROI grid: the DSC, HD95 and ASSD a perfect network would reach through that
+  config's preprocessing (:mod:`stvnet.ceiling`), on the cohort's first scans;
 * GPU memory of the ``experiments/gpu`` configs, measured on any device: parameters, gradients and AdamW moments plus
   the activations autograd saves for the backward pass (bf16 autocast, the configs' batch and ROI).
 """
@@ -56,11 +58,13 @@ class BenchConfig:
     device: str = "cpu"
     ddp_steps: int = 8
     gpu_roi: int | None = None  # None: the gpu configs' own ROI
+    ceiling_scans: int = 6
+    ceiling_configs: tuple[str, ...] = ()  # () : every experiment under experiments/ (gpu/ and peers/ included)
 
     @classmethod
     def tiny(cls) -> "BenchConfig":
         return cls(step_sizes=(32,), metric_shapes=((24, 24, 24),), repeats=1, full_width=False, roi=32,
-                   scan_shape=(48, 40, 40), loader_batches=2, ddp_steps=2, gpu_roi=32)
+                   scan_shape=(48, 40, 40), loader_batches=2, ddp_steps=2, gpu_roi=32, ceiling_scans=1)
 
 
 def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cpu") -> float:
@@ -306,7 +310,7 @@ def _ddp_rank(rank: int, world: int, port: int, cfg: BenchConfig, queue: mp.Queu
 
         def step() -> None:
             out = model(x)
-            loss = torch.sigmoid(out["vnet_logits" if frozen else "logits"]).mean()
+            loss = torch.sigmoid(out["backbone_logits" if frozen else "logits"]).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -385,8 +389,7 @@ def training_memory(net: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | 
 def bench_gpu_memory(cfg: BenchConfig) -> list[dict]:
     """Memory per GPU of each ``experiments/gpu`` config at its batch size and ROI (``gpu_roi`` overrides the ROI)."""
     rows = []
-    folder = Path(__file__).resolve().parents[2] / "experiments" / "gpu"
-    for path in sorted(folder.glob("*.yaml")):
+    for path in sorted((EXPERIMENTS / "gpu").glob("*.yaml")):
         config = resolved_config(path)
         data = config["data"]
         roi = cfg.gpu_roi or int(data["roi_size"][0])
@@ -401,6 +404,46 @@ def bench_gpu_memory(cfg: BenchConfig) -> list[dict]:
         rows.append({"what": f"GPU memory {path.parent.name}/{path.name}: batch {x.shape[0]} x {roi}^3 ({detail} GiB)",
                      "ours": total, "reference": float("nan"), "unit": "GiB", "ratio": float("nan"),
                      "reference_name": "-"})
+    return rows
+
+
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
+
+
+def experiment_configs() -> list[Path]:
+    """Every experiment config (``experiments/*.yaml`` and its ``gpu/`` and ``peers/`` folders; not the shared
+    defaults nor the ``nets/`` pieces they compose)."""
+    return [p for pattern in ("*.yaml", "gpu/*.yaml", "peers/*.yaml") for p in sorted(EXPERIMENTS.glob(pattern))
+            if p.name != "defaults.yaml"]
+
+
+def bench_ceiling(cfg: BenchConfig, manifest: str | None) -> list[dict]:
+    """The ceiling of each experiment's ROI grid (once per distinct data setting) on the cohort's first
+    ``ceiling_scans`` scans, with the ROI centred on each label (:func:`~stvnet.ceiling.grid_ceiling`)."""
+    from data_modules.datamodule import default_manifest
+    from data_modules.manifest import validate_manifest
+    from stvnet.ceiling import grid_ceiling
+
+    table = validate_manifest(manifest or default_manifest()).head(cfg.ceiling_scans)
+    keys = ("target_spacing", "roi_size", "hu_window", "label_interpolation")
+    seen: dict[str, list[str]] = {}
+    settings: dict[str, dict] = {}
+    for path in [Path(c) for c in cfg.ceiling_configs] or experiment_configs():
+        data = resolved_config(path)["data"]
+        key = repr([data.get(k) for k in keys])
+        seen.setdefault(key, []).append(path.stem if path.parent == EXPERIMENTS else f"{path.parent.name}/{path.stem}")
+        settings[key] = data
+    rows = []
+    for key, names in seen.items():
+        data = settings[key]
+        scores = [grid_ceiling(data, r.image, r.label) for r in table.itertuples()]
+        spacing = "x".join(f"{v:g}" for v in data["target_spacing"]) if data["target_spacing"] else "native"
+        what = (f"ceiling of {', '.join(names)}: {'x'.join(map(str, data['roi_size'] or ['scan']))} at {spacing} mm, "
+                f"{data.get('label_interpolation', 'nearest')} labels ({len(scores)} scans; HD95 "
+                f"{np.mean([s['ceiling_hd95'] for s in scores]):.2f} mm, ASSD "
+                f"{np.mean([s['ceiling_assd'] for s in scores]):.2f} mm)")
+        rows.append({"what": what, "ours": float(np.mean([s["ceiling_dice"] for s in scores])),
+                     "reference": float("nan"), "unit": "DSC", "ratio": float("nan"), "reference_name": "-"})
     return rows
 
 
@@ -421,7 +464,8 @@ def to_markdown(rows: list[dict], header: str) -> str:
 
 
 def run_bench(cfg: BenchConfig, out: str | Path | None = None, manifest: str | None = None,
-              sections: tuple[str, ...] = ("training", "inference", "metrics", "loader", "data", "memory", "ddp"),
+              sections: tuple[str, ...] = ("training", "inference", "metrics", "loader", "data", "memory", "ddp",
+                                        "ceiling"),
               data_sizes: tuple[int, ...] = (), data_config: str | None = None) -> str:
     """Run the chosen sections, print and optionally save the Markdown table; returns it. ``data_sizes`` and
     ``data_config`` choose the data section's cohort sizes and experiment (see :mod:`stvnet.bench_data`)."""
@@ -433,7 +477,7 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, manifest: str | N
     rows: list[dict] = []
     funcs = {"training": bench_training, "inference": bench_inference, "metrics": bench_metrics,
              "loader": lambda c: bench_loader(c, manifest), "memory": bench_memory, "ddp": bench_ddp,
-             "gpu_memory": bench_gpu_memory, "data": lambda c: bench_data(c, manifest, data_sizes, data_config)}
+             "gpu_memory": bench_gpu_memory, "ceiling": lambda c: bench_ceiling(c, manifest), "data": lambda c: bench_data(c, manifest, data_sizes, data_config)}
     for name in sections:
         t0 = time.perf_counter()
         section = funcs[name](cfg)

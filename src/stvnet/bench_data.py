@@ -60,7 +60,7 @@ def vnet_width(config: str | Path | None, cfg: BenchConfig) -> dict:
     if config is None or not cfg.full_width:
         return cpu_width(cfg)
     net = resolved_config(config)["model"]["net"]["init_args"]
-    args = net["vnet"]["init_args"] if "vnet" in net else net
+    args = net["backbone"]["init_args"] if "backbone" in net else net
     return {k: v for k, v in args.items() if k in ("base_channels", "depth", "convs_per_stage", "kernel_size")}
 
 

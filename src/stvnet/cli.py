@@ -280,10 +280,13 @@ def _bench(argv: list[str]) -> int:
         "prints a Markdown table of medians and ratios.",
     )
     parser.add_argument("--out", default="bench_results/bench.md", help="Markdown file to write (default: %(default)s)")
-    parser.add_argument("--sections", nargs="+", default=["training", "inference", "metrics", "loader", "data", "memory", "ddp"],
-                        choices=["training", "inference", "metrics", "loader", "data", "memory", "ddp", "gpu_memory"],
+    parser.add_argument("--sections", nargs="+", default=["training", "inference", "metrics", "loader", "data", "memory", "ddp",
+                                                           "ceiling"],
+                        choices=["training", "inference", "metrics", "loader", "data", "memory", "ddp", "gpu_memory",
+                                 "ceiling"],
                         help="gpu_memory (minutes on a CPU: the GPU configs' full-size forward pass) runs only when named")
-    parser.add_argument("--manifest", help="cohort for the loader and data benchmarks (default: the synthetic cohort)")
+    parser.add_argument("--manifest", help="cohort for the loader, data and ceiling benchmarks (default: the synthetic "
+                        "cohort)")
     parser.add_argument("--data-sizes", type=int, nargs="+", default=[],
                         help="data benchmark on the manifest's first N scans, for each N (default: all of them)")
     parser.add_argument("--data-config", help="experiment whose data settings the data benchmark uses, e.g. "

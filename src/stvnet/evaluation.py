@@ -35,6 +35,7 @@ from data_modules.errors import InvalidInput, MissingInput
 from data_modules.folds import fold_subjects
 from data_modules.manifest import filter_cohort, validate_manifest
 from data_modules.scan_io import read_header, read_voxels
+from stvnet.ceiling import CEILING_METRICS, ceiling_scores
 from stvnet.hard_cases import (
     SUBGROUP_COLUMNS,
     difference_cell,
@@ -51,6 +52,8 @@ from stvnet.report import box_plots, overlay_png, paired_differences
 #: the paper's reported metrics, in table order
 PAPER_METRICS = ("dice", "sensitivity", "specificity", "hd", "assd")
 COHORT_CODES = {"all": None, "male": "M", "female": "F"}
+#: per-subject columns of the ROI grid's ceiling (:mod:`stvnet.ceiling`)
+CEILING_COLUMNS = tuple(f"ceiling_{m}" for m in CEILING_METRICS)
 
 
 @dataclass
@@ -165,16 +168,19 @@ def _score_task(task: tuple) -> list[dict]:
 def score_run(info: RunInfo, table: pd.DataFrame, predictor: Predictor, split: str, masks: Path | None,
               keep_largest: bool) -> list[dict]:
     """One row per subject of a run's ``split``: the checkpoint's mask scored against the label in the label's own
-    grid and spacing; each mask saved under ``masks`` when given."""
+    grid and spacing, beside the ceiling of the run's ROI grid (``ceiling_*``: the label through the run's own
+    preprocessing and back, :mod:`stvnet.ceiling`); each mask saved under ``masks`` when given."""
     rows = []
+    threshold = predictor.threshold
     for sid in tqdm(info.subjects[split], desc=f"{info.model} fold {info.fold} {split}", unit="scan"):
         row = table.loc[sid]
-        mask, affine = predictor.segment(row["image"])
+        prob, perfect, affine = predictor.with_ceiling(row["image"], row["label"])
+        mask = (prob > threshold).astype(np.uint8)
         if keep_largest:
             mask = largest_component(mask)
         label = read_voxels(row["label"]).reshape(mask.shape) > 0
         spacing = read_header(row["label"]).spacing
-        metrics = evaluate_case(mask, label, spacing)
+        metrics = {**evaluate_case(mask, label, spacing), **ceiling_scores(perfect, label, spacing, threshold)}
         if masks is not None:
             masks.mkdir(parents=True, exist_ok=True)
             nib.save(nib.Nifti1Image(mask, affine), masks / f"{sid}.nii.gz")
@@ -229,7 +235,7 @@ def summarize(per_subject: pd.DataFrame) -> pd.DataFrame:
             if sub.empty:
                 continue
             rec = {"model": model, "split": split, "cohort": cohort, "n": len(sub)}
-            for m in METRIC_KEYS:
+            for m in [*METRIC_KEYS, *(c for c in CEILING_COLUMNS if c in sub)]:
                 rec[f"{m}_mean"] = float(sub[m].mean())
                 rec[f"{m}_sd"] = float(sub[m].std(ddof=1)) if len(sub) > 1 else 0.0
             records.append(rec)
@@ -372,6 +378,7 @@ def summary_markdown(summary: pd.DataFrame, per_subject: pd.DataFrame) -> str:
                 cells.append(cell)
             lines.append(f"| {r.model} | {r.cohort} | {r.n} | " + " | ".join(cells) + " |")
         lines.append("")
+    lines += _ceiling_markdown(summary)
     tests = paired_tests(per_subject)
     if not tests.empty:
         lines += ["p-values: paired Wilcoxon signed-rank tests (two-sided) against a model trained on the same "
@@ -382,6 +389,23 @@ def summary_markdown(summary: pd.DataFrame, per_subject: pd.DataFrame) -> str:
                                 hard_case_tests(per_subject).query("metric in ('dice', 'hd')"))
     lines += _checkpoint_markdown(per_subject)
     return "\n".join(lines)
+
+
+def _ceiling_markdown(summary: pd.DataFrame) -> list[str]:
+    """Each model beside the ceiling of its ROI grid (a perfect network through the same preprocessing) and the gap."""
+    if "ceiling_dice_mean" not in summary:
+        return []
+    lines = ["## Against the ceiling of the ROI grid", "",
+             "Ceiling: each subject's label through the run's own preprocessing (orientation, spacing, ROI) and back "
+             "to the scan's grid as predictions go, thresholded at the model's threshold (`stvnet.ceiling`). Gap: "
+             "ceiling − model; what training loses, not resolution.", "",
+             "| split | model | cohort | n | DSC | ceiling DSC | gap | HD95 (mm) | ceiling HD95 (mm) | ASSD (mm) | "
+             "ceiling ASSD (mm) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary.itertuples():
+        lines.append(f"| {r.split} | {r.model} | {r.cohort} | {r.n} | {r.dice_mean:.4f} | {r.ceiling_dice_mean:.4f} | "
+                     f"{r.ceiling_dice_mean - r.dice_mean:+.4f} | {r.hd95_mean:.2f} | {r.ceiling_hd95_mean:.2f} | "
+                     f"{r.assd_mean:.2f} | {r.ceiling_assd_mean:.2f} |")
+    return lines + [""]
 
 
 def _checkpoint_markdown(per_subject: pd.DataFrame) -> list[str]:

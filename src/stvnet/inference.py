@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from data_modules.errors import MissingInput, UserError, exception_line
 from data_modules.localisation import FemurLocator
-from data_modules.transforms import preprocessing
+from data_modules.transforms import preprocessing, to_scan_grid
 from stvnet.lightning_module import FemurSegmenter
 
 
@@ -139,7 +139,13 @@ class Predictor:
         if "roi_size" not in h:
             raise ValueError("the checkpoint records no preprocessing (train it with a FemurDataModule, e.g. via stvnet train)")
         locator = self.locator if h.get("roi_locator", "fraction") == "template" else None
-        return preprocessing(h["target_spacing"], h["roi_size"], h["roi_center"], h["hu_window"], locator)
+        return preprocessing(h["target_spacing"], h["roi_size"], h["roi_center"], h["hu_window"], locator,
+                             h.get("label_interpolation", "nearest"))
+
+    @property
+    def threshold(self) -> float:
+        """The probability above which the model calls a voxel femur."""
+        return float(self.model.threshold)
 
     @property
     def patch_size(self) -> tuple[int, int, int] | None:
@@ -148,10 +154,13 @@ class Predictor:
         size = h.get("patch_size") or h.get("roi_size")
         return tuple(int(s) for s in size) if size else None
 
-    @torch.inference_mode()
     def probabilities(self, image: tio.ScalarImage) -> tio.ScalarImage:
         """Femur probabilities on the preprocessed grid of ``image`` (a float image with that grid's affine)."""
-        subject = self.transform(tio.Subject(image=image))
+        return self.grid_probabilities(self.transform(tio.Subject(image=image)))
+
+    @torch.inference_mode()
+    def grid_probabilities(self, subject: tio.Subject) -> tio.ScalarImage:
+        """Femur probabilities of a subject already preprocessed by :attr:`transform`, on its grid."""
         data = subject["image"].data.float()
         patch = self.patch_size
         if patch is None or all(s <= p for s, p in zip(data.shape[1:], patch)):
@@ -169,14 +178,21 @@ class Predictor:
     def original_probabilities(self, image_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         """Femur probabilities resampled (linearly) into the input scan's own grid, and that grid's affine."""
         original = tio.ScalarImage(image_path)
-        prob = self.probabilities(original)
-        back = tio.Resample(original, image_interpolation="linear")(prob)  # outside the ROI: 0
-        return back.data[0].numpy().astype(np.float32), original.affine
+        return to_scan_grid(self.probabilities(original), original), original.affine
+
+    def with_ceiling(self, image_path: str | Path, label_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The femur probabilities of a labelled scan in its own grid, beside its label carried through the same
+        preprocessing and back the same way (:mod:`stvnet.ceiling`: what a perfect network would output), and the
+        grid's affine. The scan is preprocessed (and the femur located) once for both."""
+        original = tio.ScalarImage(image_path)
+        subject = self.transform(tio.Subject(image=original, label=tio.LabelMap(label_path)))
+        prob = to_scan_grid(self.grid_probabilities(subject), original)
+        return prob, to_scan_grid(subject["label"], original), original.affine
 
     def segment(self, image_path: str | Path, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Binary mask (uint8) in the input scan's own grid, and that grid's affine."""
         prob, affine = self.original_probabilities(image_path)
-        thr = self.model.threshold if threshold is None else threshold
+        thr = self.threshold if threshold is None else threshold
         return (prob > thr).astype(np.uint8), affine
 
 

@@ -21,10 +21,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from data_modules.folds import check_same_split
-from stvnet.init_weights import load_vnet_weights
+from stvnet.init_weights import load_backbone_weights
 from stvnet.losses import segmentation_loss, soft_dice_loss
 from stvnet.prior_handover import hand_over_prior
 from stvnet.schedules import warmup_cosine
+from stvnet.models.protocol import BACKBONE
 from stvnet.stages import ActiveStage
 from stvnet.validation_rows import case_rows, epoch_means, gather_unique
 
@@ -41,15 +42,15 @@ class FemurSegmenter(L.LightningModule):
         lr: base learning rate (AdamW); stages may scale it.
         weight_decay: AdamW weight decay.
         loss: ``dice`` (paper) or ``dice_bce`` for the segmentation terms.
-        loss_weights: weights of the loss terms ``seg``, ``vnet``, ``prior`` (default: ``seg`` only).
+        loss_weights: weights of the loss terms ``seg``, ``backbone``, ``prior`` (default: ``seg`` only).
         scheduler: ``cosine`` (per step, annealed over the run or over each stage, after the stage's
             ``warmup_epochs`` of linear warm-up) or ``none``.
         threshold: probability above which a voxel is femur.
         prior_alignment: how the ST-V-Net shape prior is built from training labels (``roi`` or ``com``).
         surface_metrics: also compute HD95 and ASSD during validation (cheap on ROIs).
         init_weights: optional checkpoint whose ``net.*`` weights initialise this network (e.g. a trained
-            V-Net's weights into ST-V-Net's ``vnet``); keys are matched after the ``net.`` prefix, and for an
-            ST-V-Net also with ``vnet.`` prepended.
+            V-Net's weights into ST-V-Net's ``backbone``); keys are matched after the ``net.`` prefix, and for an
+            ST-V-Net also with ``backbone.`` prepended.
     """
 
     def __init__(
@@ -97,14 +98,14 @@ class FemurSegmenter(L.LightningModule):
 
     # ------------------------------------------------------------------ parts and weights
     def parts(self) -> dict[str, nn.Module]:
-        """Trainable parts by name, as the network declares them (``vnet``; ``stn``, ``fusion`` for ST-V-Net); a
-        network that declares none is one part, ``net``."""
-        return dict(self.net.parts()) if hasattr(self.net, "parts") else {"net": self.net}
+        """Trainable parts by name, as the network declares them (``backbone``, ``stn``, ``fusion`` for an ST-V-Net); a
+        network that declares none (a V-Net, a MONAI network, a user's own) is one part, the ``backbone``."""
+        return dict(self.net.parts()) if hasattr(self.net, "parts") else {BACKBONE: self.net}
 
     def load_net_weights(self, path: str) -> None:
-        """Start from another run's V-Net weights (:func:`~stvnet.init_weights.load_vnet_weights`); the data they were
+        """Start from another run's backbone weights (:func:`~stvnet.init_weights.load_backbone_weights`); the data they were
         trained on is checked against this run's fold when training starts."""
-        n, record = load_vnet_weights(self.net, path)
+        n, record = load_backbone_weights(self.net, path)
         self.init_split = {"path": path, "record": record}
         rank_zero_info(f"Initialised {n}/{len(self.net.state_dict())} tensors of the network from {path}")
 
@@ -186,8 +187,8 @@ class FemurSegmenter(L.LightningModule):
         terms: dict[str, torch.Tensor] = {}
         if weights.get("seg", 0):
             terms["seg"] = segmentation_loss(out["logits"], target, self.loss_kind)
-        if weights.get("vnet", 0):
-            terms["vnet"] = segmentation_loss(out.get("vnet_logits", out["logits"]), target, self.loss_kind)
+        if weights.get(BACKBONE, 0):
+            terms[BACKBONE] = segmentation_loss(out.get("backbone_logits", out["logits"]), target, self.loss_kind)
         if weights.get("prior", 0):
             if "prior" not in out:
                 raise ValueError("loss term 'prior' needs a network with a shape prior (ST-V-Net)")

@@ -8,8 +8,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-#: loss terms: ``seg`` on the final output, ``vnet`` on the V-Net branch, ``prior`` on the warped prior
-LOSS_TERMS = ("seg", "vnet", "prior")
+from stvnet.models.protocol import BACKBONE
+
+#: loss terms: ``seg`` on the final output, ``backbone`` on the segmentation backbone's own output (an ST-V-Net's V-Net
+#: before the prior is fused in), ``prior`` on the warped prior
+LOSS_TERMS = ("seg", BACKBONE, "prior")
 
 
 @dataclass
@@ -19,10 +22,11 @@ class Stage:
     Attributes:
         name: shown in logs and checkpoints.
         epochs: length of the stage in epochs.
-        train: parts that train (``vnet``, ``stn``, ``fusion``: the network's ``parts()``); ``None`` trains everything.
+        train: parts that train (``backbone``; ``stn``, ``fusion`` of an ST-V-Net: the network's ``parts()``); ``None``
+            trains everything.
         lr: learning rate of the stage; ``None`` uses the module's ``lr`` times ``lr_scale``.
         lr_scale: multiplier of the module's base learning rate when ``lr`` is not given.
-        loss_weights: weights of the loss terms ``seg`` (final output), ``vnet`` (V-Net branch) and
+        loss_weights: weights of the loss terms ``seg`` (final output), ``backbone`` (the backbone's own output) and
             ``prior`` (warped shape prior vs ground truth).
         warmup_epochs: linear learning-rate warm-up at the start of the stage; the optimiser is rebuilt with
             fresh moments at each switch, and a warm-up keeps its first steps from undoing trained weights.

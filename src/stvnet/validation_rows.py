@@ -19,7 +19,8 @@ def case_rows(out: dict[str, torch.Tensor], batch: dict, threshold: float, loss_
               surface_metrics: bool) -> list[dict[str, Any]]:
     """One row per subject of a validation batch: id, sex, its loss, Dice (and sensitivity, specificity, HD, HD95,
     ASSD with ``surface_metrics``) of the thresholded prediction, and the warped prior's Dice for an ST-V-Net."""
-    target = batch["label"][tio.DATA] > 0
+    soft = batch["label"][tio.DATA].float()  # soft labels (label_interpolation: linear) are femur above one half
+    target = soft > 0.5
     affine = torch.as_tensor(batch["image"][tio.AFFINE][0], dtype=torch.float64)
     spacing = torch.linalg.norm(affine[:3, :3], dim=0).tolist()
     pred = (torch.sigmoid(out["logits"]) > threshold).cpu().numpy()
@@ -27,7 +28,7 @@ def case_rows(out: dict[str, torch.Tensor], batch: dict, threshold: float, loss_
     rows = []
     for i in range(gt.shape[0]):
         # the loss is a per-subject row like the metrics, so DDP's padded duplicates are dropped before averaging
-        loss = segmentation_loss(out["logits"][i:i + 1], target[i:i + 1].float(), loss_kind)
+        loss = segmentation_loss(out["logits"][i:i + 1], soft[i:i + 1], loss_kind)
         row = {"subject_id": batch["subject_id"][i], "sex": batch["sex"][i], "loss": float(loss)}
         row.update(evaluate_case(pred[i, 0], gt[i, 0], spacing) if surface_metrics else {"dice": dice(pred[i, 0], gt[i, 0])})
         if "prior" in out:

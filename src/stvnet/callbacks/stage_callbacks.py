@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.nn.parallel import DistributedDataParallel
 
+from stvnet.models.protocol import BACKBONE
 from stvnet.stages import ActiveStage, Stage
 
 
@@ -135,10 +136,10 @@ class StageSchedule(Callback):
             )
         s = pl_module.stage
         fresh = trainer.current_epoch == 0 and not trainer.ckpt_path
-        if fresh and not s.trains("vnet") and not pl_module.hparams.get("init_weights"):
+        if fresh and not s.trains(BACKBONE) and not pl_module.hparams.get("init_weights"):
             raise ValueError(
-                f"stage '{s.name}' freezes the V-Net from the first epoch, but it was never trained: pass "
-                "--model.init_weights <a trained V-Net checkpoint>, or start with a stage that trains vnet"
+                f"stage '{s.name}' freezes the backbone from the first epoch, but it was never trained: pass "
+                f"--model.init_weights <a trained backbone's checkpoint>, or start with a stage that trains {BACKBONE}"
             )
         rank_zero_info(
             f"==> epoch {trainer.current_epoch}: stage {s.index} '{s.name}' (train {list(s.train or []) or 'all'}, "

@@ -1,21 +1,25 @@
-"""ST-V-Net: a V-Net whose output is constrained by a femur shape prior aligned by a spatial transformer.
+"""ST-V-Net: a segmentation backbone whose output is constrained by a femur shape prior aligned by a spatial
+transformer.
 
 The paper (Zhao et al., 2021) adds a 3D STN carrying a shape prior of the proximal femur to a V-Net and
 trains the whole in stages, but does not publish the exact wiring. This reimplementation chooses:
 
 * **prior**: the mean femur mask of the current fold's training labels in the ROI frame (a buffer, saved in
   checkpoints, so a checkpoint alone predicts);
-* **STN input**: the image, the V-Net's probabilities and the prior (``stn_inputs`` selects);
+* **backbone**: any network that maps ``[B, 1, D, H, W]`` images to ``[B, 1, D, H, W]`` logits: the paper's
+  :class:`~stvnet.models.vnet.VNet`, a MONAI ``DynUNet`` or ``SegResNet``, a user's own (chosen in YAML);
+* **STN input**: the image, the backbone's probabilities and the prior (``stn_inputs`` selects);
 * **warp**: the STN regresses a 12-parameter affine (identity at start) that moves the prior onto the subject;
-* **fusion** (``fusion='logit'``): final logit = a * V-Net logit + b * logit(warped prior) + c, a 1x1x1
-  convolution initialised to (1, 0, 0) so an untrained fusion reproduces the V-Net exactly. A Bayesian
-  reading: the warped prior acts as a spatial prior on the V-Net's evidence, suppressing bone far from the
-  expected femur (pelvis, other side). ``fusion='none'`` keeps the V-Net output and uses the prior only in
-  the loss (a pure training-time constraint);
-* **losses** (chosen per stage in the config): Dice on the fused output, on the V-Net branch, and between
+* **fusion** (``fusion='logit'``): final logit = a * backbone logit + b * logit(warped prior) + c, a 1x1x1
+  convolution initialised to (1, ``prior_weight``, 0); ``prior_weight: 0`` makes an untrained fusion reproduce the
+  backbone exactly. A Bayesian reading: the warped prior acts as a spatial prior on the backbone's evidence,
+  suppressing bone far from the expected femur (pelvis, other side). ``fusion='none'`` keeps the backbone's output
+  and uses the prior only in the loss (a pure training-time constraint);
+* **losses** (chosen per stage in the config): Dice on the fused output, on the backbone's own output, and between
   the warped prior and the ground truth (which is what teaches the STN to align).
 
-The inner ``vnet`` is the baseline's :class:`~stvnet.models.vnet.VNet`, so weights move between them.
+The ``backbone`` is the plain network of the baseline experiment, so weights move between them
+(:mod:`stvnet.init_weights`).
 """
 
 from __future__ import annotations
@@ -26,28 +30,31 @@ import torch
 from torch import nn
 
 from stvnet.models.stn import AffineSTN
-from stvnet.models.vnet import VNet
+from stvnet.models.protocol import BACKBONE
 
-STN_INPUTS = ("image", "vnet", "prior")
+STN_INPUTS = ("image", BACKBONE, "prior")
 
 
 class STVNet(nn.Module):
-    """V-Net + affine STN + shape prior.
+    """A segmentation backbone + affine STN + shape prior.
 
     Args:
-        vnet: the segmentation network (a :class:`VNet`).
+        backbone: the segmentation network: any ``nn.Module`` returning one logit channel of its input's size (a
+            :class:`~stvnet.models.vnet.VNet` in the paper).
         stn_features: channels of the localisation network's strided convolutions.
-        stn_inputs: which volumes the localisation network sees (subset of image, vnet, prior).
+        stn_inputs: which volumes the localisation network sees (subset of image, backbone, prior).
         fusion: ``logit`` (prior enters the output) or ``none`` (prior only constrains training).
+        prior_weight: the fusion's initial weight of the prior's log-odds (0: the untrained fusion is the backbone).
         prior_eps: clamp for the prior's log-odds (``log(eps / (1 - eps))`` is the strongest veto).
     """
 
     def __init__(
         self,
-        vnet: VNet,
+        backbone: nn.Module,
         stn_features: Sequence[int] = (8, 16, 32, 32),
         stn_inputs: Sequence[str] = STN_INPUTS,
         fusion: str = "logit",
+        prior_weight: float = 0.0,
         prior_eps: float = 1e-3,
     ):
         super().__init__()
@@ -56,13 +63,13 @@ class STVNet(nn.Module):
         unknown = set(stn_inputs) - set(STN_INPUTS)
         if unknown or not stn_inputs:
             raise ValueError(f"stn_inputs must be a non-empty subset of {STN_INPUTS}, got {list(stn_inputs)}")
-        self.vnet = vnet
+        self.backbone = backbone
         self.stn_inputs = tuple(stn_inputs)
         self.stn = AffineSTN(in_channels=len(self.stn_inputs), features=stn_features)
         self.fusion_mode = fusion
         self.fusion = nn.Conv3d(2, 1, kernel_size=1)
         with torch.no_grad():
-            self.fusion.weight.copy_(torch.tensor([1.0, 0.0]).view(1, 2, 1, 1, 1))
+            self.fusion.weight.copy_(torch.tensor([1.0, float(prior_weight)]).view(1, 2, 1, 1, 1))
             self.fusion.bias.zero_()
         self.prior_eps = prior_eps
         self.register_buffer("prior", torch.zeros(1, 1, 1, 1, 1))
@@ -75,7 +82,7 @@ class STVNet(nn.Module):
 
     def parts(self) -> dict[str, nn.Module]:
         """The parts a training stage can train or freeze, by name."""
-        return {"vnet": self.vnet, "stn": self.stn, "fusion": self.fusion}
+        return {BACKBONE: self.backbone, "stn": self.stn, "fusion": self.fusion}
 
     @property
     def has_prior(self) -> bool:
@@ -99,14 +106,18 @@ class STVNet(nn.Module):
                 f"input size {tuple(x.shape[2:])} differs from the shape prior's {tuple(self.prior.shape[2:])}: "
                 "ST-V-Net works on whole ROIs of the size it was trained with (set data.patch_size: null)"
             )
-        vnet_logits = self.vnet(x)
+        backbone_logits = self.backbone(x)
+        if not isinstance(backbone_logits, torch.Tensor) or backbone_logits.shape != (x.shape[0], 1, *x.shape[2:]):
+            got = tuple(backbone_logits.shape) if isinstance(backbone_logits, torch.Tensor) else type(backbone_logits).__name__
+            raise ValueError(f"the backbone must return [batch, 1, *input size] logits {(x.shape[0], 1, *x.shape[2:])}, "
+                             f"got {got} (set its out_channels to 1; turn off deep supervision)")
         prior = self.prior.expand(x.shape[0], -1, -1, -1, -1)
-        available = {"image": x, "vnet": torch.sigmoid(vnet_logits), "prior": prior}
+        available = {"image": x, BACKBONE: torch.sigmoid(backbone_logits), "prior": prior}
         loc_input = torch.cat([available[name] for name in self.stn_inputs], dim=1)
         warped, theta = self.stn(loc_input, prior)
         if self.fusion_mode == "logit":
             p = warped.clamp(self.prior_eps, 1 - self.prior_eps)
-            logits = self.fusion(torch.cat([vnet_logits, torch.log(p) - torch.log1p(-p)], dim=1))
+            logits = self.fusion(torch.cat([backbone_logits, torch.log(p) - torch.log1p(-p)], dim=1))
         else:
-            logits = vnet_logits
-        return {"logits": logits, "vnet_logits": vnet_logits, "prior": warped, "theta": theta}
+            logits = backbone_logits
+        return {"logits": logits, "backbone_logits": backbone_logits, "prior": warped, "theta": theta}

@@ -144,10 +144,6 @@ class VNet(nn.Module):
         """Inputs are padded internally to a multiple of this along each axis."""
         return 2**self.depth
 
-    def parts(self) -> dict[str, nn.Module]:
-        """The parts a training stage can train or freeze, by name: the V-Net is one part."""
-        return {"vnet": self}
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 5:
             raise ValueError(f"VNet expects a [batch, channel, x, y, z] tensor, got shape {tuple(x.shape)}")
