@@ -22,7 +22,7 @@ from tests.conftest import EXPERIMENT_FILES, EXPERIMENTS, tiny_data_args, vnet_c
 CONFIGS = EXPERIMENT_FILES
 
 
-def GPU_PEER(config: Path) -> bool:  # noqa: N802 (a predicate used like a constant in the parametrisations)
+def is_gpu_peer(config: Path) -> bool:
     """experiments/peers/gpu/: built and resolved here, but not stepped: one bf16 step of their 48-56-wide networks
     takes over a minute at 24^3 on a 2-core CPU (their networks are the CPU peers', which are stepped)."""
     return "peers" in config.parts and "gpu" in config.parts
@@ -106,8 +106,8 @@ def test_staged_vnet_control_differs_from_the_baseline_only_in_its_schedule():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.not_in_mutation_run) if "gpu" in c.parts else c
-                                    for c in CONFIGS if not GPU_PEER(c)], ids=[str(c.relative_to(EXPERIMENTS))
-                                                                               for c in CONFIGS if not GPU_PEER(c)])
+                                    for c in CONFIGS if not is_gpu_peer(c)], ids=[str(c.relative_to(EXPERIMENTS))
+                                                                               for c in CONFIGS if not is_gpu_peer(c)])
 def test_every_experiment_trains_and_validates_through_all_its_stages(config, tiny_cohort, tmp_path):
     """No config ships broken: each one (GPU ones included, bf16 on CPU, at a reduced ROI) trains and validates one
     step in each of its stages through the real command, and its printed config reproduces itself.
