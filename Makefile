@@ -43,7 +43,7 @@ VERDICT_COHORT := data/verdict-v4-$(VERDICT_SUBJECTS)
 # make train-long: the same experiment for LONG_EPOCHS (stage lengths scale with it): the longer CPU run
 LONG_EPOCHS ?= 72
 
-.PHONY: install train train-long test test-multiprocess mutate planted-bugs synth bench evaluate ablate verdict verdict-cpu sweep clean help
+.PHONY: install train train-long test test-multiprocess lint-imports docs mutate planted-bugs synth bench evaluate ablate verdict verdict-cpu sweep clean help
 
 help:
 	@echo "make train   train EXPERIMENT (default $(EXPERIMENT)) on fold FOLD of DATA (default: synthetic cohort)"
@@ -59,6 +59,8 @@ help:
 	@echo "make sweep   Optuna search (SPACE, TRIALS); best.yaml + plots under OUT/sweeps/<study>"
 	@echo "make bench   benchmark against MONAI (ratios) and the ceiling of each experiment's ROI grid, in bench_results/bench.md"
 	@echo "make evaluate RUNS=\"run1 run2\"   paper-style evaluation of trained runs"
+	@echo "make lint-imports   check the import contracts of .importlinter (layers, no cycles)"
+	@echo "make docs   build the documentation site into site/ (mkdocs --strict: a broken link fails)"
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -114,6 +116,14 @@ test: $(STAMP)
 test-multiprocess: $(STAMP)
 	$(BIN)/python -m pytest -q -m "multiprocess or heavy" $(ARGS)
 
+# the architecture's import contracts (.importlinter): layers, no cycles, the generator behind its entry point
+lint-imports: $(STAMP)
+	$(BIN)/lint-imports
+
+# the documentation site (mkdocs.yml): the README as its home page, the references generated from the parsers
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
 # mutation testing ([tool.mutmut] in pyproject.toml names the modules); mutation/survivors.md explains the survivors
 mutate: $(STAMP)
 	$(BIN)/python -m pip install --quiet "mutmut==3.8.1"
@@ -128,4 +138,4 @@ planted-bugs: $(STAMP)
 	$(BIN)/python mutation/planted_bugs.py
 
 clean:
-	rm -rf runs outputs wandb lightning_logs .pytest_cache mutants mutants-cohort mutants-runs mutants-runs-cache mutants-log.tsv
+	rm -rf site runs outputs wandb lightning_logs .pytest_cache mutants mutants-cohort mutants-runs mutants-runs-cache mutants-log.tsv

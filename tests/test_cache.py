@@ -30,10 +30,11 @@ def _scans(manifest: Path) -> list[tuple[str, str, str]]:
 
 
 @pytest.mark.mutation_target("subjects")
-@pytest.mark.parametrize(("locator", "turn", "labels"), [("template", 20.0, "nearest"), ("template", 0.0, "nearest"),
-                                                        ("fraction", 0.0, "nearest"), ("template", 20.0, "linear")])
+@pytest.mark.parametrize(("locator", "turn", "labels"), [("template", 0.0, "nearest"), ("fraction", 0.0, "nearest"),
+                                                        ("template", 20.0, "linear")])
 def test_cached_subjects_hold_exactly_what_preprocessing_gives(tiny_cohort, tmp_path, locator, turn, labels):
-    """...with binary labels, and with soft ones (``label_interpolation: linear``: each voxel's share of femur)."""
+    """...with binary labels, and with soft ones (``label_interpolation: linear``: each voxel's share of femur), in
+    axis-aligned and in turned boxes."""
     args = tiny_data_args(tiny_cohort, tmp_path / "splits", roi_locator=locator, roi_max_rotation=turn,
                           label_interpolation=labels)
     cached, direct = FemurDataModule(**args), FemurDataModule(**{**args, "cache": False})
@@ -180,9 +181,8 @@ def test_a_parallel_build_writes_the_same_entries_as_a_serial_one(tiny_cohort, t
         assert serial.meta(image, label) == parallel.meta(image, label)
 
 
-@pytest.mark.not_in_mutation_run
 def test_locations_are_found_once_per_fold_template_and_shared(tiny_cohort, tmp_path, monkeypatch):
-    args = tiny_data_args(tiny_cohort, tmp_path / "splits", roi_max_rotation=20.0)
+    args = tiny_data_args(tiny_cohort, tmp_path / "splits")  # axis-aligned boxes: the search is the same, only shorter
     first = FemurDataModule(**args)
     found = {s["subject_id"]: s for s in first.subjects("train") + first.subjects("val")}
     (table,) = list((first.store.root / "locations").glob("*.json"))

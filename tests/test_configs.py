@@ -105,7 +105,7 @@ def test_staged_vnet_control_differs_from_the_baseline_only_in_its_schedule():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config", [pytest.param(c, marks=pytest.mark.not_in_mutation_run) if "gpu" in c.parts else c
+@pytest.mark.parametrize("config", [pytest.param(c, marks=[pytest.mark.heavy, pytest.mark.not_in_mutation_run]) if "gpu" in c.parts else c
                                     for c in CONFIGS if not is_gpu_peer(c)], ids=[str(c.relative_to(EXPERIMENTS))
                                                                                for c in CONFIGS if not is_gpu_peer(c)])
 def test_every_experiment_trains_and_validates_through_all_its_stages(config, tiny_cohort, tmp_path):

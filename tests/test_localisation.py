@@ -25,7 +25,7 @@ from stvnet.cli import main as cli_main
 from stvnet.inference import read_checkpoint_info
 from stvnet.localise import measure, summary
 from stvnet.metrics import evaluate_case
-from stvnet.qc import edges_touched, training_range
+from stvnet.qc import edges_touched, qc_record, training_range
 from tests.conftest import tiny_data_args
 
 HARD = ("abdomen-to-thigh", "off-centre left 60 mm", "rotated +15 deg (axial)", "rolled -15 deg (coronal)",
@@ -68,6 +68,7 @@ def fold0(tiny_cohort, tmp_path_factory) -> FemurDataModule:
     return dm
 
 
+@pytest.mark.heavy
 @pytest.mark.not_in_mutation_run
 def test_the_template_finds_the_femur_under_hard_framings(fold0):
     per_case = measure(fold0, tuple(f for f in FRAMINGS if f.name in HARD))
@@ -185,20 +186,30 @@ def test_the_right_femur_is_segmented_by_mirroring(trained_runs, tiny_cohort, tm
 
 
 @pytest.mark.slow
-def test_predict_flags_an_empty_mask_and_strict_fails(trained_runs, tiny_cohort, tmp_path, capsys):
+def test_predict_flags_a_scan_without_bone_and_strict_fails(trained_runs, tiny_cohort, tmp_path, capsys):
     _, subject = _test_case(trained_runs["vnet"], tiny_cohort)
     water = tmp_path / "water.nii.gz"  # a phantom of water: no bone anywhere
     tio.ScalarImage(tensor=torch.zeros_like(subject["image"].data), affine=subject["image"].affine).save(water)
     out = tmp_path / "masks"
     assert cli_main(["predict", str(water), "-c", str(trained_runs["vnet"]), "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "water: WARNING: empty mask: no femur found" in err
+    # whatever a network of 8 epochs makes of water (nothing, or a blob: it differs between machines), QC says so
+    assert "water: WARNING: " in err and "bone fraction around the femur unlike the training scans" in err
     record = json.loads((out / "water.qc.json").read_text())
-    assert "empty mask: no femur found" in record["flags"] and record["volume_ml"] == 0.0
     assert any(flag.startswith("bone fraction around the femur unlike the training scans") for flag in record["flags"])
+    assert ("empty mask: no femur found" in record["flags"]) == (record["volume_ml"] == 0.0)
     assert len(record["roi_center_mm"]) == 3 and len(record["p95_hu_training_range"]) == 2
     assert cli_main(["predict", str(water), "-c", str(trained_runs["vnet"]), "--out", str(tmp_path / "strict"),
                      "--strict"]) == 1
+
+
+def test_an_empty_mask_is_flagged_and_its_volume_is_zero(tiny_cohort):
+    scan = str(tiny_cohort.parent / pd.read_csv(tiny_cohort)["image"].iloc[0])
+    mask = np.zeros(tio.ScalarImage(scan).spatial_shape, dtype=np.uint8)
+    record = qc_record(scan, mask, locator=None)
+    assert record["volume_ml"] == 0.0 and "empty mask: no femur found" in record["flags"]
+    mask[tuple(s // 2 for s in mask.shape)] = 1
+    assert "empty mask: no femur found" not in qc_record(scan, mask, locator=None)["flags"]
 
 
 @pytest.mark.slow

@@ -44,6 +44,7 @@ def test_each_tissue_is_measured_on_its_own_voxels(tiny_cohort, measured):
     assert set(pooled) == {"femur", "cortical", "trabecular", "pelvis", "muscle", "fat", "bladder", "vertebra"}
 
 
+@pytest.mark.heavy
 @pytest.mark.not_in_mutation_run
 def test_the_default_cohorts_tissues_fall_inside_the_published_ranges(tmp_path):
     """Issue 16's acceptance: every subject's trabecular median, cortical p99, muscle and fat medians lie inside the
