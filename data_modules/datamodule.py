@@ -16,7 +16,6 @@ import lightning as L
 import pandas as pd
 import torch
 import torchio as tio
-from filelock import FileLock
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
@@ -25,13 +24,10 @@ from data_modules.cohort import CohortSplits, raw_subject
 from data_modules.folds import split_record
 from data_modules.localisation import FemurLocator
 from data_modules.options import check_options
-from data_modules.roi import refuse_cut_labels
+from data_modules.roi import ROI_CENTER_FRACTION, refuse_cut_labels
 from data_modules.shape_prior import build_shape_prior
-from data_modules.synthetic import DEFAULT_COHORT_DIR, ROI_CENTER_FRACTION, make_cohort
+from data_modules.synthetic import DEFAULT_COHORT_DIR, default_manifest
 from data_modules.transforms import augmentation, preprocessing, sampler
-
-DEFAULT_SYNTHETIC_DIR = DEFAULT_COHORT_DIR
-
 
 def loader_workers(requested: int, ranks_per_node: int = 1) -> int:
     """Loader worker processes for one rank: ``requested``, but no more than the CPUs this process may run on (its
@@ -41,23 +37,9 @@ def loader_workers(requested: int, ranks_per_node: int = 1) -> int:
     return min(requested, max(1, cpus // max(1, ranks_per_node)))
 
 
-def manifest_in_use(manifest: str | Path | None, synthetic_dir: str | Path = DEFAULT_SYNTHETIC_DIR) -> Path:
+def manifest_in_use(manifest: str | Path | None, synthetic_dir: str | Path = DEFAULT_COHORT_DIR) -> Path:
     """The manifest a run reads: the one given, else the synthetic cohort's under ``synthetic_dir``."""
     return Path(manifest) if manifest else Path(synthetic_dir) / "manifest.csv"
-
-
-def default_manifest(synthetic_dir: str | Path = DEFAULT_SYNTHETIC_DIR, n_subjects: int = 40,
-                     seed: int = 0) -> Path:  # pragma: no mutate block (a mutant regenerates a cohort: minutes each)
-    """The embedded synthetic cohort's manifest, generated on first use."""
-    manifest = Path(synthetic_dir) / "manifest.csv"
-    if manifest.is_file():
-        return manifest
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(manifest) + ".lock"):  # concurrent first runs: one generates, the others wait for it
-        if not manifest.is_file():
-            print(f"Generating the synthetic QCT cohort ({n_subjects} subjects) in {synthetic_dir} ...", flush=True)
-            make_cohort(synthetic_dir, n_subjects=n_subjects, seed=seed)
-    return manifest
 
 
 class FemurDataModule(L.LightningDataModule):
@@ -121,7 +103,7 @@ class FemurDataModule(L.LightningDataModule):
         cache: bool = True,
         cache_dir: str = "data/cache",
         preprocess_workers: int | None = None,
-        synthetic_dir: str = DEFAULT_SYNTHETIC_DIR,
+        synthetic_dir: str = DEFAULT_COHORT_DIR,
         synthetic_subjects: int = 40,
         synthetic_seed: int = 0,
     ):  # pragma: no mutate block (save_hyperparameters reads this frame's arguments; a mutmut trampoline hides them)

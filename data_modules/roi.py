@@ -18,6 +18,10 @@ from scipy import ndimage
 
 from data_modules.errors import UserError
 
+#: the paper's fixed box (``data.roi_locator: fraction``): its centre as fractions of the canonical (RAS) field of
+#: view, the "middle-right" box that holds the patient's left proximal femur and acetabulum in the synthetic cohort's
+#: framing
+ROI_CENTER_FRACTION = (0.242, 0.5, 0.55)
 #: names of the low and high side of each canonical (RAS) axis
 SIDES = (("left", "right"), ("posterior", "anterior"), ("inferior", "superior"))
 

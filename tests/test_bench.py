@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from stvnet.bench import BenchConfig, bench_gpu_memory, run_bench, training_memory
+from stvnet.bench import bench_gpu_memory, run_bench, training_memory
+from stvnet.bench_tools import BenchConfig
 
 
 @pytest.mark.heavy
@@ -54,7 +55,7 @@ def test_a_child_that_dies_without_a_result_fails_the_bench_at_once():
     import sys
     import time
 
-    from stvnet.bench import await_result
+    from stvnet.bench_tools import await_result
 
     ctx = mp.get_context("spawn")
     child = ctx.Process(target=sys.exit, args=(3,))

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_modules.clinical import HIP_Z_MM, MATRIX, PHANTOM_RODS, PHANTOM_SIZE_MM, render_clinical, sample_acquisition
-from data_modules.synthetic import render_subject, sample_params
+from data_modules.synthetic.clinical import HIP_Z_MM, MATRIX, PHANTOM_RODS, PHANTOM_SIZE_MM, render_clinical, sample_acquisition
+from data_modules.synthetic.anatomy import render_subject, sample_params
 
 
 def _subjects(n: int):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from data_modules.femur_shape import distance_grid, femur_instance, fit_sphere, n_modes
+from data_modules.synthetic.femur_shape import distance_grid, femur_instance, fit_sphere, n_modes
 
 
 def _volume(vertices: np.ndarray, triangles: np.ndarray) -> float:

@@ -18,7 +18,7 @@ from data_modules.cohort import raw_subject
 from data_modules.datamodule import FemurDataModule
 from data_modules.errors import UserError
 from data_modules.localisation import FemurLocator, box_center_mm, rotation_matrix
-from data_modules.reframe import FRAMINGS, Framing, reframe
+from data_modules.synthetic.reframe import FRAMINGS, Framing, reframe
 from data_modules.roi import Box, label_coverage
 from data_modules.transforms import RoiCrop
 from stvnet.cli import main as cli_main

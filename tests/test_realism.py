@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_modules.realism import PROFILE_MM, PUBLISHED, REAL_CT, in_range, measure_cohort, tissue_masks
-from data_modules.synthetic import (_coverage, _normal_extent, anatomy, make_cohort, read_parameters, sample_params,
-                                   sample_surroundings)
+from data_modules.synthetic.realism import PROFILE_MM, PUBLISHED, REAL_CT, in_range, measure_cohort, tissue_masks
+from data_modules.synthetic import make_cohort, read_parameters
+from data_modules.synthetic.anatomy import coverage, normal_extent, anatomy, sample_params, sample_surroundings
 from stvnet.cli import main as cli_main
 from tests.conftest import png_colours
 
@@ -82,11 +82,11 @@ def test_a_voxel_holds_the_share_of_a_surface_its_extent_across_the_surface_span
     one across them over the pixel; a 0.5 mm shell lying in one 2.5 mm slice fills a fifth of it."""
     z = (np.arange(9) - 4) * 2.5
     across_slices = np.broadcast_to(z[None, None, :], (5, 5, 9)).astype(np.float32)  # distance to the plane z = 0
-    extent = _normal_extent(across_slices, (1.0, 1.0, 2.5))
+    extent = normal_extent(across_slices, (1.0, 1.0, 2.5))
     assert np.allclose(extent, 2.5, atol=1e-4)
     x = np.broadcast_to((np.arange(9) - 4.0)[:, None, None], (9, 5, 5)).astype(np.float32)
-    assert np.allclose(_normal_extent(x, (1.0, 1.0, 2.5)), 1.0, atol=1e-4)
-    shell = _coverage(across_slices, extent) - _coverage(across_slices + 0.5, extent)  # inside: z < 0, core z < -0.5
+    assert np.allclose(normal_extent(x, (1.0, 1.0, 2.5)), 1.0, atol=1e-4)
+    shell = coverage(across_slices, extent) - coverage(across_slices + 0.5, extent)  # inside: z < 0, core z < -0.5
     assert shell[2, 2, 4] == pytest.approx(0.2) and shell[2, 2, 3] == 0.0 and shell[2, 2, 5] == 0.0
 
 

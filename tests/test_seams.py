@@ -22,7 +22,8 @@ import torchio as tio
 
 import stvnet.evaluation
 import stvnet.validation_rows
-from data_modules.datamodule import FemurDataModule, default_manifest
+from data_modules.datamodule import FemurDataModule
+from data_modules.synthetic import default_manifest
 from data_modules.transforms import RoiCrop, preprocessing, sampler
 from stvnet.callbacks import Stage, StageSchedule
 from stvnet.inference import ensemble_probabilities, ensemble_segment

@@ -14,7 +14,8 @@ import yaml
 from optuna.trial import TrialState
 
 from data_modules.errors import UserError
-from stvnet.sweep import config_path, make_storage, run_sweep, set_path, trial_config, validate_space
+from stvnet.studies import make_storage
+from stvnet.sweep import config_path, run_sweep, set_path, trial_config, validate_space
 from stvnet.training import resolved_config
 
 ROOT = Path(__file__).resolve().parents[1]

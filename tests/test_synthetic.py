@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_modules.realism import tissue_masks
-from data_modules.synthetic import (FOV_LENGTH_MM, FOV_Z_LIMITS_MM, HIP_Z_MM, anatomy, cohort_fingerprint, make_cohort,
-                                   read_parameters, render_subject, sample_params, sample_surroundings)
+from data_modules.synthetic.realism import tissue_masks
+from data_modules.synthetic import cohort_fingerprint, make_cohort, read_parameters
+from data_modules.synthetic.anatomy import FOV_LENGTH_MM, FOV_Z_LIMITS_MM, HIP_Z_MM, anatomy, render_subject, sample_params, sample_surroundings
 from tests.conftest import TINY_SPACING
 
 

@@ -14,7 +14,7 @@ from stvnet.lightning_module import FemurSegmenter
 
 
 def test_lightnings_csv_logger_still_deletes_an_earlier_metrics_file(tmp_path):
-    """Why ``stvnet.loggers.ResumableCSVLogger`` exists: a resumed run would lose its learning curve. It hooks
+    """Why ``stvnet.lightning_adapters.ResumableCSVLogger`` exists: a resumed run would lose its learning curve. It hooks
     ``ExperimentWriter._check_log_dir_exists``, the step that deletes the file; if Lightning renames it or starts to
     append, this fails and the adapter must follow."""
     assert callable(getattr(ExperimentWriter, "_check_log_dir_exists", None))
@@ -24,7 +24,7 @@ def test_lightnings_csv_logger_still_deletes_an_earlier_metrics_file(tmp_path):
 
 
 def test_a_network_given_by_the_cli_is_recorded_as_its_class_path(monkeypatch):
-    """``FemurSegmenter`` asks Lightning's ``_given_hyperparameters`` whether LightningCLI built it: then ``net`` is
+    """``FemurSegmenter`` asks Lightning's ``_given_hyperparameters`` (``stvnet.lightning_adapters.built_by_lightning_cli``) whether LightningCLI built it: then ``net`` is
     saved as class_path/init_args (checkpoints rebuild it alone); from Python it is left out (no pickled module)."""
     monkeypatch.setattr(sys, "argv", ["stvnet"])
     cli = LightningCLI(FemurSegmenter, FemurDataModule, run=False, args=[

@@ -22,15 +22,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import platform
-import queue as queue_module
-import resource
 import shutil
 import socket
-import statistics
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,69 +34,11 @@ import torch.distributed as dist
 from jsonargparse import ArgumentParser
 from torch.nn.parallel import DistributedDataParallel
 
+from stvnet.bench_tools import BenchConfig, await_result, cpu_width, peak_rss_mib, timeit, train_step_fn
+from stvnet.bench_data import bench_data
 from stvnet.metrics import evaluate_case
 from stvnet.models import STVNet, VNet
 from stvnet.training import resolved_config
-
-
-@dataclass
-class BenchConfig:
-    """Sizes of one benchmark run (``tiny`` keeps it to seconds for the test suite)."""
-
-    step_sizes: tuple[int, ...] = (64, 96)
-    metric_shapes: tuple[tuple[int, int, int], ...] = ((64, 64, 64), (128, 128, 128), (256, 256, 128), (512, 512, 200))
-    repeats: int = 3
-    full_width: bool = True
-    roi: int = 64
-    scan_shape: tuple[int, int, int] = (160, 96, 96)
-    loader_batches: int = 12
-    device: str = "cpu"
-    ddp_steps: int = 8
-    gpu_roi: int | None = None  # None: the gpu configs' own ROI
-    ceiling_scans: int = 6
-    ceiling_configs: tuple[str, ...] = ()  # () : every experiment under experiments/ (gpu/ and peers/ included)
-
-    @classmethod
-    def tiny(cls) -> "BenchConfig":
-        return cls(step_sizes=(32,), metric_shapes=((24, 24, 24),), repeats=1, full_width=False, roi=32,
-                   scan_shape=(48, 40, 40), loader_batches=2, ddp_steps=2, gpu_roi=32, ceiling_scans=1)
-
-
-def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cpu") -> float:
-    """Median seconds of ``fn`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _train_step_fn(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], None]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step() -> None:
-        out = model(x)
-        logits = out["logits"] if isinstance(out, dict) else out
-        loss = torch.sigmoid(logits).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return step
-
-
-def cpu_width(cfg: BenchConfig) -> dict:
-    """V-Net arguments of the CPU experiment configs (narrower still in tiny runs)."""
-    if cfg.full_width:
-        return dict(base_channels=8, depth=3, convs_per_stage=(2, 2, 2), kernel_size=3)
-    return dict(base_channels=4, depth=2, kernel_size=3)
 
 
 def our_full_vnet() -> VNet:
@@ -120,8 +57,8 @@ def bench_training(cfg: BenchConfig) -> list[dict]:
             ours, theirs = our_full_vnet(), MonaiVNet(spatial_dims=3, in_channels=1, out_channels=1)
         else:
             ours, theirs = VNet(base_channels=4, depth=2, kernel_size=3), MonaiVNet(spatial_dims=3, in_channels=1, out_channels=1)
-        t_ours = timeit(_train_step_fn(ours.to(dev), x), cfg.repeats, device=cfg.device)
-        t_monai = timeit(_train_step_fn(theirs.to(dev), x), cfg.repeats, device=cfg.device)
+        t_ours = timeit(train_step_fn(ours.to(dev), x), cfg.repeats, device=cfg.device)
+        t_monai = timeit(train_step_fn(theirs.to(dev), x), cfg.repeats, device=cfg.device)
         rows.append({"what": f"V-Net train step 1x1x{size}^3", "ours": 1 / t_ours, "reference": 1 / t_monai,
                      "unit": "volumes/s", "ratio": t_monai / t_ours, "reference_name": "MONAI VNet"})
     # what the shape prior costs: ST-V-Net vs its own V-Net at the CPU training configuration
@@ -131,8 +68,8 @@ def bench_training(cfg: BenchConfig) -> list[dict]:
     vnet = VNet(**width).to(dev)
     st = STVNet(VNet(**width)).to(dev)
     st.set_prior(torch.rand(1, size, size, size))
-    t_v = timeit(_train_step_fn(vnet, x), cfg.repeats, device=cfg.device)
-    t_s = timeit(_train_step_fn(st, x), cfg.repeats, device=cfg.device)
+    t_v = timeit(train_step_fn(vnet, x), cfg.repeats, device=cfg.device)
+    t_s = timeit(train_step_fn(st, x), cfg.repeats, device=cfg.device)
     rows.append({"what": f"ST-V-Net vs V-Net train step 2x1x{size}^3", "ours": 2 / t_s, "reference": 2 / t_v,
                  "unit": "volumes/s", "ratio": t_v / t_s, "reference_name": "our V-Net"})
     return rows
@@ -239,7 +176,7 @@ def bench_loader(cfg: BenchConfig, manifest: str | None) -> list[dict]:
     loader_rate = n / (time.perf_counter() - t0) if n else float("nan")
     width = cpu_width(cfg)
     x = torch.randn(dm.batch_size, 1, *dm.hparams.roi_size)
-    t_step = timeit(_train_step_fn(VNet(**width), x), cfg.repeats)
+    t_step = timeit(train_step_fn(VNet(**width), x), cfg.repeats)
     model_rate = dm.batch_size / t_step
     for folder in (kwargs["splits_dir"], kwargs["cache_dir"]):
         shutil.rmtree(folder, ignore_errors=True)
@@ -248,22 +185,13 @@ def bench_loader(cfg: BenchConfig, manifest: str | None) -> list[dict]:
              "reference_name": "model consumption"}]
 
 
-def peak_rss_mib() -> float:
-    """This process's peak resident memory (VmHWM; unlike ru_maxrss it is not inherited across exec)."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def _peak_rss_child(kind: str, cfg: BenchConfig, queue: mp.Queue) -> None:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     width = cpu_width(cfg)
     model = VNet(**width)
     x = torch.randn(2, 1, cfg.roi, cfg.roi, cfg.roi)
     if kind == "train":
-        step = _train_step_fn(model, x)
+        step = train_step_fn(model, x)
         for _ in range(2):
             step()
     else:
@@ -321,26 +249,6 @@ def _ddp_rank(rank: int, world: int, port: int, cfg: BenchConfig, queue: mp.Queu
         queue.put(times)
     dist.barrier()  # both ranks leave together: a gloo rank whose peer has gone can hang in its teardown
     dist.destroy_process_group()
-
-
-def await_result(procs: list[mp.process.BaseProcess], queue: mp.Queue, timeout: float) -> object:
-    """The first result a child process puts on ``queue``, or one line if they all exit without one (a crashed
-    child must not leave the bench waiting for ``timeout``); children still alive after it are given a minute to
-    leave and then terminated."""
-    deadline = time.monotonic() + timeout
-    result = None
-    while result is None:
-        try:
-            result = queue.get(timeout=2.0)
-        except queue_module.Empty:
-            if not any(p.is_alive() for p in procs) or time.monotonic() > deadline:
-                codes = [p.exitcode for p in procs]
-                raise RuntimeError(f"benchmark child processes ended without a result (exit codes {codes})") from None
-    for proc in procs:
-        proc.join(timeout=60)
-        if proc.is_alive():  # its result is in: a rank stuck in gloo's teardown must not hold the bench
-            proc.terminate()
-    return result
 
 
 def bench_ddp(cfg: BenchConfig) -> list[dict]:
@@ -420,7 +328,7 @@ def experiment_configs() -> list[Path]:
 def bench_ceiling(cfg: BenchConfig, manifest: str | None) -> list[dict]:
     """The ceiling of each experiment's ROI grid (once per distinct data setting) on the cohort's first
     ``ceiling_scans`` scans, with the ROI centred on each label (:func:`~stvnet.ceiling.grid_ceiling`)."""
-    from data_modules.datamodule import default_manifest
+    from data_modules.synthetic import default_manifest
     from data_modules.manifest import validate_manifest
     from stvnet.ceiling import grid_ceiling
 
@@ -469,7 +377,6 @@ def run_bench(cfg: BenchConfig, out: str | Path | None = None, manifest: str | N
               data_sizes: tuple[int, ...] = (), data_config: str | None = None) -> str:
     """Run the chosen sections, print and optionally save the Markdown table; returns it. ``data_sizes`` and
     ``data_config`` choose the data section's cohort sizes and experiment (see :mod:`stvnet.bench_data`)."""
-    from stvnet.bench_data import bench_data
 
     torch.manual_seed(0)
     header = machine_header(cfg)

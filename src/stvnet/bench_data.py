@@ -28,14 +28,7 @@ import torch
 
 from data_modules.errors import InvalidInput
 from data_modules.cache import single_threaded
-from stvnet.bench import (
-    BenchConfig,
-    _train_step_fn,
-    await_result,
-    cpu_width,
-    peak_rss_mib,
-    timeit,
-)
+from stvnet.bench_tools import BenchConfig, await_result, cpu_width, peak_rss_mib, timeit, train_step_fn
 from stvnet.models import VNet
 from stvnet.training import resolved_config
 
@@ -138,7 +131,7 @@ def _sub_manifest(table: pd.DataFrame, n: int, folder: Path) -> Path:
 def bench_data(cfg: BenchConfig, manifest: str | None, sizes: tuple[int, ...] = (),
                config: str | Path | None = None) -> list[dict]:
     """Rows of the data benchmark for each cohort size (default: the whole manifest)."""
-    from data_modules.datamodule import default_manifest
+    from data_modules.synthetic import default_manifest
     from data_modules.manifest import validate_manifest
 
     table = validate_manifest(manifest or str(default_manifest()), voxels=False)
@@ -214,7 +207,7 @@ def _bench_cohort(cfg: BenchConfig, manifest: Path, n: int, data: dict, width: d
     first = starts[0][0]
     warm, loader_rate, main, workers, at_once, batch_size, roi = starts[1]
     x = torch.randn(batch_size, 1, *roi)
-    step = timeit(_train_step_fn(VNet(**width), x), repeats=1)
+    step = timeit(train_step_fn(VNet(**width), x), repeats=1)
     return CohortMeasures(n, cores, serial, parallel, first, warm, main, workers, at_once, loader_rate,
                           batch_size / step, batch_size, tuple(roi))
 

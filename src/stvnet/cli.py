@@ -79,7 +79,7 @@ def _synth(argv: list[str]) -> int:
                                female_fraction=args.female_fraction, workers=args.workers, preset=args.preset)
         print(f"Wrote {args.subjects} subjects; manifest: {manifest}")
     if args.report:
-        from data_modules.realism import write_report
+        from data_modules.synthetic.realism import write_report
 
         if not (manifest.parent / "parameters.csv").is_file():
             raise UserError(f"--report: {manifest.parent} has no parameters.csv; the report measures cohorts written "
@@ -296,7 +296,8 @@ def _bench(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if any(n < 2 for n in args.data_sizes):
         raise UserError(f"--data-sizes {' '.join(map(str, args.data_sizes))}: each size must be at least 2 scans")
-    from stvnet.bench import BenchConfig, run_bench
+    from stvnet.bench import run_bench
+    from stvnet.bench_tools import BenchConfig
 
     cfg = BenchConfig.tiny() if args.tiny else BenchConfig()
     cfg.device = args.device

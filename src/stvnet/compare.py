@@ -26,16 +26,14 @@ import yaml  # noqa: E402
 
 from data_modules.errors import InvalidInput, MissingInput  # noqa: E402
 from stvnet.evaluation import summarize, summary_markdown  # noqa: E402
+from stvnet.stages import config_stages, schedule_position  # noqa: E402
 
 VAL_METRICS = ("dice", "sensitivity", "specificity", "hd", "hd95", "assd")
 
 
 def final_stage_index(config: dict) -> int | None:
     """Index of the last stage of the run's StageSchedule (``None`` without one)."""
-    for callback in (config.get("trainer") or {}).get("callbacks") or []:
-        if str(callback.get("class_path", "")).endswith("StageSchedule"):
-            return len(callback["init_args"]["stages"]) - 1
-    return None
+    return len(config_stages(config)) - 1 if schedule_position(config) is not None else None
 
 
 def best_epoch_row(val: pd.DataFrame, final_index: int | None) -> pd.Series:

@@ -30,7 +30,8 @@ import yaml
 from scipy import stats
 from tqdm.auto import tqdm
 
-from data_modules.datamodule import DEFAULT_SYNTHETIC_DIR, manifest_in_use
+from data_modules.datamodule import manifest_in_use
+from data_modules.synthetic import DEFAULT_COHORT_DIR
 from data_modules.errors import InvalidInput, MissingInput
 from data_modules.folds import fold_subjects
 from data_modules.manifest import filter_cohort, validate_manifest
@@ -111,7 +112,7 @@ def describe_run(run: str | Path) -> RunInfo:
 def cohort_table(info: RunInfo, manifest: str | None) -> pd.DataFrame:
     """The validated manifest rows of a run's cohort, indexed by subject id."""
     path = manifest or info.manifest or manifest_in_use(None, info.data_hparams.get("synthetic_dir",
-                                                                                    DEFAULT_SYNTHETIC_DIR))
+                                                                                    DEFAULT_COHORT_DIR))
     table = filter_cohort(validate_manifest(path), info.cohort)
     missing = sorted((set(info.subjects["test"]) | set(info.subjects["val"])) - set(table["subject_id"]))
     if missing:

@@ -24,6 +24,7 @@ from data_modules.errors import MissingInput, UserError, exception_line
 from data_modules.localisation import FemurLocator
 from data_modules.transforms import preprocessing, to_scan_grid
 from stvnet.lightning_module import FemurSegmenter
+from stvnet.stages import checkpoint_stage
 
 
 @dataclass
@@ -50,9 +51,8 @@ def read_checkpoint_info(path: str | Path) -> CheckpointInfo:
 @functools.lru_cache(maxsize=256)
 def _read_checkpoint_info(path: Path, mtime_ns: int | None, size: int | None) -> CheckpointInfo:
     ckpt = load_checkpoint(path)
-    stage = ckpt.get("stvnet_stage") or {}
-    schedule = (ckpt.get("callbacks") or {}).get("StageSchedule")
-    final = schedule is None or stage.get("index") == len(schedule["stages"]) - 1
+    stage, n_stages = checkpoint_stage(ckpt)
+    final = n_stages is None or stage.get("index") == n_stages - 1
     record = ckpt.get("FemurDataModule")
     locator = FemurLocator.from_state_dict(record["locator"]) if record and record.get("locator") else None
     return CheckpointInfo(path, int(ckpt.get("epoch", -1)), str(stage.get("name", "single")), final,

@@ -16,20 +16,19 @@ import pandas as pd
 import torch
 import torchio as tio
 from lightning.pytorch.callbacks import BaseFinetuning
-from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from data_modules.folds import check_same_split
 from stvnet.init_weights import load_backbone_weights
+from stvnet.lightning_adapters import built_by_lightning_cli
 from stvnet.losses import segmentation_loss, soft_dice_loss
 from stvnet.prior_handover import hand_over_prior
 from stvnet.schedules import warmup_cosine
 from stvnet.models.protocol import BACKBONE
-from stvnet.stages import ActiveStage
+from stvnet.stages import STAGE_KEY, ActiveStage
 from stvnet.validation_rows import case_rows, epoch_means, gather_unique
 
-STAGE_KEY = "stvnet_stage"
 #: set while load_from_checkpoint rebuilds a module (its init_weights file is then not needed)
 _RESTORING: ContextVar[bool] = ContextVar("stvnet_restoring", default=False)
 
@@ -70,7 +69,7 @@ class FemurSegmenter(L.LightningModule):
         # Under LightningCLI ``net`` is recorded as its class_path/init_args, so load_from_checkpoint rebuilds it
         # from the checkpoint alone. A module built in Python is not pickled into the hparams (checkpoints stay
         # loadable with weights_only); pass ``net=...`` to load_from_checkpoint for those.
-        self.save_hyperparameters(ignore=[] if _given_hyperparameters.get() is not None else ["net"])
+        self.save_hyperparameters(ignore=[] if built_by_lightning_cli() else ["net"])
         self.net = net
         self.lr = lr
         self.weight_decay = weight_decay

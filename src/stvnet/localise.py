@@ -1,7 +1,7 @@
 """``stvnet localise``: measure femur localisation on held-out scans under many framings.
 
 The template is built from one fold's training scans exactly as ``stvnet train`` builds it; each validation and test
-scan of that fold is re-framed (:data:`data_modules.reframe.FRAMINGS`) and run through the training preprocessing.
+scan of that fold is re-framed (:data:`data_modules.synthetic.reframe.FRAMINGS`) and run through the training preprocessing.
 Per framing: the localisation error (ROI centre vs the centre of the label's bounding box, in mm), the share of
 the label inside the ROI and, given a checkpoint of that fold, the Dice of its masks on the re-framed scans.
 """
@@ -18,7 +18,7 @@ import torchio as tio
 from data_modules.cohort import raw_subject
 from data_modules.datamodule import FemurDataModule
 from data_modules.localisation import box_center_mm
-from data_modules.reframe import FRAMINGS, Framing, reframe
+from data_modules.synthetic.reframe import FRAMINGS, Framing, reframe
 from stvnet.inference import Predictor
 from stvnet.metrics import evaluate_case
 

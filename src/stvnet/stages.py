@@ -13,6 +13,30 @@ from stvnet.models.protocol import BACKBONE
 #: loss terms: ``seg`` on the final output, ``backbone`` on the segmentation backbone's own output (an ST-V-Net's V-Net
 #: before the prior is fused in), ``prior`` on the warped prior
 LOSS_TERMS = ("seg", BACKBONE, "prior")
+#: where a checkpoint records its :class:`ActiveStage`
+STAGE_KEY = "stvnet_stage"
+#: the stage schedule callback's name: in a config's ``class_path`` and as its state's key in a checkpoint
+SCHEDULE = "StageSchedule"
+
+
+def schedule_position(config: dict) -> int | None:
+    """Position of the stage schedule among a resolved config's callbacks (``None`` without one)."""
+    callbacks = (config.get("trainer") or {}).get("callbacks") or []
+    found = [i for i, c in enumerate(callbacks) if str(c.get("class_path", "")).endswith(SCHEDULE)]
+    return found[0] if found else None
+
+
+def config_stages(config: dict) -> list[dict]:
+    """The stages of a resolved config's schedule, in order (``[]`` without one)."""
+    position = schedule_position(config)
+    return [] if position is None else list(config["trainer"]["callbacks"][position]["init_args"]["stages"])
+
+
+def checkpoint_stage(ckpt: dict) -> tuple[dict, int | None]:
+    """The stage a checkpoint was saved in (its record, ``{}`` for an unstaged run) and its schedule's number of
+    stages (``None`` without a schedule)."""
+    schedule = (ckpt.get("callbacks") or {}).get(SCHEDULE)
+    return dict(ckpt.get(STAGE_KEY) or {}), None if schedule is None else len(schedule["stages"])
 
 
 @dataclass

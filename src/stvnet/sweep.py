@@ -36,54 +36,11 @@ import yaml
 from optuna.trial import TrialState
 
 from data_modules.errors import InvalidInput, MissingInput, UserError, exception_line
+from stvnet.stages import config_stages, schedule_position
+from stvnet.studies import make_pruner, make_sampler, make_storage, storage_url
 from stvnet.training import resolved_config
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-
-
-def make_storage(storage: str | None, out: Path, study: str) -> optuna.storages.BaseStorage | str:
-    """Journal file storage by default (safe for several local processes); any RDB URL otherwise."""
-    if storage is None or storage.startswith("journal:"):
-        path = Path(storage[len("journal:"):]) if storage else out / f"{study}.journal"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
-    return storage
-
-
-def storage_url(storage: str | None, out: Path, study: str) -> str:
-    """The storage as a string that a training subprocess can reopen (``journal:<path>`` for journal files)."""
-    return storage if storage else f"journal:{(out / f'{study}.journal').resolve()}"
-
-
-def open_trial(storage: str, study_name: str, number: int, pruner: dict | None = None) -> optuna.trial.Trial:
-    """Reattach to a running trial from another process (the training run of a sweep trial)."""
-    backend = make_storage(storage, Path("."), study_name)
-    study = optuna.load_study(study_name=study_name, storage=backend, pruner=make_pruner(pruner or {}))
-    if isinstance(backend, str):  # a database URL: the storage object Optuna opened for it
-        backend = optuna.storages.get_storage(backend)
-    study_id = backend.get_study_id_from_name(study_name)
-    return optuna.trial.Trial(study, backend.get_trial_id_from_study_id_trial_number(study_id, number))
-
-
-def make_sampler(spec: dict, worker: int) -> optuna.samplers.BaseSampler:
-    name = spec.get("name", "tpe")
-    seed = spec.get("seed", 0)
-    seed = None if seed is None else seed + worker  # distinct streams for workers sharing a study
-    if name == "tpe":
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=spec.get("n_startup_trials", 5))
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    raise ValueError(f"sampler must be tpe or random, got '{name}'")
-
-
-def make_pruner(spec: dict) -> optuna.pruners.BasePruner:
-    name = spec.get("name", "median")
-    args = {k: v for k, v in spec.items() if k != "name"}
-    pruners = {"median": optuna.pruners.MedianPruner, "hyperband": optuna.pruners.HyperbandPruner,
-               "threshold": optuna.pruners.ThresholdPruner, "none": optuna.pruners.NopPruner}
-    if name not in pruners:
-        raise ValueError(f"pruner must be one of {sorted(pruners)}, got '{name}'")
-    return pruners[name](**args)
 
 
 def set_path(config: dict, dotted: str, value: Any) -> None:
@@ -126,13 +83,6 @@ OPEN_MAPPINGS = ("loss_weights", "part_lr_scale")
 STAGE_PREFIX = "stages."
 
 
-def stage_schedule_index(config: dict) -> int | None:
-    """Position of the StageSchedule among the config's callbacks (``None`` without stages)."""
-    callbacks = (config.get("trainer") or {}).get("callbacks") or []
-    found = [i for i, c in enumerate(callbacks) if str(c.get("class_path", "")).endswith("StageSchedule")]
-    return found[0] if found else None
-
-
 def config_path(config: dict, key: str) -> str:
     """The dotted path a search-space key sets in ``config``: ``stages.stn.epochs`` becomes the position of the
     stage named ``stn`` in the StageSchedule (found by name, so reordering callbacks or stages cannot make a space tune
@@ -140,8 +90,7 @@ def config_path(config: dict, key: str) -> str:
     if not key.startswith(STAGE_PREFIX):
         return key
     name, _, field = key[len(STAGE_PREFIX):].partition(".")
-    index = stage_schedule_index(config)
-    stages = config["trainer"]["callbacks"][index]["init_args"]["stages"] if index is not None else []
+    index, stages = schedule_position(config), config_stages(config)
     positions = [j for j, stage in enumerate(stages) if stage.get("name") == name]
     if not positions or not field:
         raise KeyError(f"stages: {', '.join(s.get('name', '?') for s in stages) or 'none (no StageSchedule)'}")
@@ -247,7 +196,7 @@ def trial_config(spec: dict, base: dict, params: dict, storage: str, study: str,
 def keep_stage_lengths(config: dict) -> None:
     """Train the stage lengths a trial sampled as they are: no rescaling to ``trainer.max_epochs``, whose budget
     becomes their sum."""
-    schedule = config["trainer"]["callbacks"][stage_schedule_index(config)]["init_args"]
+    schedule = config["trainer"]["callbacks"][schedule_position(config)]["init_args"]
     schedule["scale_to_max_epochs"] = False
     config["trainer"]["max_epochs"] = sum(int(stage["epochs"]) for stage in schedule["stages"])
 

@@ -32,7 +32,7 @@ from data_modules.errors import InvalidInput, MissingInput, UserError
 from stvnet.callbacks import EpochSeed, RunFiles, StageSchedule
 from stvnet.inference import load_checkpoint
 from stvnet.lightning_module import FemurSegmenter
-from stvnet.loggers import ResumableCSVLogger
+from stvnet.lightning_adapters import ResumableCSVLogger
 
 RUN_DIR_ENV = "STVNET_RUN_DIR"
 

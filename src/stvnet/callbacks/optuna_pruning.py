@@ -37,7 +37,7 @@ class OptunaPruning(Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            from stvnet.sweep import open_trial
+            from stvnet.studies import open_trial  # optuna is loaded by the runs that report to a study only
 
             self._trial = open_trial(self.storage, self.study_name, self.trial_number, self.pruner)
 

@@ -43,7 +43,8 @@ import torch  # noqa: E402
 import torchio as tio  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from data_modules.synthetic import SubjectParams, anatomy, head_centre, read_parameters, to_world  # noqa: E402
+from data_modules.synthetic import read_parameters, to_world  # noqa: E402
+from data_modules.synthetic.anatomy import SubjectParams, anatomy, head_centre
 
 
 @dataclass(frozen=True)
@@ -249,7 +250,7 @@ def write_report(manifest: str | Path, out: str | Path, subjects: int | None = N
     plot_views(manifest, params[table["subject_id"].iloc[0]], out / "views.png")
     checks = in_range(table)
     lines = [f"# Realism of {manifest} ({len(table)} subjects)", "",
-             "Each tissue's statistic per subject against its published range (sources in data_modules/realism.py).",
+             "Each tissue's statistic per subject against its published range (sources in data_modules/synthetic/realism.py).",
              "", "| tissue | statistic | published | source | cohort median | cohort min-max | subjects inside |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r.tissue} | {r.statistic} | {r.published} | {r.source} | {r.median:.0f} | {r.lowest:.0f} to "

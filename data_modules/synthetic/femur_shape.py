@@ -4,7 +4,7 @@ The model is the femur of the LLP26 lower-limb PCA model (26 modes, built from C
 Bioengineering Institute; ``musculoskeletal-models`` 0.2.4, https://github.com/musculoskeletal/models, Mozilla Public
 License 2.0; Zhang J, Besier TF, "Accuracy of femur reconstruction from sparse geometric data using a statistical
 shape model", Comput Methods Biomech Biomed Engin 2017;20:566-576). Its mean, first modes and surface were exported
-once by :mod:`data_modules.femur_ssm_export` into ``assets/femur_llp26.npz`` (MPL-2.0, licence beside it).
+once by :mod:`data_modules.synthetic.femur_ssm_export` into ``assets/femur_llp26.npz`` (MPL-2.0, licence beside it).
 
 A subject's femur is the mean plus its mode weights times each mode's standard deviation, rigidly aligned back onto
 the mean (the whole-limb model's modes also move the femur; that pose is not shape), and scaled about its head's

@@ -1,9 +1,15 @@
-"""A CSV logger that survives resuming: ``metrics.csv`` keeps the epochs trained before the checkpoint.
+"""The two places where this project relies on Lightning's internals, kept in this one module, each with why and
+each pinned by a test of Lightning's own behaviour (``tests/test_upstream.py``), so an upgrade that changes them fails
+there first:
 
-Lightning's ``CSVLogger`` deletes an existing ``metrics.csv`` when it starts in a non-empty folder, so a run
-resumed with ``--ckpt_path <run>/checkpoints/last.ckpt`` would lose its learning curve up to the checkpoint.
-Here the earlier rows are kept; rows of epochs that the resumed run trains again (work done after the
-checkpoint was written, before the crash) are dropped so every epoch appears once.
+* :class:`ResumableCSVLogger` overrides ``ExperimentWriter._check_log_dir_exists``: Lightning's ``CSVLogger`` deletes an existing ``metrics.csv`` when it starts in a non-empty folder, so a run
+  resumed with ``--ckpt_path <run>/checkpoints/last.ckpt`` would lose its learning curve up to the checkpoint. Here
+  the earlier rows are kept; rows of epochs that the resumed run trains again (work done after the checkpoint was
+  written, before the crash) are dropped so every epoch appears once.
+* :func:`built_by_lightning_cli` reads ``_given_hyperparameters``, the context variable LightningCLI sets while it
+  instantiates a module from its config: only then is ``net`` recorded among the hyperparameters (as its class_path
+  and init_args), so that ``load_from_checkpoint`` rebuilds the network from the checkpoint alone. Lightning has no
+  public way to ask.
 """
 
 from __future__ import annotations
@@ -11,8 +17,14 @@ from __future__ import annotations
 import csv
 
 from lightning.fabric.loggers.logger import rank_zero_experiment
+from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+
+def built_by_lightning_cli() -> bool:
+    """Whether the LightningModule being constructed is instantiated by LightningCLI from a config."""
+    return _given_hyperparameters.get() is not None
 
 
 class _ResumableWriter(ExperimentWriter):

@@ -1,11 +1,11 @@
 """Export the left femur of the LLP26 shape model into this project's small asset (run once, by a developer).
 
-``python -m data_modules.femur_ssm_export <folder with musculoskeletal/models>`` reads, from an unpacked
+``python -m data_modules.synthetic.femur_ssm_export <folder with musculoskeletal/models>`` reads, from an unpacked
 ``musculoskeletal-models`` 0.2.4 wheel (``pip download --no-deps musculoskeletal-models==0.2.4``, MPL-2.0, Auckland
 Bioengineering Institute), the lower-limb PCA model ``shape_models/LLP26_rigid.pc`` (a plain pickle: ``mean`` and
 ``modes`` over pelvis, femur, patella and tibia points, coordinates blocked x then y then z; ``weights`` the modes'
 variances) and the femur's quartic Lagrange mesh (``atlas_meshes/femur_left_quartic_flat.mesh`` / ``.ens``, mean
-``femur_left_mean_rigid_LLP26.geof``), and writes :data:`data_modules.femur_shape.ASSET`:
+``femur_left_mean_rigid_LLP26.geof``), and writes :data:`data_modules.synthetic.femur_shape.ASSET`:
 
 * ``mean`` (634 x 3) and ``modes`` (k x 634 x 3, each one standard deviation of the mode) of the femur's nodes, in
   RAS mm (the model's frame is LPS: x and y negated);
@@ -15,7 +15,7 @@ variances) and the femur's quartic Lagrange mesh (``atlas_meshes/femur_left_quar
   (120-300 mm below the head's centre), the neck's (a ring 4-12 mm outside the head, lateral of its centre) and the
   lesser trochanter's apex (the most posteromedial node 35-75 mm below the head's centre).
 
-Nothing reads the wheel at run time; the asset and its licence travel with the code (``data_modules/assets``).
+Nothing reads the wheel at run time; the asset and its licence travel with the code (``data_modules/synthetic/assets``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_modules.femur_shape import ASSET, fit_sphere, shaft_axis
+from data_modules.synthetic.femur_shape import ASSET, fit_sphere, shaft_axis
 
 #: the femur's rows in LLP26's point list (pelvis first), found by matching the femur mean mesh's nodes
 FEMUR_POINTS = slice(1946, 2580)

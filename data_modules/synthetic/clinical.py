@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from data_modules.synthetic import SubjectParams, _intensities, anatomy
+from data_modules.synthetic.anatomy import SubjectParams, anatomy, intensities
 
 MATRIX = 512
 PIXEL_MM = (0.6, 0.9)
@@ -97,7 +97,7 @@ def render_clinical(prm: SubjectParams) -> tuple[np.ndarray, np.ndarray, np.ndar
     coarse, _ = anatomy(prm, coarse_spacing, origin=acq.origin, shape=coarse_shape)
     sdfs = {name: _upsampled(field, acq.shape) for name, field in coarse.items()}
     del coarse
-    image, label = _intensities(sdfs, prm, acq.spacing, np.random.default_rng(prm.seed), phantom_hu(acq))
+    image, label = intensities(sdfs, prm, acq.spacing, np.random.default_rng(prm.seed), phantom_hu(acq))
     affine = np.diag([-acq.spacing[0], -acq.spacing[1], acq.spacing[2], 1.0])
     affine[:3, 3] = acq.origin
     return image, label, affine

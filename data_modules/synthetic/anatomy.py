@@ -1,10 +1,10 @@
-"""Deterministic synthetic QCT hip cohort: the embedded default dataset.
+"""The synthetic subject: its parameters, its anatomy as signed distance fields, and its rendering in HU.
 
 Each subject is a hip CT in Hounsfield units with the *left* proximal femur labelled, built from
 signed distance fields (SDFs):
 
 * left femur (labelled down to a cut 10 mm below the lesser trochanter's apex): since generator v4 a real femur's
-  shape, drawn from the LLP26 statistical shape model (12 modes; :mod:`data_modules.femur_shape`, MPL-2.0) and scaled
+  shape, drawn from the LLP26 statistical shape model (12 modes; :mod:`data_modules.synthetic.femur_shape`, MPL-2.0) and scaled
   to the subject's head radius; a thin cortex (0.3-0.5 mm over the head, 0.6-1.1 mm over the neck and trochanters)
   thickening to 3-5 mm in the shaft, around trabecular bone densest in the head and sparsest in the trochanteric
   region, and a fatty marrow canal in the shaft;
@@ -24,7 +24,7 @@ signed distance fields (SDFs):
   and anisotropic voxels (default 1.0 x 1.0 x 2.5 mm).
 
 Bone density follows published QCT values (HU ~ mg/cm3 hydroxyapatite; ``stvnet synth --report`` measures a cohort
-against them, :mod:`data_modules.realism`):
+against them, :mod:`data_modules.synthetic.realism`):
 
 * trabecular bone of the femoral neck ~235 HU in men and ~205 HU in women at 55 years, falling ~2.0 and ~2.6 HU a
   year (Riggs BL et al., J Bone Miner Res 2004;19:1945-1954: trabecular vBMD falls ~45% over adult life in both
@@ -53,21 +53,14 @@ same subjects, but their files may differ in bytes).
 
 from __future__ import annotations
 
-import ast
-import hashlib
-import os
-from concurrent.futures import ProcessPoolExecutor
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
-from pathlib import Path
+from dataclasses import dataclass
 
-import nibabel as nib
 import numpy as np
-import pandas as pd
 import torch
 from scipy import ndimage
 
-from data_modules.femur_shape import DistanceGrid, FemurShape, distance_grid, femur_instance, n_modes
+from data_modules.synthetic.femur_shape import DistanceGrid, FemurShape, distance_grid, femur_instance, n_modes
 
 #: Field of view in RAS mm (x: patient right is +, y: anterior is +, z: superior is +); z is each subject's framing
 #: (:func:`sample_surroundings`), here its hips-only extreme.
@@ -77,15 +70,6 @@ FOV_MM = ((-190.0, 120.0), (-85.0, 85.0), (-135.0, 50.0))
 FOV_LENGTH_MM = (160.0, 260.0)
 FOV_Z_LIMITS_MM = (-200.0, 160.0)
 HIP_Z_MM = (-100.0, 50.0)
-#: ROI centre as fractions of the canonical (RAS) field of view: the "middle-right" box of the paper
-#: (patient's left hip) that contains the left proximal femur and the left acetabulum.
-ROI_CENTER_FRACTION = (0.242, 0.5, 0.55)
-#: acquisitions: ``default`` (the embedded cohort's grid) or ``clinical`` (hip QCT size, see data_modules.clinical)
-PRESETS = ("default", "clinical")
-#: the generator's version: a change that alters the cohort's bytes bumps it, so the default cohort (a folder named
-#: after it) is written afresh instead of an older one being reused; runs on an older cohort keep their files
-GENERATOR_VERSION = 4
-DEFAULT_COHORT_DIR = f"data/synthetic-v{GENERATOR_VERSION}"
 
 
 @dataclass(frozen=True)
@@ -239,7 +223,7 @@ def _smoothstep(x: torch.Tensor) -> torch.Tensor:
 
 
 def femur_shape(prm: SubjectParams) -> FemurShape:
-    """The subject's left femur from the statistical shape model (:mod:`data_modules.femur_shape`); the right one is
+    """The subject's left femur from the statistical shape model (:mod:`data_modules.synthetic.femur_shape`); the right one is
     its mirror image."""
     return femur_instance(prm.shape_modes, prm.head_radius)
 
@@ -468,17 +452,17 @@ def anatomy(prm: SubjectParams, spacing: tuple[float, float, float], origin: Seq
 def render_subject(prm: SubjectParams, spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Render one subject: returns (HU image int16, label uint8, affine) in LPS voxel order."""
     sdfs, affine = anatomy(prm, spacing)
-    image, label = _intensities(sdfs, prm, spacing, np.random.default_rng(prm.seed))
+    image, label = intensities(sdfs, prm, spacing, np.random.default_rng(prm.seed))
     return image, label, affine
 
 
-def _coverage(sdf: np.ndarray, extent: np.ndarray | float) -> np.ndarray:
+def coverage(sdf: np.ndarray, extent: np.ndarray | float) -> np.ndarray:
     """Share of a voxel inside a surface, from the signed distance of its centre and the voxel's extent along the
     surface's normal (the surface taken as flat across the voxel)."""
     return np.clip(0.5 - sdf / extent, 0.0, 1.0)
 
 
-def _normal_extent(sdf: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
+def normal_extent(sdf: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
     """Each voxel's extent (mm) along the normal of the distance field's level set through it: its thickness as the
     surface sees it, e.g. the slice thickness for a surface parallel to the slices, the pixel size across them."""
     grads = np.gradient(sdf, *spacing)
@@ -508,10 +492,10 @@ def _paint(hu: np.ndarray, sdf: np.ndarray, value: np.ndarray | np.float32 | flo
     near = sdf[box] < reach
     if not near.any():
         return
-    extent = _normal_extent(sdf[box], spacing)[near]
+    extent = normal_extent(sdf[box], spacing)[near]
     target = value[box][near] if isinstance(value, np.ndarray) and value.ndim else value
     voxels = hu[box][near]
-    voxels += _coverage(sdf[box][near], extent) * (target - voxels)
+    voxels += coverage(sdf[box][near], extent) * (target - voxels)
     hu[box][near] = voxels
 
 
@@ -535,7 +519,7 @@ def _streaks(metal: np.ndarray, spacing: Sequence[float], rng: np.random.Generat
     return out
 
 
-def _intensities(sdfs: dict[str, np.ndarray], prm: SubjectParams, spacing: Sequence[float], rng: np.random.Generator,
+def intensities(sdfs: dict[str, np.ndarray], prm: SubjectParams, spacing: Sequence[float], rng: np.random.Generator,
                  phantom: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """HU image (int16) and label (uint8) from the distance fields: tissues, bone, optional calibration phantom
     (``phantom``: HU per voxel, NaN outside it), partial volume and correlated noise."""
@@ -563,7 +547,7 @@ def _intensities(sdfs: dict[str, np.ndarray], prm: SubjectParams, spacing: Seque
         near = sdfs[name][box] < reach
         if not near.any():  # the structure lies outside this field of view
             continue
-        extent = _normal_extent(sdfs[name][box], spacing)[near]
+        extent = normal_extent(sdfs[name][box], spacing)[near]
         sdf, tex = sdfs[name][box][near], texture[box][near]
         if name == "pelvis":
             cortex, trabecular, canal = np.float32(prm.pelvis_cortex), prm.pelvis_hu + 50.0 * tex, None
@@ -573,11 +557,11 @@ def _intensities(sdfs: dict[str, np.ndarray], prm: SubjectParams, spacing: Seque
             cortex, trabecular = sdfs[f"{name}_cortex"][box][near], sdfs[f"{name}_trabecular"][box][near]
             trabecular = trabecular * (1.0 + 0.25 * tex)
             canal = sdfs[f"{name}_canal"][box]
-            canal = _coverage(canal, _normal_extent(canal, spacing))[near]
+            canal = coverage(canal, normal_extent(canal, spacing))[near]
         voxels = hu[box][near]
         compact = prm.cortical_hu * (PELVIS_CORTEX_DENSITY if name in ("pelvis", "spine") else 1.0)
-        voxels += _coverage(sdf, extent) * (compact + 60.0 * tex - voxels)
-        core = _coverage(sdf + cortex, extent)
+        voxels += coverage(sdf, extent) * (compact + 60.0 * tex - voxels)
+        core = coverage(sdf + cortex, extent)
         voxels += core * (trabecular - voxels)
         if canal is not None:  # fatty marrow of the elderly
             voxels += core * canal * (-30.0 + 15.0 * tex - voxels)
@@ -597,115 +581,3 @@ def _intensities(sdfs: dict[str, np.ndarray], prm: SubjectParams, spacing: Seque
     image = np.clip(np.round(hu), -1024, 3071).astype(np.int16)
     label = (sdfs["label"] < 0.0).astype(np.uint8)
     return image, label
-
-
-def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    img = nib.Nifti1Image(array, affine)
-    img.header.set_xyzt_units("mm")
-    img.header.set_qform(affine, code=1)
-    img.header.set_sform(affine, code=1)
-    # nibabel writes gzip with a zero mtime, so output bytes depend only on content
-    nib.save(img, str(path))
-
-
-def _write_one(args: tuple[SubjectParams, tuple[float, float, float], str, str]) -> dict[str, object]:
-    prm, spacing, out, preset = args
-    torch.set_num_threads(1)  # one process per core
-    out_dir = Path(out)
-    if preset == "clinical":
-        from data_modules.clinical import render_clinical  # clinical builds on this module
-
-        image, label, affine = render_clinical(prm)
-    else:
-        image, label, affine = render_subject(prm, spacing)
-    img_path = out_dir / "images" / f"{prm.subject_id}.nii.gz"
-    lbl_path = out_dir / "labels" / f"{prm.subject_id}.nii.gz"
-    _save(image, affine, img_path)
-    _save(label, affine, lbl_path)
-    return {
-        "subject_id": prm.subject_id,
-        "image": f"images/{img_path.name}",
-        "label": f"labels/{lbl_path.name}",
-        "sex": prm.sex,
-        "age": prm.age,
-        "head_diameter_mm": round(2 * prm.head_radius, 2),
-        "neck_shaft_angle_deg": round(femur_shape(prm).neck_shaft_angle, 2),
-        "trabecular_hu": round(prm.trabecular_hu, 1),
-        "osteoporotic": prm.osteoporotic,
-        "joint_space_mm": round(prm.joint_space, 2),
-        "metal": sample_surroundings(prm).metal,
-        "shape": "x".join(str(n) for n in image.shape),
-        "spacing_mm": "x".join(f"{abs(affine[i, i]):.3g}" for i in range(3)),
-    }
-
-
-def make_cohort(
-    out_dir: str | Path,
-    n_subjects: int = 40,
-    seed: int = 0,
-    spacing: tuple[float, float, float] = (1.0, 1.0, 2.5),
-    female_fraction: float = 216 / 397,
-    workers: int = 2,
-    preset: str = "default",
-) -> Path:
-    """Write a synthetic cohort (NIfTI images, labels, ``manifest.csv``) and return the manifest path.
-
-    The F:M ratio defaults to the paper's (216 women, 181 men). Subjects are rendered in parallel
-    processes; the result does not depend on ``workers``. ``preset: clinical`` acquires the same anatomy like a
-    clinical hip QCT scan (512 x 512 x 150-300 voxels, per-subject spacing; :mod:`data_modules.clinical`) and ignores
-    ``spacing``.
-    """
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {PRESETS}, got '{preset}'")
-    if n_subjects < 2:
-        raise ValueError(f"n_subjects must be >= 2, got {n_subjects}")
-    out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "labels").mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    n_female = int(round(n_subjects * female_fraction))
-    sexes = np.array(["F"] * n_female + ["M"] * (n_subjects - n_female))
-    rng.shuffle(sexes)
-    params = [sample_params(i, str(sx), rng) for i, sx in enumerate(sexes)]
-    jobs = [(prm, tuple(float(s) for s in spacing), str(out), preset) for prm in params]
-    if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
-            rows = list(pool.map(_write_one, jobs))
-    else:
-        rows = [_write_one(job) for job in jobs]
-    pd.DataFrame([asdict(p) for p in params]).to_csv(out / "parameters.csv", index=False)
-    manifest = out / "manifest.csv"
-    tmp = out / f".manifest.{os.getpid()}.tmp"
-    pd.DataFrame(rows).to_csv(tmp, index=False)
-    tmp.replace(manifest)  # last and atomic: a cohort with a manifest is complete, even after an interrupted run
-    return manifest
-
-
-def read_parameters(path: str | Path) -> list[SubjectParams]:
-    """Read back a cohort's ``parameters.csv`` (to re-render or inspect a subject's anatomy)."""
-    table = pd.read_csv(path, dtype={"subject_id": str, "sex": str})
-    fields = SubjectParams.__dataclass_fields__
-    missing = [name for name in fields if name not in table.columns]
-    if missing:
-        raise ValueError(f"{path}: written by an older generator (no {', '.join(missing)}); regenerate the cohort "
-                         "with `stvnet synth`")
-    casts = {"int": int, "bool": bool}
-    out = []
-    for row in table.to_dict("records"):
-        values = {}
-        for name, f in fields.items():
-            v = row[name]
-            values[name] = tuple(ast.literal_eval(v)) if "tuple" in str(f.type) else casts.get(str(f.type), lambda x: x)(v)
-        out.append(SubjectParams(**values))
-    return out
-
-
-def cohort_fingerprint(manifest: str | Path) -> str:
-    """SHA-256 over every file of a cohort listed in its manifest (for determinism checks)."""
-    manifest = Path(manifest)
-    digest = hashlib.sha256(manifest.read_bytes())
-    table = pd.read_csv(manifest)
-    for col in ("image", "label"):
-        for rel in table[col]:
-            digest.update((manifest.parent / rel).read_bytes())
-    return digest.hexdigest()
