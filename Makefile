@@ -48,8 +48,8 @@ LONG_EPOCHS ?= 72
 help:
 	@echo "make train   train EXPERIMENT (default $(EXPERIMENT)) on fold FOLD of DATA (default: synthetic cohort)"
 	@echo "make train-long   the same for LONG_EPOCHS (default $(LONG_EPOCHS)) epochs, the stages scaled with them"
-	@echo "make test    run the test suite (in-process tests, ~4 min on 2 cores)"
-	@echo "make test-multiprocess   tests that launch DDP ranks, torchrun, sweeps and kill/resume (~5 min; CI runs both)"
+	@echo "make test    run the in-process test suite (the import contracts included)"
+	@echo "make test-multiprocess   DDP ranks, torchrun, sweeps, kill/resume and heavy tests (~17 min on 2 cores; CI runs both)"
 	@echo "make mutate  mutation testing (mutmut) of the modules in [tool.mutmut]; score in mutation/score.md"
 	@echo "make planted-bugs   plant the bugs that once slipped through, one at a time; each must fail a test"
 	@echo "make synth   write the synthetic cohort to data/synthetic-v4"

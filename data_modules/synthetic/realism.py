@@ -43,8 +43,8 @@ import torch  # noqa: E402
 import torchio as tio  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from data_modules.synthetic import read_parameters, to_world  # noqa: E402
-from data_modules.synthetic.anatomy import SubjectParams, anatomy, head_centre
+from data_modules.synthetic.cohort import read_parameters  # noqa: E402
+from data_modules.synthetic.anatomy import SubjectParams, anatomy, head_centre, to_world  # noqa: E402
 
 
 @dataclass(frozen=True)
