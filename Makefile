@@ -43,7 +43,7 @@ VERDICT_COHORT := data/verdict-v4-$(VERDICT_SUBJECTS)
 # make train-long: the same experiment for LONG_EPOCHS (stage lengths scale with it): the longer CPU run
 LONG_EPOCHS ?= 72
 
-.PHONY: install train train-long test test-multiprocess lint-imports docs mutate planted-bugs synth bench evaluate ablate verdict verdict-cpu sweep clean help
+.PHONY: install train train-long test test-multiprocess wheel-check lint-imports docs mutate planted-bugs synth bench evaluate ablate verdict verdict-cpu sweep clean help
 
 help:
 	@echo "make train   train EXPERIMENT (default $(EXPERIMENT)) on fold FOLD of DATA (default: synthetic cohort)"
@@ -59,6 +59,7 @@ help:
 	@echo "make sweep   Optuna search (SPACE, TRIALS); best.yaml + plots under OUT/sweeps/<study>"
 	@echo "make bench   benchmark against MONAI (ratios) and the ceiling of each experiment's ROI grid, in bench_results/bench.md"
 	@echo "make evaluate RUNS=\"run1 run2\"   paper-style evaluation of trained runs"
+	@echo "make wheel-check   build the wheel, install it into a clean venv and train one step outside the checkout"
 	@echo "make lint-imports   check the import contracts of .importlinter (layers, no cycles)"
 	@echo "make docs   build the documentation site into site/ (mkdocs --strict: a broken link fails)"
 
@@ -117,6 +118,10 @@ test-multiprocess: $(STAMP)
 	$(BIN)/python -m pytest -q -m "multiprocess or heavy" $(ARGS)
 
 # the architecture's import contracts (.importlinter): layers, no cycles, the generator behind its entry point
+# the package as installed from its wheel into a clean venv, run outside the checkout (packaged defaults found)
+wheel-check: $(STAMP)
+	bash .ci/wheel_check.sh $(PYTHON) "$(TORCH_SPEC)"
+
 lint-imports: $(STAMP)
 	$(BIN)/lint-imports
 

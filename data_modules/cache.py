@@ -39,7 +39,7 @@ import torchio as tio
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from data_modules.errors import exception_line
+from data_modules.errors import UserError, exception_line
 from data_modules.localisation import (
     COARSE_SPACING,
     FemurLocator,
@@ -131,6 +131,8 @@ def _build_one(job: tuple[str, str, str, str | None, CacheSettings]) -> list[str
     folder, subject_id, image, label, settings = job
     try:
         return write_entry(Path(folder), image, label, settings, subject_id)
+    except UserError as exc:  # a scan the locator or preprocessing cannot use: one line, named
+        return [f"{subject_id}: {image}: {line}" for line in exc.lines]
     except Exception as exc:  # name the scan instead of a deep SimpleITK/torch traceback
         raise RuntimeError(f"{subject_id}: preprocessing {image} failed ({exception_line(exc)})") from None
 
@@ -245,7 +247,10 @@ class PreprocessedCache:
             self._found[digest] = json.loads(path.read_text()) if path.is_file() else {}
         table, name = self._found[digest], entry_name(image, label, self.settings)
         if name not in table:
-            location = locator.locate_coarse(self.coarse(image, label))
+            try:
+                location = locator.locate_coarse(self.coarse(image, label))
+            except UserError as exc:
+                raise UserError(*(f"{image}: {line}" for line in exc.lines)) from None
             table[name] = {"center_mm": location.center_mm.tolist(), "rotation": location.rotation.tolist(),
                            "score": location.score}
             self._new.add(digest)

@@ -51,6 +51,9 @@ class CohortSplits:
         if table.empty:
             raise ManifestError(self.manifest, [f"no subjects in cohort '{self.cohort}' (column 'sex' holds "
                                                 "M for male, F for female); choose another --data.cohort"])
+        problems = strata_problems(table, self.strata)
+        if problems:
+            raise ManifestError(self.manifest, problems)
         self._splits = load_or_create_splits(self.path(table), table, n_folds=self.n_folds,
                                              test_fraction=self.test_fraction, seed=self.seed, strata=self.strata,
                                              cohort=self.cohort)
@@ -95,3 +98,13 @@ def raw_subject(row: pd.Series) -> tio.Subject:
     if row["label"] is not None:
         fields["label"] = tio.LabelMap(row["label"])
     return tio.Subject(**fields)
+
+
+def strata_problems(table: pd.DataFrame, strata: list[str]) -> list[str]:
+    """One line per stratification column the manifest lacks, and per subject with no value in one it has."""
+    missing = [c for c in strata if c not in table.columns]
+    if missing:
+        return [f"no column {', '.join(map(repr, missing))} for --data.strata {list(strata)} (its columns: "
+                f"{', '.join(table.columns)}); add the column or stratify by others ([] for none)"]
+    return [f"{row.subject_id}: no value in column '{c}' (a --data.strata column); fill it in or stratify by others"
+            for c in strata for row in table[table[c].isna()].itertuples()]

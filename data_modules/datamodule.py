@@ -92,7 +92,7 @@ class FemurDataModule(L.LightningDataModule):
         roi_center: tuple[float, float, float] | None = ROI_CENTER_FRACTION,
         roi_max_rotation: float = 20.0,
         hu_window: tuple[float, float] = (-200.0, 1800.0),
-        label_interpolation: str = "nearest",
+        label_interpolation: str = "linear",
         batch_size: int = 2,
         num_workers: int = 2,
         augment: float = 1.0,

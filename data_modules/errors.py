@@ -10,6 +10,7 @@ import os
 import re
 import sys
 import traceback
+from pathlib import Path
 
 DEBUG_ENV = "STVNET_DEBUG"
 
@@ -53,3 +54,28 @@ def exception_line(exc: BaseException, limit: int = 200) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
     first = text.splitlines()[0] if text else ""
     return f"{type(exc).__name__}: {first[:limit]}"
+
+
+def refuse_blocked_folder(path: str | os.PathLike, option: str) -> Path:
+    """Raise one line when the output folder a user named cannot be made because a file stands where it or one of
+    its parents must be (checked before any work, so no result is lost at the end); returns the path."""
+    folder = Path(path)
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise UserError(f"{option} {folder}: {blocking} is a file, not a folder; choose another {option} "
+                        "or move that file")
+    return folder
+
+
+def output_folder(path: str | os.PathLike, option: str) -> Path:
+    """Create the folder a user named for outputs (and its parents), or raise one line naming the option, the path
+    and why it cannot be a folder: a file where a folder must be, no permission, a read-only or full disk."""
+    folder = refuse_blocked_folder(path, option)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{option} {folder}: cannot create the folder ({exception_line(exc)}); choose a folder "
+                        "you can write to") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{option} {folder}: the folder is not writable; choose a folder you can write to")
+    return folder

@@ -31,7 +31,8 @@ def strata_key(table: pd.DataFrame, strata: list[str]) -> pd.Series:
     """One label per subject combining the stratification columns (e.g. ``"F"`` or ``"F|site2"``)."""
     missing = [c for c in strata if c not in table.columns]
     if missing:
-        raise ValueError(f"stratification columns not in the manifest: {missing}")
+        raise InvalidInput(f"--data.strata {list(strata)}: {', '.join(map(repr, missing))} not a column of the manifest "
+                           f"(its columns: {', '.join(table.columns)}); stratify by its columns ([] for none)")
     if not strata:
         return pd.Series(["all"] * len(table), index=table.index)
     return table[strata].astype(str).agg("|".join, axis=1)

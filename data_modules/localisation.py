@@ -36,6 +36,7 @@ from scipy import ndimage, optimize
 from scipy.spatial.transform import Rotation
 from skimage.feature import match_template, peak_local_max
 
+from data_modules.errors import InvalidInput
 from data_modules.roi import place_box, read_box
 
 #: coarse grid of the search (mm): fine enough for a ROI margin of ~20 mm, coarse enough for a whole scan in < 1 s
@@ -218,6 +219,10 @@ class FemurLocator:
     def locate_coarse(self, scan: tio.ScalarImage) -> Location:
         """:meth:`locate` for a scan already passed through :func:`coarse`."""
         array = scan.data[0].numpy().astype(np.float32)
+        if array.size == 0 or array.min() == array.max():
+            raise InvalidInput(f"no contrast within the HU window {list(self.hu_window)} at the locator's "
+                               f"{self.spacing:g} mm: no femur to find; check that the scan is a CT in Hounsfield "
+                               "units (rescale slope and intercept applied)")
         # the scan continues past its edges as its border voxels do (a scan cut through the femur, a small field of
         # view), so the template may be centred anywhere in the scan
         pad = [(t // 2, t - 1 - t // 2) for t in self.template.shape]
@@ -229,6 +234,8 @@ class FemurLocator:
         # peaks are each posed, and the best posed match wins
         half = min(self.template.shape) // 2
         peaks = peak_local_max(ncc, min_distance=half, num_peaks=CANDIDATE_PEAKS, exclude_border=False)
+        if len(peaks) == 0:  # a plateau has no local maximum: its first voxel is as good as any
+            peaks = [np.array(np.unravel_index(int(np.argmax(ncc)), ncc.shape))]
         posed = [self._pose(array, scan.affine, self._location(ncc, peak, scan.affine)) for peak in peaks]
         return max(posed, key=lambda location: location.score)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_modules.scan_io import read_header, read_voxels
+from data_modules.scan_io import ScanHeader, read_header, read_voxels
 from data_modules.errors import UserError, exception_line
 
 REQUIRED_COLUMNS = ("subject_id", "image", "label", "sex")
@@ -77,11 +77,34 @@ def read_manifest(path: str | Path, require_labels: bool = True) -> pd.DataFrame
     return table
 
 
+# a scan that holds even part of a proximal femur spans more than this along every axis (a femoral head is ~45 mm
+# across); a header spacing in the wrong unit (0.07 for 0.7 mm) makes the field of view a tenth or less of that
+MIN_FIELD_OF_VIEW_MM = 20.0
+
+
+def geometry_problems(sid: str, shape: tuple[int, ...], spacing: tuple[float, ...]) -> list[str]:
+    """What the header alone rules out: a spacing that is not positive, a field of view too small for a femoral head
+    (a header spacing in the wrong unit, e.g. 0.03 mm for 3 mm)."""
+    if min(spacing) <= 0:
+        return [f"{sid}: image voxel spacing {tuple(spacing)} is not positive (fix the image header)"]
+    extent = tuple(float(n) * float(s) for n, s in zip(shape[:3], spacing[:3]))
+    if min(extent) < MIN_FIELD_OF_VIEW_MM:
+        shown = " x ".join(f"{e:.3g}" for e in extent)
+        return [f"{sid}: image field of view {shown} mm (spacing {', '.join(f'{s:.3g}' for s in spacing[:3])} mm) "
+                f"is too small to hold a femoral head (under {MIN_FIELD_OF_VIEW_MM:g} mm along an axis); the header's "
+                "voxel spacing is probably in the wrong unit: fix it"]
+    return []
+
+
 def voxel_problems(sid: str, image: np.ndarray, label: np.ndarray | None) -> list[str]:
-    """What reading every voxel can find: NaN/inf in the scan, a label that is not binary or is empty."""
+    """What reading every voxel can find: NaN/inf or a single value in the scan, a label that is not binary or is
+    empty."""
     problems = []
     if not np.isfinite(image).all():
         problems.append(f"{sid}: image contains NaN or inf values")
+    elif image.size and image.min() == image.max():
+        problems.append(f"{sid}: image holds one value ({float(image.min()):g}) in every voxel: not a CT scan; "
+                        "check the file or its export")
     if label is not None:
         values = np.unique(label)
         if not set(values.tolist()) <= {0, 1}:
@@ -93,22 +116,30 @@ def voxel_problems(sid: str, image: np.ndarray, label: np.ndarray | None) -> lis
 
 
 def scan_problems(name: str, path: str | Path) -> list[str]:
-    """What stops a scan from being segmented, one line each: unreadable, not 3D, spacing not positive, voxels that
-    end early or are not finite (``stvnet predict`` checks every scan before inference)."""
+    """What stops a scan from being segmented, one line each: unreadable, not 3D, spacing not positive or a field of
+    view too small for a femur, voxels that end early, are not finite or are all one value."""
+    return checked_scan(name, path)[0]
+
+
+def checked_scan(name: str, path: str | Path) -> tuple[list[str], ScanHeader | None, np.ndarray | None]:
+    """:func:`scan_problems`, with the header and the (3D) voxels that check read when it found none: ``stvnet
+    predict`` segments those instead of reading the scan again."""
     try:
         header = read_header(path)
     except Exception as exc:  # noqa: BLE001 (nibabel and SimpleITK raise several types for unreadable files)
-        return [f"{name}: cannot read {path} as NIfTI, NRRD or a DICOM series ({exception_line(exc)})"]
+        return [f"{name}: cannot read {path} as NIfTI, NRRD or a DICOM series ({exception_line(exc)})"], None, None
     if len(header.shape) != 3 and not (len(header.shape) == 4 and header.shape[3] == 1):
-        return [f"{name}: {path} is not a 3D scan (shape {header.shape}); give the whole CT volume"]
-    if min(header.spacing) <= 0:
-        return [f"{name}: {path} has voxel spacing {header.spacing}, not positive; fix the image header"]
+        return [f"{name}: {path} is not a 3D scan (shape {header.shape}); give the whole CT volume"], None, None
+    geometry = geometry_problems(name, header.shape, header.spacing)
+    if geometry:
+        return [line.replace(f"{name}: image", f"{name}: {path}", 1) for line in geometry], None, None
     try:
         voxels = read_voxels(path)
     except Exception as exc:  # noqa: BLE001
         return [f"{name}: {path} cannot be read to its end ({exception_line(exc)}); the file is damaged or "
-                "incomplete: copy or export it again"]
-    return [p.replace(f"{name}: image contains", f"{name}: {path} contains") for p in voxel_problems(name, voxels, None)]
+                "incomplete: copy or export it again"], None, None
+    problems = [p.replace(f"{name}: image ", f"{name}: {path} ", 1) for p in voxel_problems(name, voxels, None)]
+    return (problems, None, None) if problems else ([], header, voxels.reshape(header.shape[:3]))
 
 
 def _check_subject(row: pd.Series, voxels: bool) -> list[str]:
@@ -127,8 +158,9 @@ def _check_subject(row: pd.Series, voxels: bool) -> list[str]:
         return [f"{sid}: image is not a readable NIfTI, NRRD or DICOM series ({type(exc).__name__}: {exc})"]
     if len(image.shape) != 3 and not (len(image.shape) == 4 and image.shape[3] == 1):
         return [f"{sid}: image is not 3D (shape {image.shape})"]
-    if min(image.spacing) <= 0:
-        return [f"{sid}: image voxel spacing {image.spacing} is not positive (fix the image header)"]
+    geometry = geometry_problems(sid, image.shape, image.spacing)
+    if geometry:
+        return geometry
     if paths["label"] is None:  # a missing label that is required was named by read_manifest
         return voxel_problems(sid, read_voxels(paths["image"]), None) if voxels else []
     try:

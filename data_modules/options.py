@@ -12,6 +12,8 @@ from data_modules.manifest import COHORTS
 from data_modules.transforms import LABEL_INTERPOLATIONS, PATCH_SAMPLERS
 
 ROI_LOCATORS = ("template", "fraction")
+# voxels coarser than this cannot resolve a femoral head (~45 mm across: fewer than 5 voxels)
+MAX_TARGET_SPACING_MM = 10.0
 
 
 def _positive(values: Sequence[Any] | None, integral: bool) -> bool:
@@ -30,6 +32,10 @@ def option_problems(options: dict[str, Any]) -> list[str]:
         ("test_fraction", 0.0 <= o["test_fraction"] < 1.0, "must be in [0, 1) (the paper holds out 0.1)"),
         ("target_spacing", o["target_spacing"] is None or _positive(o["target_spacing"], False),
          "must be three spacings in mm > 0, or null to keep each scan's own"),
+        ("target_spacing", o["target_spacing"] is None or not _positive(o["target_spacing"], False)
+         or max(o["target_spacing"]) <= MAX_TARGET_SPACING_MM,
+         f"voxels over {MAX_TARGET_SPACING_MM:g} mm cannot resolve a femoral head (~45 mm across); use 0.5-5 mm "
+         "(the paper: 1 mm)"),
         ("roi_size", o["roi_size"] is None or _positive(o["roi_size"], True),
          "must be three voxel counts > 0, or null for the whole scan"),
         ("roi_locator", o["roi_locator"] in ROI_LOCATORS, f"must be one of {', '.join(ROI_LOCATORS)}"),

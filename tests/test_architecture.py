@@ -29,15 +29,15 @@ def test_a_planted_cycle_breaks_the_contracts(tmp_path):
     for part in ("src", "data_modules"):
         shutil.copytree(ROOT / part, tmp_path / part, ignore=shutil.ignore_patterns("__pycache__", "assets"))
     shutil.copy(ROOT / ".importlinter", tmp_path)
-    # a callback that reaches up to the sweep command: callbacks -> sweep -> training -> callbacks
+    # a callback that reaches up to the training command: callbacks -> training -> callbacks
     planted = tmp_path / "src" / "stvnet" / "callbacks" / "epoch_seed.py"
-    planted.write_text(planted.read_text() + "\nfrom stvnet.sweep import run_sweep  # noqa: E402,F401\n")
+    planted.write_text(planted.read_text() + "\nfrom stvnet.training import main  # noqa: E402,F401\n")
     done = _lint(tmp_path)
     assert done.returncode == 1, done.stdout[-3000:]
     report = done.stdout
     assert "no import cycles between the modules of any package, at any depth BROKEN" in report
     assert "entry point -> commands -> library core (every module in a layer) BROKEN" in report
-    assert "stvnet.callbacks.epoch_seed -> stvnet.sweep" in report
+    assert "stvnet.callbacks.epoch_seed -> stvnet.training" in report
 
 
 def test_the_entry_point_loads_no_torch():

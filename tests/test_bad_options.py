@@ -29,7 +29,7 @@ def _refused(argv: list[str], capsys, expected: str, watched: Path) -> None:
     prefix = f"stvnet {argv[0]}: error: "
     errors = [line for line in err if line.startswith(prefix)]
     assert errors and any(expected in line for line in errors), err
-    assert not any("Traceback" in line for line in err)
+    assert not any("Traceback" in line for line in err), err
     assert _files(watched) == before, "a refused command wrote or changed files"
 
 
@@ -58,12 +58,22 @@ TRAIN_OPTIONS = {
     "misspelt option": (["--model.lrr", "0.1"], "unrecognized arguments: --model.lrr 0.1; see stvnet train --help"),
     "option of the wrong type": (["--data.fold", "first"], 'Parser key "data.fold": Expected a <class \'int\'>'),
     "more folds than a stratum has": (["--data.n_folds", "13"], "too few for 13 stratified folds; use fewer folds"),
+    "voxels coarser than a femoral head": (["--data.target_spacing", "[400.0, 400.0, 400.0]"],
+                                           "data.target_spacing [400.0, 400.0, 400.0]: voxels over 10 mm cannot "
+                                           "resolve a femoral head"),
+    "stratum column the manifest lacks": (["--data.strata", "[site]"],
+                                          "no column 'site' for --data.strata ['site'] (its columns: subject_id, "),
+    "run folder below a file": (["--run.out", "{t}/file.txt/runs"],
+                                "--run.out {t}/file.txt/runs: {t}/file.txt is a file, not a folder; choose another "
+                                "--run.out"),
 }
 
 
 @pytest.mark.parametrize("kind", TRAIN_OPTIONS)
 def test_train_refuses_an_option_that_cannot_work(kind, tiny_cohort, tmp_path, capsys):
     extra, expected = TRAIN_OPTIONS[kind]
+    extra, expected = [e.replace("{t}", str(tmp_path)) for e in extra], expected.replace("{t}", str(tmp_path))
+    (tmp_path / "file.txt").write_text("keep me")
     out = tmp_path / "runs"
     _refused(["train", *tiny_train_args(tiny_cohort, out, epochs=1), *extra], capsys, expected, tmp_path)
     assert not (out / "vnet").exists()  # no run folder
@@ -175,6 +185,15 @@ COMMANDS: dict[str, tuple[Callable[[Path], list[str]], str]] = {
                                           "--threshold 2.0: must be a probability in (0, 1)"),
     "predict: out is a file": (lambda t: ["predict", str(t / "file.txt"), "-c", str(t), "--out", str(t / "file.txt")],
                                "file.txt: is a file; give a folder for the masks"),
+    "predict: out below a file": (lambda t: ["predict", str(t / "file.txt"), "-c", str(t), "--out",
+                                             str(t / "file.txt" / "masks")],
+                                  "--out {t}/file.txt/masks: {t}/file.txt is a file, not a folder"),
+    "ablate: out below a file": (lambda t: ["ablate", "--configs", VNET, "--folds", "0", "--out",
+                                            str(t / "file.txt" / "o")],
+                                 "--out {t}/file.txt/o: {t}/file.txt is a file, not a folder"),
+    "sweep: out below a file": (lambda t: ["sweep", "--space", str(ROOT / "sweeps" / "vnet.yaml"), "--out",
+                                           str(t / "file.txt" / "o")],
+                                "--out {t}/file.txt/o/vnet: {t}/file.txt is a file, not a folder"),
     "predict: empty manifest": (lambda t: ["predict", str(t / "empty.csv"), "-c", str(t), "--out", str(t / "o")],
                                 "empty.csv: the file is empty; a manifest CSV needs an 'image' column"),
 }

@@ -154,7 +154,7 @@ def test_largest_component_is_26_connected_and_keeps_a_single_island_whole():
 def test_segment_thresholds_strictly_at_the_models_threshold_unless_told_otherwise():
     prob = np.array([0.2, 0.5, 0.7, 0.9], np.float32).reshape(1, 1, 4)
     predictor = Predictor(model=SimpleNamespace(threshold=0.7), data_hparams={})
-    predictor.original_probabilities = lambda path: (prob, np.eye(4))
+    predictor.original_probabilities = lambda scan, locations=None: (prob, np.eye(4))
     mask, affine = predictor.segment("scan.nii.gz")
     assert mask.dtype == np.uint8 and mask.ravel().tolist() == [0, 0, 0, 1] and np.array_equal(affine, np.eye(4))
     assert predictor.segment("scan.nii.gz", threshold=0.5)[0].ravel().tolist() == [0, 0, 1, 1]
@@ -176,7 +176,7 @@ def test_probabilities_come_back_on_the_scans_own_grid_as_float32(tmp_path):
     coarse[:3, 3] += 0.5
     ramp = torch.linspace(0, 1, 4).reshape(4, 1, 1).expand(4, 3, 2).contiguous()[None]
     predictor = Predictor(model=SimpleNamespace(threshold=0.5), data_hparams={})
-    predictor.probabilities = lambda image: tio.ScalarImage(tensor=ramp, affine=coarse)
+    predictor.probabilities = lambda image, locations=None: tio.ScalarImage(tensor=ramp, affine=coarse)
     prob, out_affine = predictor.original_probabilities(tmp_path / "scan.nii.gz")
     assert prob.dtype == np.float32 and prob.shape == (8, 6, 4) and np.allclose(out_affine, affine)
     # linear along the first axis: scan voxel i sits at coarse voxel (i - 0.5) / 2, where the ramp is that / 3

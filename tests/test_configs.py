@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningCLI
 from data_modules.datamodule import FemurDataModule
 from stvnet.callbacks import StageSchedule
 from stvnet.lightning_module import FemurSegmenter
-from stvnet.training import RunOptions, default_config_files
+from stvnet.config import RunOptions, default_config_files
 from tests.conftest import EXPERIMENT_FILES, EXPERIMENTS, tiny_data_args, vnet_checkpoint
 
 CONFIGS = EXPERIMENT_FILES
@@ -26,7 +26,7 @@ def is_gpu_peer(config: Path) -> bool:
     """experiments/peers/gpu/: built and resolved here, but not stepped: one bf16 step of their 48-56-wide networks
     takes over a minute at 24^3 on a 2-core CPU (their networks are the CPU peers', which are stepped)."""
     return "peers" in config.parts and "gpu" in config.parts
-# each experiment's resolved config as it was before the experiments were composed from experiments/defaults.yaml and
+# each experiment's resolved config as it was before the experiments were composed from the shared defaults and
 # experiments/nets/ (six full copies then); an intended change of an experiment updates its file here
 RESOLVED = Path(__file__).resolve().parent / "resolved_configs"
 
@@ -121,6 +121,8 @@ def test_every_experiment_trains_and_validates_through_all_its_stages(config, ti
     data = tiny_data_args(tiny_cohort, tmp_path / "runs" / "splits")
     args = ["--config", str(config), "--data.manifest", str(tiny_cohort), "--data.n_folds", "3",
             "--data.num_workers", "0", "--data.roi_size", f"[{roi}, {roi}, {roi}]", "--data.target_spacing", "[4.0, 4.0, 4.0]",
+            "--data.batch_size", "8",  # the fold's training subjects in one batch: one step an epoch, however
+            # --trainer.limit_train_batches 1 is read (it was at times the float 1.0, all batches, in a whole-suite run)
             "--trainer.accelerator", "cpu", "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "1",
             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
             "--run.out", str(tmp_path / "runs"), "--run.wandb", "disabled"]

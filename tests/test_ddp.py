@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from stvnet.inference import find_checkpoint
-from stvnet.training import resolved_config
+from stvnet.config import resolved_config
 from tests.conftest import (EXPERIMENT_FILES, EXPERIMENTS, launch_env, tiny_data_args, tiny_train_args,
                             train_in_subprocess, vnet_checkpoint)
 

@@ -188,8 +188,9 @@ def test_the_right_femur_is_segmented_by_mirroring(trained_runs, tiny_cohort, tm
 @pytest.mark.slow
 def test_predict_flags_a_scan_without_bone_and_strict_fails(trained_runs, tiny_cohort, tmp_path, capsys):
     _, subject = _test_case(trained_runs["vnet"], tiny_cohort)
-    water = tmp_path / "water.nii.gz"  # a phantom of water: no bone anywhere
-    tio.ScalarImage(tensor=torch.zeros_like(subject["image"].data), affine=subject["image"].affine).save(water)
+    water = tmp_path / "water.nii.gz"  # a phantom of water with CT noise (10 HU): no bone anywhere
+    noise = 10.0 * torch.randn(subject["image"].data.shape, generator=torch.Generator().manual_seed(0))
+    tio.ScalarImage(tensor=noise, affine=subject["image"].affine).save(water)
     out = tmp_path / "masks"
     assert cli_main(["predict", str(water), "-c", str(trained_runs["vnet"]), "--out", str(out)]) == 0
     err = capsys.readouterr().err

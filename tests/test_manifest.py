@@ -153,15 +153,17 @@ def test_the_error_lists_one_line_per_problem():
 def test_scan_problems_accept_sub_millimetre_and_singleton_4d_scans_and_name_the_rest(tmp_path):
     """What predict checks before inference: a 0.7 mm scan and an X x Y x Z x 1 scan are fine; X x Y x Z x 2, 5-D,
     a cut file and an unreadable file each give one line naming the scan and the cause."""
-    from data_modules.manifest import scan_problems
+    from data_modules.manifest import checked_scan, scan_problems
 
     def scan(name: str, shape: tuple[int, ...]) -> Path:
         path = tmp_path / f"{name}.nii.gz"
-        nib.save(nib.Nifti1Image(np.zeros(shape, np.int16), np.diag([0.7, 0.7, 1.25, 1.0])), str(path))
+        voxels = np.random.default_rng(0).integers(-1000, 1500, shape).astype(np.int16)
+        nib.save(nib.Nifti1Image(voxels, np.diag([0.7, 0.7, 1.25, 1.0])), str(path))
         return path
 
-    assert scan_problems("a", scan("a", (8, 8, 8))) == []
-    assert scan_problems("b", scan("b", (8, 8, 8, 1))) == []
+    assert scan_problems("a", scan("a", (48, 48, 32))) == []  # 34 x 34 x 40 mm at sub-millimetre voxels
+    problems, header, voxels = checked_scan("b", scan("b", (48, 48, 32, 1)))
+    assert problems == [] and np.allclose(header.spacing, (0.7, 0.7, 1.25)) and voxels.shape == (48, 48, 32)
     for name, shape in (("c", (8, 8, 8, 2)), ("d", (8, 8, 8, 1, 1))):
         (line,) = scan_problems(name, scan(name, shape))
         assert line.startswith(f"{name}: ") and f"is not a 3D scan (shape {shape})" in line

@@ -91,3 +91,35 @@ def test_largest_component_keeps_the_biggest_island():
     mask[15:17, 15:17, 15:17] = 1
     kept = largest_component(mask)
     assert kept.sum() == 8**3 and kept[16, 16, 16] == 0
+
+
+@pytest.mark.slow
+def test_predict_reads_each_scan_once_and_searches_it_once_per_template(trained_runs, tiny_cohort, tmp_path,
+                                                                       monkeypatch):
+    """An ensemble of checkpoints sharing a femur template (two of one run), QC included and the right side
+    mirrored in memory: one read of the scan's voxels (the check before inference), none by TorchIO, one femur
+    search."""
+    import data_modules.manifest
+    import torchio.data.image
+    from data_modules.localisation import FemurLocator
+
+    calls = {"read": 0, "torchio read": 0, "search": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(data_modules.manifest, "read_voxels", counted("read", data_modules.manifest.read_voxels))
+    monkeypatch.setattr(torchio.data.image, "read_image", counted("torchio read", torchio.data.image.read_image))
+    monkeypatch.setattr(FemurLocator, "locate_coarse", counted("search", FemurLocator.locate_coarse))
+    scan = tiny_cohort.parent / pd.read_csv(tiny_cohort)["image"].iloc[0]
+    run = str(trained_runs["vnet"])
+    for side in ("left", "right"):
+        calls.update({key: 0 for key in calls})
+        out = tmp_path / side
+        assert cli_main(["predict", str(scan), "-c", run, "-c", run, "--out", str(out), "--side", side]) == 0
+        assert calls == {"read": 1, "torchio read": 0, "search": 1}, (side, calls)
+        record = json.loads((out / f"{scan.name.split('.')[0]}.qc.json").read_text())
+        assert record["side"] == side and len(record["roi_center_mm"]) == 3

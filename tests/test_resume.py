@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from stvnet.training import resolved_config
+from stvnet.config import resolved_config
 from tests.conftest import tiny_train_args, train_in_subprocess
 from tests.wandb_records import history
 

@@ -339,7 +339,7 @@ def test_the_default_cohort_is_generated_with_the_datamodules_synthetic_settings
 
     dm = FemurDataModule(**dict(tiny_data_args(None, tmp_path / "splits"), manifest=None,
                                 synthetic_dir=str(tmp_path / "default"), synthetic_subjects=2, synthetic_seed=5,
-                                n_folds=2))
+                                n_folds=2, strata=[]))
     dm.prepare_data()
     assert dm.manifest_path == tmp_path / "default" / "manifest.csv"
     expected = make_cohort(tmp_path / "expected", n_subjects=2, seed=5)

@@ -188,6 +188,16 @@ def test_com_aligned_prior_is_sharper():
     assert build_shape_prior([a, b], "com").max() == 1.0
 
 
+def test_soft_labels_make_a_prior_of_their_femur_fractions_not_of_every_touched_voxel():
+    """``label_interpolation: linear`` labels hold each voxel's femur fraction: the prior averages them (a boundary
+    voxel a quarter femur weighs a quarter), it does not count every voxel the femur touches as femur."""
+    soft = torch.zeros(8, 8, 8)
+    soft[2:6, 2:6, 2:6] = 1.0
+    soft[6, 2:6, 2:6] = 0.25  # the boundary layer
+    prior = build_shape_prior([soft, soft])
+    assert prior[0, 6, 3, 3] == 0.25 and prior.sum() == soft.sum()
+
+
 def test_stage_lengths_scale_to_max_epochs():
     schedule = StageSchedule([Stage(name="a", epochs=14), Stage(name="b", epochs=4), Stage(name="c", epochs=6)],
                              scale_to_max_epochs=True)

@@ -12,7 +12,7 @@ import yaml
 from stvnet.ablate import Cell
 from stvnet.cli import main as cli_main
 from stvnet.compare import compare_runs
-from stvnet.training import resolved_config
+from stvnet.config import resolved_config
 from tests.conftest import png_colours
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from data_modules.errors import UserError
 from stvnet.studies import make_storage
 from stvnet.sweep import config_path, run_sweep, set_path, trial_config, validate_space
-from stvnet.training import resolved_config
+from stvnet.config import resolved_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -88,7 +88,8 @@ def test_ranks_of_an_external_launch_share_one_run_folder(tmp_path, monkeypatch)
 
     from torch.distributed import TCPStore
 
-    from stvnet.training import RUN_DIR_ENV, RunOptions, run_dir_for
+    from stvnet.config import RunOptions
+    from stvnet.training import RUN_DIR_ENV, run_dir_for
 
     options = RunOptions(out=str(tmp_path), name="stvnet")
 
@@ -123,7 +124,8 @@ def test_ranks_of_an_external_launch_share_one_run_folder(tmp_path, monkeypatch)
 
 def test_resumed_online_run_continues_its_wandb_run(tmp_path, monkeypatch):
     """Resuming a run folder reuses its W&B run id, online and offline (offline sessions sync into one run)."""
-    from stvnet.training import RunOptions, make_wandb_logger
+    from stvnet.config import RunOptions
+    from stvnet.training import make_wandb_logger
 
     monkeypatch.delenv("WANDB_MODE", raising=False)
 
@@ -145,7 +147,7 @@ def test_command_line_keys_win_over_the_config_wherever_they_are_written(capsys)
     assert done.value.code == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["data"]["fold"] == 2 and printed["model"]["lr"] == 0.005
-    assert printed["trainer"]["max_epochs"] == 24  # experiments/defaults.yaml's, under the experiment's delta
+    assert printed["trainer"]["max_epochs"] == 24  # the packaged defaults', under the experiment's delta
 
 
 def test_staged_runs_get_a_ddp_strategy_that_tolerates_frozen_parts(monkeypatch):

@@ -88,6 +88,15 @@ def _break(kind: str, table: pd.DataFrame, tmp: Path) -> tuple[pd.DataFrame, str
         nib.save(bad, str(tmp / "flat_voxels.nii.gz"))
         table.loc[0, "image"] = str(tmp / "flat_voxels.nii.gz")
         return table, f"{sid}: image voxel spacing (3.0, 0.0, 4.0) is not positive (fix the image header)"
+    if kind == "one value":  # a blank export: every voxel air
+        table.loc[0, "image"] = _nifti(tmp, "blank.nii.gz", np.full(shape, -1000, np.int16), image)
+        return table, f"{sid}: image holds one value (-1000) in every voxel: not a CT scan"
+    if kind == "spacing in the wrong unit":  # 3 mm voxels written as 0.03: a field of view of a few mm
+        for column, name in (("image", "small_image.nii.gz"), ("label", "small_label.nii.gz")):
+            source = nib.load(table.loc[0, column])
+            nib.save(nib.Nifti1Image(np.asanyarray(source.dataobj), np.diag([0.03, 0.03, 0.04, 1.0])), str(tmp / name))
+            table.loc[0, column] = str(tmp / name)
+        return table, f"{sid}: image field of view "
     if kind == "label shifted off the image":
         moved = nib.load(label)
         affine = moved.affine.copy()
@@ -109,7 +118,7 @@ def _run_files(out: Path) -> list[Path]:
 
 KINDS = ("missing image", "empty image cell", "non-binary label", "empty label", "2D image", "label on another grid",
          "unknown sex", "duplicate id", "truncated scan", "folder without DICOM", "missing label file",
-         "label not an image", "NaN voxels", "zero spacing", "label shifted off the image")
+         "label not an image", "NaN voxels", "zero spacing", "label shifted off the image", "one value", "spacing in the wrong unit")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -241,7 +250,7 @@ def test_predict_refuses_an_unusable_checkpoint_in_one_line(kind, tiny_cohort, t
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["truncated", "2D", "zero spacing", "NaN voxels"])
+@pytest.mark.parametrize("kind", ["truncated", "2D", "zero spacing", "spacing in cm", "one value", "NaN voxels"])
 def test_predict_never_writes_a_mask_from_a_scan_it_could_not_read_whole(kind, trained_runs, tiny_cohort, tmp_path,
                                                                          capsys):
     source = _absolute(tiny_cohort).loc[0, "image"]
@@ -258,7 +267,13 @@ def test_predict_never_writes_a_mask_from_a_scan_it_could_not_read_whole(kind, t
         bad = nib.Nifti1Image(data, image.affine)
         bad.header["pixdim"][1] = 0.0
         nib.save(bad, str(scan))
-        expected = "has voxel spacing (0.0,"
+        expected = "voxel spacing (0.0, 3.0, 4.0) is not positive"
+    elif kind == "spacing in cm":  # the header says 0.3 mm where the scan has 3 mm: the field of view is ~3 cm
+        nib.save(nib.Nifti1Image(data, np.diag([0.3, 0.3, 0.4, 1.0])), str(scan))
+        expected = "is too small to hold a femoral head"
+    elif kind == "one value":
+        nib.save(nib.Nifti1Image(np.full_like(data, -1000.0), image.affine), str(scan))
+        expected = "holds one value (-1000) in every voxel: not a CT scan"
     else:
         data[2, 2, 2] = np.nan
         nib.save(nib.Nifti1Image(data, image.affine), str(scan))

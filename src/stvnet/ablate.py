@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_modules.errors import InvalidInput, MissingInput
+from data_modules.errors import InvalidInput, MissingInput, output_folder
 from stvnet.compare import compare_runs
 from stvnet.evaluation import evaluate_runs
 from stvnet.parallel import core_share
@@ -46,7 +46,7 @@ def _save_status(path: Path, status: dict) -> None:
 def check_study(configs: list[str], folds: list[int], extra_args: list[str]) -> None:
     """Refuse, before any cell trains, configs that are not there, options ``stvnet train`` would refuse, and folds
     that the configs' ``data.n_folds`` does not have."""
-    from stvnet.training import resolved_config
+    from stvnet.config import resolved_config
 
     missing = [f"--configs {c}: no such experiment file" for c in configs if not Path(c).is_file()]
     if missing:
@@ -207,8 +207,7 @@ def run_ablation(configs: list[str], cohorts: list[str], folds: list[int], out: 
     """Train every missing cell (each seed of ``seeds`` a cell of its own, trained with ``--seed_everything``; none:
     the configs' seed), ``jobs`` at a time, then evaluate the ``splits`` of what finished (``jobs`` runs at a time) and
     compare; ``train=False`` only reports what finished. Returns the status table."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out, "--out")
     status_path = out / "status.json"
     status = _load_status(status_path)
     if train:

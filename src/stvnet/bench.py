@@ -38,7 +38,7 @@ from stvnet.bench_tools import BenchConfig, await_result, cpu_width, peak_rss_mi
 from stvnet.bench_data import bench_data
 from stvnet.metrics import evaluate_case
 from stvnet.models import STVNet, VNet
-from stvnet.training import resolved_config
+from stvnet.config import resolved_config
 
 
 def our_full_vnet() -> VNet:
@@ -319,10 +319,9 @@ EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 
 
 def experiment_configs() -> list[Path]:
-    """Every experiment config (``experiments/*.yaml`` and its ``gpu/`` and ``peers/`` folders; not the shared
-    defaults nor the ``nets/`` pieces they compose)."""
-    return [p for pattern in ("*.yaml", "gpu/*.yaml", "peers/*.yaml") for p in sorted(EXPERIMENTS.glob(pattern))
-            if p.name != "defaults.yaml"]
+    """Every experiment config (``experiments/*.yaml`` and its ``gpu/`` and ``peers/`` folders; not the ``nets/``
+    pieces they compose)."""
+    return [p for pattern in ("*.yaml", "gpu/*.yaml", "peers/*.yaml") for p in sorted(EXPERIMENTS.glob(pattern))]
 
 
 def bench_ceiling(cfg: BenchConfig, manifest: str | None) -> list[dict]:

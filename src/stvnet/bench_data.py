@@ -30,7 +30,7 @@ from data_modules.errors import InvalidInput
 from data_modules.cache import single_threaded
 from stvnet.bench_tools import BenchConfig, await_result, cpu_width, peak_rss_mib, timeit, train_step_fn
 from stvnet.models import VNet
-from stvnet.training import resolved_config
+from stvnet.config import resolved_config
 
 PAPER_SCANS = 397
 RANKS = 4

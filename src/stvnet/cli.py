@@ -333,7 +333,7 @@ def _localise(argv: list[str]) -> int:
     else:
         if not Path(args.config).is_file():
             raise UserError(f"--config {args.config}: no such experiment file")
-        from stvnet.training import resolved_config
+        from stvnet.config import resolved_config
 
         data = dict(resolved_config(args.config)["data"])
     data.update({k: v for k, v in (("manifest", args.manifest), ("fold", args.fold)) if v is not None},

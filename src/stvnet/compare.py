@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
-from data_modules.errors import InvalidInput, MissingInput  # noqa: E402
+from data_modules.errors import InvalidInput, MissingInput, output_folder  # noqa: E402
 from stvnet.evaluation import summarize, summary_markdown  # noqa: E402
 from stvnet.stages import config_stages, schedule_position  # noqa: E402
 
@@ -100,7 +100,7 @@ def compare_runs(runs: list[str | Path], out: str | Path, evaluation: str | Path
     """Build the comparison report; returns the per-run table."""
     out = Path(out)
     rows, curves = zip(*(read_run(r, threshold) for r in runs))  # every run is checked before anything is written
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out, "--out")
     table = pd.DataFrame(rows)
     table.to_csv(out / "runs.csv", index=False)
     learning_curves(pd.concat(curves), out / "learning_curves.png", threshold)

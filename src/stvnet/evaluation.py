@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from data_modules.datamodule import manifest_in_use
 from data_modules.synthetic import DEFAULT_COHORT_DIR
-from data_modules.errors import InvalidInput, MissingInput
+from data_modules.errors import InvalidInput, MissingInput, output_folder
 from data_modules.folds import fold_subjects
 from data_modules.manifest import filter_cohort, validate_manifest
 from data_modules.scan_io import read_header, read_voxels
@@ -143,7 +143,7 @@ def evaluate_runs(
         raise FileExistsError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
     infos = [describe_run(r) for r in runs]
     tables = [cohort_table(info, manifest) for info in infos]  # every run and manifest checked before any output
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out, "--out")
     # several seeds of one model and fold: their masks go to fold<k>_seed<s>
     seeded = len({(i.model, i.fold, i.seed) for i in infos}) > len({(i.model, i.fold) for i in infos})
 

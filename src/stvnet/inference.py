@@ -21,10 +21,33 @@ import torchio as tio
 from scipy import ndimage
 
 from data_modules.errors import MissingInput, UserError, exception_line
-from data_modules.localisation import FemurLocator
+from data_modules.localisation import FemurLocator, Location
 from data_modules.transforms import preprocessing, to_scan_grid
 from stvnet.lightning_module import FemurSegmenter
 from stvnet.stages import checkpoint_stage
+
+
+Scan = str | Path | tio.ScalarImage  # a scan's path, or the scan already read (once, by the caller)
+Locations = dict[str, Location]  # template digest -> where that template found the femur in one scan
+
+
+def read_scan(scan: Scan) -> tio.ScalarImage:
+    """The scan in memory: read from its path once, or as given."""
+    image = scan if isinstance(scan, tio.ScalarImage) else tio.ScalarImage(scan)
+    image.load()
+    return image
+
+
+def scan_image(voxels: np.ndarray, affine: np.ndarray) -> tio.ScalarImage:
+    """A scan already read (voxels indexed i, j, k; its RAS affine) as the image inference takes."""
+    return tio.ScalarImage(tensor=torch.from_numpy(np.asarray(voxels, np.float32).copy())[None], affine=affine)
+
+
+def mirrored(image: tio.ScalarImage) -> tio.ScalarImage:
+    """The scan mirrored left-right in world space, in memory (same voxels, x negated in the affine): its right
+    femur is where a left femur would be, so a left-femur checkpoint segments it; a mask's voxels map back one to
+    one."""
+    return tio.ScalarImage(tensor=image.data, affine=np.diag([-1.0, 1.0, 1.0, 1.0]) @ image.affine)
 
 
 @dataclass
@@ -154,9 +177,27 @@ class Predictor:
         size = h.get("patch_size") or h.get("roi_size")
         return tuple(int(s) for s in size) if size else None
 
-    def probabilities(self, image: tio.ScalarImage) -> tio.ScalarImage:
+    def preprocess(self, image: tio.ScalarImage, label: str | Path | None = None,
+                   locations: Locations | None = None) -> tio.Subject:
+        """The scan (and its label) through the checkpoint's preprocessing. With ``locations``, the femur search is
+        shared: a template that already searched this scan (an ensemble's checkpoints of one fold, QC after
+        prediction) reuses what it found, and a new search is added to it."""
+        subject = tio.Subject(image=image, **({"label": tio.LabelMap(label)} if label is not None else {}))
+        h = self.data_hparams
+        locator = self.locator if h.get("roi_locator", "fraction") == "template" else None
+        if locator is None or locations is None or h.get("roi_size") is None:
+            return self.transform(subject)
+        found = locations.get(locator.digest())
+        if found is None:
+            found = locations[locator.digest()] = locator.locate(image)
+        subject = tio.Subject(**dict(subject), roi_center_mm=found.center_mm, roi_rotation=found.rotation,
+                              locator_score=found.score)
+        return preprocessing(h["target_spacing"], h["roi_size"], h["roi_center"], h["hu_window"], None,
+                             h.get("label_interpolation", "nearest"))(subject)
+
+    def probabilities(self, image: tio.ScalarImage, locations: Locations | None = None) -> tio.ScalarImage:
         """Femur probabilities on the preprocessed grid of ``image`` (a float image with that grid's affine)."""
-        return self.grid_probabilities(self.transform(tio.Subject(image=image)))
+        return self.grid_probabilities(self.preprocess(image, locations=locations))
 
     @torch.inference_mode()
     def grid_probabilities(self, subject: tio.Subject) -> tio.ScalarImage:
@@ -175,23 +216,23 @@ class Predictor:
             prob = aggregator.get_output_tensor()
         return tio.ScalarImage(tensor=prob.float(), affine=subject["image"].affine)
 
-    def original_probabilities(self, image_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    def original_probabilities(self, scan: Scan, locations: Locations | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Femur probabilities resampled (linearly) into the input scan's own grid, and that grid's affine."""
-        original = tio.ScalarImage(image_path)
-        return to_scan_grid(self.probabilities(original), original), original.affine
+        original = read_scan(scan)
+        return to_scan_grid(self.probabilities(original, locations), original), original.affine
 
     def with_ceiling(self, image_path: str | Path, label_path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The femur probabilities of a labelled scan in its own grid, beside its label carried through the same
         preprocessing and back the same way (:mod:`stvnet.ceiling`: what a perfect network would output), and the
         grid's affine. The scan is preprocessed (and the femur located) once for both."""
-        original = tio.ScalarImage(image_path)
-        subject = self.transform(tio.Subject(image=original, label=tio.LabelMap(label_path)))
+        original = read_scan(image_path)
+        subject = self.preprocess(original, label_path)
         prob = to_scan_grid(self.grid_probabilities(subject), original)
         return prob, to_scan_grid(subject["label"], original), original.affine
 
-    def segment(self, image_path: str | Path, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def segment(self, scan: Scan, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Binary mask (uint8) in the input scan's own grid, and that grid's affine."""
-        prob, affine = self.original_probabilities(image_path)
+        prob, affine = self.original_probabilities(scan)
         thr = self.threshold if threshold is None else threshold
         return (prob > thr).astype(np.uint8), affine
 
@@ -206,21 +247,24 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
     return (labels == sizes.argmax()).astype(np.uint8)
 
 
-def ensemble_probabilities(predictors: list[Predictor], image_path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Mean femur probability of several models (e.g. all folds) in the scan's own grid, and that grid's affine."""
+def ensemble_probabilities(predictors: list[Predictor], scan: Scan,
+                           locations: Locations | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean femur probability of several models (e.g. all folds) in the scan's own grid, and that grid's affine.
+    Give the scan read (:func:`read_scan`) to read it once for all; ``locations`` collects each template's search."""
     if not predictors:
         raise ValueError("an ensemble needs at least one checkpoint")
     total, affine = None, None
+    locations = {} if locations is None else locations
     for predictor in predictors:
-        prob, affine = predictor.original_probabilities(image_path)
+        prob, affine = predictor.original_probabilities(scan, locations)
         total = prob if total is None else total + prob
     assert total is not None and affine is not None
     return total / len(predictors), affine
 
 
-def ensemble_segment(predictors: list[Predictor], image_path: str | Path, threshold: float = 0.5,
-                     keep_largest: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def ensemble_segment(predictors: list[Predictor], scan: Scan, threshold: float = 0.5, keep_largest: bool = False,
+                     locations: Locations | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Threshold the ensemble's mean probability in the scan's grid (optionally keeping the largest component)."""
-    prob, affine = ensemble_probabilities(predictors, image_path)
+    prob, affine = ensemble_probabilities(predictors, scan, locations)
     mask = (prob > threshold).astype(np.uint8)
     return (largest_component(mask) if keep_largest else mask), affine

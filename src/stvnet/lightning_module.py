@@ -55,7 +55,7 @@ class FemurSegmenter(L.LightningModule):
     def __init__(
         self,
         net: nn.Module,
-        lr: float = 1e-3,
+        lr: float = 3e-3,
         weight_decay: float = 1e-5,
         loss: str = "dice_bce",
         loss_weights: dict[str, float] | None = None,

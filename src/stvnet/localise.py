@@ -17,6 +17,7 @@ import torchio as tio
 
 from data_modules.cohort import raw_subject
 from data_modules.datamodule import FemurDataModule
+from data_modules.errors import output_folder
 from data_modules.localisation import box_center_mm
 from data_modules.synthetic.reframe import FRAMINGS, Framing, reframe
 from stvnet.inference import Predictor
@@ -93,8 +94,7 @@ def markdown(table: pd.DataFrame) -> str:
 
 def run(datamodule: FemurDataModule, out: str | Path, predictor: Predictor | None = None) -> pd.DataFrame:
     """Measure, write ``per_case.csv`` and ``summary.md`` under ``out``, and return the summary."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_folder(out, "--out")
     per_case = measure(datamodule, predictor=predictor)
     per_case.to_csv(out / "per_case.csv", index=False)
     table = summary(per_case)

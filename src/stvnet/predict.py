@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import pandas as pd
-import torchio as tio
 from tqdm.auto import tqdm
 
-from data_modules.errors import InvalidInput, MissingInput, exception_line
-from data_modules.manifest import scan_problems
-from data_modules.scan_io import NIFTI_SUFFIXES, is_nifti, read_header
-from stvnet.inference import Predictor, ensemble_segment, find_checkpoint
+from data_modules.errors import (InvalidInput, MissingInput, UserError, exception_line, output_folder,
+                                 refuse_blocked_folder)
+from data_modules.manifest import checked_scan
+from data_modules.scan_io import NIFTI_SUFFIXES
+from stvnet.inference import Predictor, ensemble_segment, find_checkpoint, mirrored, scan_image
 from stvnet.qc import qc_record
 
 
@@ -58,20 +56,6 @@ def collect_inputs(inputs: list[str]) -> list[tuple[str, Path]]:
     return items
 
 
-def mirrored(image: Path, folder: Path) -> Path:
-    """The scan mirrored left-right in world space (same voxels, x negated in the affine): its right femur is where
-    a left femur would be, so a left-femur checkpoint segments it; the mask's voxels map back one to one."""
-    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
-    out = folder / f"mirrored_{_stem(image)}.nii.gz"
-    if is_nifti(image):
-        img = nib.load(str(image))
-        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), flip @ img.affine, img.header), str(out))
-    else:  # a DICOM series or NRRD: TorchIO reads it (in HU), the copy is NIfTI
-        img = tio.ScalarImage(image)
-        tio.ScalarImage(tensor=img.data, affine=flip @ img.affine).save(out)
-    return out
-
-
 def check_options(threshold: float, out: Path, side: str) -> None:
     """Refuse, before anything is read or written, a threshold that is not a probability, an ``--out`` that is a
     file and a side other than left or right."""
@@ -81,6 +65,7 @@ def check_options(threshold: float, out: Path, side: str) -> None:
         raise InvalidInput(f"--threshold {threshold}: must be a probability in (0, 1), e.g. 0.5")
     if out.exists() and not out.is_dir():
         raise InvalidInput(f"--out {out}: is a file; give a folder for the masks")
+    refuse_blocked_folder(out, "--out")
 
 
 def predict(inputs: list[str], checkpoints: list[str], out: str | Path, threshold: float = 0.5,
@@ -93,7 +78,7 @@ def predict(inputs: list[str], checkpoints: list[str], out: str | Path, threshol
     items = collect_inputs(inputs)
     resolved_inputs = {p.resolve() for _, p in items}
     predictors = [Predictor.from_checkpoint(find_checkpoint(c), device=device) for c in checkpoints]
-    out.mkdir(parents=True, exist_ok=True)
+    output_folder(out, "--out")
     written, errors, records = [], [], []
     for name, image in tqdm(items, desc="predict", unit="scan"):
         target = out / f"{name}.nii.gz"
@@ -103,20 +88,24 @@ def predict(inputs: list[str], checkpoints: list[str], out: str | Path, threshol
         if target.exists() and not overwrite:
             errors.append(f"{name}: {target} exists (pass --overwrite to replace it)")
             continue
-        problems = scan_problems(name, image)  # never a mask from a scan that could not be read whole
+        problems, original, voxels = checked_scan(name, image)  # never a mask from a scan not read whole
         if problems:
             errors += problems
             continue
-        original = read_header(image)
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory(prefix="stvnet-predict-") as tmp:
-            source = mirrored(image, Path(tmp)) if side == "right" else image
-            try:
-                mask, _ = ensemble_segment(predictors, source, threshold=threshold, keep_largest=keep_largest)
-                record = qc_record(str(source), mask, predictors[0].locator, side)
-            except Exception as exc:  # one bad scan does not stop the batch
-                errors.append(f"{name}: prediction failed ({exception_line(exc)})")
-                continue
+        try:  # the scan is read once; the right side is mirrored in memory; each template searches it once
+            scan = scan_image(voxels, original.affine)
+            source, locations = (mirrored(scan) if side == "right" else scan), {}
+            mask, _ = ensemble_segment(predictors, source, threshold=threshold, keep_largest=keep_largest,
+                                       locations=locations)
+            locator = predictors[0].locator
+            record = qc_record(source, mask, locator, side, locations.get(locator.digest()) if locator else None)
+        except UserError as exc:  # a scan the locator cannot use, named
+            errors += [f"{name}: {line}" for line in exc.lines]
+            continue
+        except Exception as exc:  # one bad scan does not stop the batch
+            errors.append(f"{name}: prediction failed ({exception_line(exc)})")
+            continue
         nib.save(nib.Nifti1Image(mask, original.affine), str(target))
         record = {"name": name, **record, "scan": str(image), "mask": str(target)}
         (out / f"{name}.qc.json").write_text(json.dumps(record, indent=2))

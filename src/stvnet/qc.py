@@ -11,13 +11,14 @@ field of view) is a *flag*: printed on stderr and listed in the record.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torchio as tio
 from scipy.spatial.transform import Rotation
 
-from data_modules.localisation import FemurLocator, coarse, raw_statistics
+from data_modules.localisation import FemurLocator, Location, coarse, raw_statistics
 from data_modules.roi import SIDES
 
 #: a mask this close to a scan edge (mm) means the femur is cut off by the field of view
@@ -77,11 +78,13 @@ def femur_beyond_scan(image: tio.ScalarImage, center_mm: Sequence[float], stats:
     return beyond
 
 
-def qc_record(image_path: str, mask: np.ndarray, locator: FemurLocator | None, side: str = "left") -> dict[str, Any]:
-    """The QC record of a mask (in the grid of the scan at ``image_path``) and the list of its flags."""
-    image = tio.ScalarImage(image_path)
+def qc_record(scan: str | Path | tio.ScalarImage, mask: np.ndarray, locator: FemurLocator | None, side: str = "left",
+              location: Location | None = None) -> dict[str, Any]:
+    """The QC record of a mask (in the grid of ``scan``: a path or the scan read) and the list of its flags. A
+    ``location`` the locator found in this scan (during prediction) is reused instead of searching again."""
+    image = scan if isinstance(scan, tio.ScalarImage) else tio.ScalarImage(scan)
     volume = float(mask.astype(bool).sum() * np.prod(image.spacing) / 1000.0)
-    record: dict[str, Any] = {"scan": str(image_path), "side": side, "volume_ml": volume}
+    record: dict[str, Any] = {"side": side, "volume_ml": volume}
     flags = []
     if not mask.any():
         flags.append("empty mask: no femur found")
@@ -90,7 +93,7 @@ def qc_record(image_path: str, mask: np.ndarray, locator: FemurLocator | None, s
         flags.append(f"the mask reaches the scan's {', '.join(touched)} edge: the femur is cut off by the field of view")
     if locator is not None:
         scan = coarse(image, locator.hu_window, locator.spacing)
-        location = locator.locate_coarse(scan)
+        location = location or locator.locate_coarse(scan)
         record["roi_center_mm"] = [round(float(v), 1) for v in location.center_mm]
         record["roi_rotation_deg"] = [round(float(v), 1) for v in Rotation.from_matrix(location.rotation).as_euler("xyz", degrees=True)]
         beyond = femur_beyond_scan(image, location.center_mm, locator.stats)

@@ -35,10 +35,10 @@ import pandas as pd
 import yaml
 from optuna.trial import TrialState
 
-from data_modules.errors import InvalidInput, MissingInput, UserError, exception_line
+from data_modules.errors import InvalidInput, MissingInput, UserError, exception_line, output_folder
 from stvnet.stages import config_stages, schedule_position
 from stvnet.studies import make_pruner, make_sampler, make_storage, storage_url
-from stvnet.training import resolved_config
+from stvnet.config import resolved_config
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -275,6 +275,7 @@ def run_sweep(space: str | Path, n_trials: int, study_name: str | None = None, s
     validate_space(spec, base, str(space))
     study_name = study_name or spec.get("study", Path(space).stem)
     out = Path(out)
+    output_folder(out / study_name, "--out")  # before the first trial, not after the last
     metric = spec.get("objective", {}).get("metric", "val/dice")
     url = storage_url(storage, out, study_name)
     study = open_study(study_name, url, out, make_sampler(spec.get("sampler", {}), worker),

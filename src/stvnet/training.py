@@ -8,58 +8,28 @@ continues in that run's folder, appending to its ``metrics.csv``.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
 import time
 import warnings
 from argparse import ArgumentError
-from collections.abc import Sequence
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
-from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from torch.distributed import TCPStore
 
 from data_modules.datamodule import FemurDataModule
-from data_modules.errors import InvalidInput, MissingInput, UserError
+from data_modules.errors import InvalidInput, MissingInput, UserError, output_folder
 from stvnet.callbacks import EpochSeed, RunFiles, StageSchedule
+from stvnet.config import ExperimentCLI, RunOptions, cli_parser_kwargs, configs_first, parse_error
 from stvnet.inference import load_checkpoint
 from stvnet.lightning_module import FemurSegmenter
 from stvnet.lightning_adapters import ResumableCSVLogger
 
 RUN_DIR_ENV = "STVNET_RUN_DIR"
-
-
-@dataclass
-class RunOptions:
-    """Where a run's outputs go.
-
-    Attributes:
-        out: root folder of all runs (splits are shared under ``<out>/splits``).
-        name: experiment name (first level under ``out``; the model's name in comparisons).
-        dir: explicit run folder (default: a new timestamped folder).
-        wandb: Weights & Biases mode: ``offline`` (default: files under the run folder, no account or network),
-            ``online`` (after ``wandb login``) or ``disabled``. The ``WANDB_MODE`` environment variable wins.
-        project: W&B project.
-        study: W&B group (the study or experiment the run belongs to; default: ``name``).
-        overwrite: let ``dir`` replace a run already in it (otherwise such a folder is only resumed, through a
-            ``--ckpt_path`` inside it).
-    """
-
-    out: str = "runs"
-    name: str = "experiment"
-    dir: str | None = None
-    wandb: str = "offline"
-    project: str = "stvnet"
-    study: str | None = None
-    overwrite: bool = False
 
 
 #: what makes a folder a run's: a run folder holding any of these is never trained into except to resume it
@@ -101,7 +71,8 @@ def new_run_dir(out: str, name: str, cohort: str, fold: int) -> Path:
     """A fresh, never-used run folder (timestamped; suffixed if two runs start in the same second)."""
     base = Path(out) / name / cohort / f"fold{fold}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    base.mkdir(parents=True, exist_ok=True)
+    output_folder(out, "--run.out")
+    output_folder(base, "--run.out")
     candidate, i = base / stamp, 1
     while True:
         try:
@@ -225,12 +196,8 @@ def strategy_for_stages(strategy: Any, devices: Any, num_nodes: int, accelerator
     return FIND_UNUSED.get(strategy, strategy)
 
 
-class TrainCLI(LightningCLI):
-    """LightningCLI with run folders, shared splits and default loggers."""
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.add_class_arguments(RunOptions, "run")
-        parser.link_arguments("run.out", "data.splits_dir", compute_fn=lambda out: str(Path(out) / "splits"))
+class TrainCLI(ExperimentCLI):
+    """The experiment parser, with run folders, shared splits and default loggers."""
 
     def parse_arguments(self, parser, args) -> None:
         """Parse, then check ``--ckpt_path`` before Lightning reads hyperparameters from it."""
@@ -290,50 +257,6 @@ def check_resume_checkpoint(path: str) -> None:
     load_checkpoint(path)  # one line if it is not a readable checkpoint (memory-mapped: the weights are not read)
 
 
-def parse_error(error: ArgumentError) -> UserError:
-    """jsonargparse's complaint about an option or a config file, as one line instead of the whole usage text."""
-    text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    return UserError(f"{text}; see stvnet train --help")
-
-
-#: the shared defaults every experiment builds on (data protocol, trainer, checkpointing)
-DEFAULTS = Path(__file__).resolve().parents[2] / "experiments" / "defaults.yaml"
-
-
-def default_config_files() -> list[str]:
-    """``experiments/defaults.yaml`` of this checkout, applied before any ``--config`` (none outside a checkout)."""
-    return [str(DEFAULTS)] if DEFAULTS.is_file() else []
-
-
-def resolved_config(config: str | Path, extra_args: Sequence[str] = ()) -> dict:
-    """An experiment's complete config as ``stvnet train --config <config> <extra_args> --print_config`` resolves it
-    (experiments/defaults.yaml, the experiment's delta and its nets/ files, every default filled in); an unknown option
-    or a broken config file raises a :class:`UserError`."""
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
-        main(["--config", str(config), *extra_args, "--print_config"])
-    return yaml.safe_load(printed.getvalue())
-
-
-def configs_first(args: list[str]) -> list[str]:
-    """Move ``--config`` files ahead of the other arguments (keeping their order).
-
-    jsonargparse applies arguments left to right, so ``--data.fold 2 --config x.yaml`` would silently train the
-    config's fold; with the configs first, a key given on the command line always wins, wherever it is written.
-    """
-    configs: list[str] = []
-    rest: list[str] = []
-    i = 0
-    while i < len(args):
-        if args[i] in ("--config", "-c") and i + 1 < len(args):
-            configs += args[i:i + 2]
-            i += 2
-            continue
-        (configs if args[i].startswith("--config=") else rest).append(args[i])
-        i += 1
-    return configs + rest
-
-
 def main(args: list[str] | None = None) -> TrainCLI:
     """Run ``fit`` with the given command-line arguments (``stvnet train ...``)."""
     # sys.argv stays intact: Lightning's DDP launcher re-runs this very command line for the other ranks
@@ -351,8 +274,7 @@ def main(args: list[str] | None = None) -> TrainCLI:
             args=["fit", *configs_first(list(args or []))],
             seed_everything_default=0,
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False, "fit": {"default_config_files": default_config_files(),
-                                                           "exit_on_error": False}},
+            parser_kwargs=cli_parser_kwargs(),
         )
     except ArgumentError as error:
         raise parse_error(error) from error
