@@ -49,7 +49,7 @@ help:
 	@echo "make train   train EXPERIMENT (default $(EXPERIMENT)) on fold FOLD of DATA (default: synthetic cohort)"
 	@echo "make train-long   the same for LONG_EPOCHS (default $(LONG_EPOCHS)) epochs, the stages scaled with them"
 	@echo "make test    run the in-process test suite (the import contracts included)"
-	@echo "make test-multiprocess   DDP ranks, torchrun, sweeps, kill/resume and heavy tests (~17 min on 2 cores; CI runs both)"
+	@echo "make test-multiprocess   DDP ranks, torchrun, sweeps, kill/resume and heavy tests (~12 min on 2 cores; CI runs both)"
 	@echo "make mutate  mutation testing (mutmut) of the modules in [tool.mutmut]; score in mutation/score.md"
 	@echo "make planted-bugs   plant the bugs that once slipped through, one at a time; each must fail a test"
 	@echo "make synth   write the synthetic cohort to data/synthetic-v4"
