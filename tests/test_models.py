@@ -25,6 +25,20 @@ def test_vnet_rejects_bad_config_and_input():
         VNet(base_channels=4)(torch.randn(1, 16, 16, 16))
 
 
+def test_norm_scope_all_normalises_after_every_convolution_and_keeps_checkpoint_keys():
+    """``norm_scope: all`` puts a norm after the input stage's and every down-/up-convolution (as nnU-Net does);
+    ``blocks`` keeps today's layers, so checkpoints written before the option still load."""
+    blocks = VNet(base_channels=4, depth=2, kernel_size=3, norm="instance")
+    every = VNet(base_channels=4, depth=2, kernel_size=3, norm="instance", norm_scope="all")
+    count = lambda net: sum(isinstance(m, torch.nn.InstanceNorm3d) for m in net.modules())  # noqa: E731
+    assert count(every) - count(blocks) == 1 + 2 * 2  # input stage, two down- and two up-convolutions
+    assert set(every.state_dict()) > set(blocks.state_dict())
+    assert every(torch.randn(1, 1, 12, 12, 12)).shape == (1, 1, 12, 12, 12)
+    assert not any(k.startswith("input_stage.norm") or "_norm." in k for k in blocks.state_dict())
+    with pytest.raises(ValueError, match="norm_scope must be blocks or all"):
+        VNet(norm_scope="everywhere")
+
+
 def test_vnet_gradients_reach_first_layer():
     net = VNet(base_channels=4, depth=3, kernel_size=3)
     net(torch.randn(1, 1, 16, 16, 16)).sum().backward()
