@@ -9,6 +9,7 @@ model, datamodule or trainer is built and no run folder is made.
 
 from __future__ import annotations
 
+import warnings
 from argparse import ArgumentError
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ class _Resolved(Exception):
 class _ConfigOnly(ExperimentCLI):
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
-        raise _Resolved(yaml.safe_load(parser.dump(self.config, skip_none=False))["fit"])
+        raise _Resolved(yaml.safe_load(parser.dump(self.config, skip_unset=False))["fit"])
 
 
 def cli_parser_kwargs() -> dict:
@@ -114,8 +115,11 @@ def resolved_config(config: str | Path, extra_args: Sequence[str] = ()) -> dict:
     (the packaged defaults, the experiment's delta and its nets/ files, every default filled in), from the parser
     alone; an unknown option or a broken config file raises a :class:`UserError`."""
     try:
-        _ConfigOnly(FemurSegmenter, FemurDataModule, args=["fit", *configs_first(["--config", str(config), *extra_args])],
-                    seed_everything_default=0, parser_kwargs=cli_parser_kwargs())
+        with warnings.catch_warnings():  # the command line is the caller's, not this parse's: Lightning's hint is noise
+            warnings.filterwarnings("ignore", message=".*LightningCLI's args parameter is intended to run from within")
+            _ConfigOnly(FemurSegmenter, FemurDataModule,
+                        args=["fit", *configs_first(["--config", str(config), *extra_args])],
+                        seed_everything_default=0, parser_kwargs=cli_parser_kwargs())
     except _Resolved as resolved:
         return resolved.config
     except ArgumentError as error:
