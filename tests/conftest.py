@@ -25,8 +25,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), str(RO
 
 TINY_SPACING = (3.0, 3.0, 4.0)
 EXPERIMENTS = ROOT / "experiments"
-# the shipped experiments (experiments/nets/ holds the networks they are composed of)
-EXPERIMENT_FILES = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if "nets" not in p.parts)
+# the shipped experiments (experiments/nets/ and experiments/stages/ hold the networks and stage schedules they are composed of)
+EXPERIMENT_FILES = sorted(p for p in EXPERIMENTS.rglob("*.yaml") if not {"nets", "stages"} & set(p.parts))
 # under `make mutate`, the covering tests a mutant runs (its module's test files first, fastest first) stop once their unmutated durations add up to
 # this many seconds: a mutant that only a slower test would kill counts as survived (the score errs low, not high)
 MUTATION_BUDGET_S = float(os.environ.get("STVNET_MUTATION_BUDGET_S", "8"))
