@@ -63,6 +63,17 @@ def test_the_threshold_decides_the_mask_and_a_prior_gets_its_own_dice():
     assert [r["dice"] for r in rows] == [0.0, 0.0]  # nothing is above 0.7
     assert rows[1]["prior_dice"] == 1.0
     assert rows[0]["prior_dice"] == pytest.approx(2 * 32 / (64 + 32))
+    assert "backbone_dice" not in rows[0]
+
+
+def test_an_st_vnet_row_scores_its_backbone_alone_beside_the_fused_output():
+    out, batch, _, gt = known_batch()
+    backbone = torch.where(torch.from_numpy(gt), torch.tensor(3.0), torch.tensor(-3.0))
+    backbone[1] = -3.0  # subject 1's backbone finds nothing; the fused output (the known batch's) still does
+    rows = case_rows({**out, "prior": backbone.sigmoid(), "backbone_logits": backbone}, batch, threshold=0.5,
+                     loss_kind="dice", surface_metrics=False)
+    assert [r["backbone_dice"] for r in rows] == [1.0, 0.0]
+    assert rows[1]["dice"] > 0
 
 
 def test_epoch_means_average_every_metric_and_each_sex():

@@ -29,6 +29,12 @@ from stvnet.evaluation import summarize, summary_markdown  # noqa: E402
 from stvnet.stages import config_stages, schedule_position  # noqa: E402
 
 VAL_METRICS = ("dice", "sensitivity", "specificity", "hd", "hd95", "assd")
+# an ST-V-Net's own parts at the best epoch: the warped shape prior's Dice and its backbone's alone (NaN otherwise)
+ST_METRICS = ("prior_dice", "backbone_dice")
+
+
+def _mean_sd(mean: float, sd: float) -> str:
+    return "–" if np.isnan(mean) else f"{mean:.4f} ± {sd:.4f}"
 
 
 def final_stage_index(config: dict) -> int | None:
@@ -68,7 +74,7 @@ def read_run(run: str | Path, threshold: float) -> tuple[dict, pd.DataFrame]:
         "best_stage": int(best["val/stage"]) if "val/stage" in best and pd.notna(best["val/stage"]) else np.nan,
         "epochs_to_threshold": int(reached["epoch"].iloc[0]) + 1 if len(reached) else np.nan,
     }
-    for m in (*VAL_METRICS, "prior_dice"):  # prior_dice: the warped shape prior's own Dice (ST-V-Net)
+    for m in (*VAL_METRICS, *ST_METRICS):
         row[f"val_{m}"] = float(best[f"val/{m}"]) if f"val/{m}" in best else np.nan
     curve = val[["epoch", "val/dice"]].assign(model=row["model"], cohort=row["cohort"], run=row["run"])
     return row, curve
@@ -110,7 +116,7 @@ def compare_runs(runs: list[str | Path], out: str | Path, evaluation: str | Path
                "seeds": part["seed"].nunique(dropna=False),
                "epochs_to_threshold_mean": part["epochs_to_threshold"].mean(),
                "reached_threshold": int(part["epochs_to_threshold"].notna().sum())}
-        for m in (*VAL_METRICS, "prior_dice"):
+        for m in (*VAL_METRICS, *ST_METRICS):
             rec[f"val_{m}_mean"] = part[f"val_{m}"].mean()
             rec[f"val_{m}_sd"] = part[f"val_{m}"].std(ddof=1) if len(part) > 1 else 0.0
         agg.append(rec)
@@ -118,16 +124,16 @@ def compare_runs(runs: list[str | Path], out: str | Path, evaluation: str | Path
     summary.to_csv(out / "comparison.csv", index=False)
     lines = ["# V-Net vs ST-V-Net", "",
              f"Validation metrics at each run's best epoch (the checkpoint evaluated; mean ± sd over runs: folds x "
-             f"seeds); epochs to reach validation DSC ≥ {threshold} (mean over the runs that reached it); the warped "
-             f"shape prior's own DSC at that epoch (ST-V-Net).", "",
+             f"seeds); epochs to reach validation DSC ≥ {threshold} (mean over the runs that reached it); for an ST-V-Net "
+             f"the DSC of its warped shape prior and of its backbone alone at that epoch.", "",
              "| cohort | model | runs (folds x seeds) | val DSC | val HD95 (mm) | val ASSD (mm) | epochs to DSC ≥ thr | "
-             "prior DSC |", "|---|---|---|---|---|---|---|---|"]
+             "prior DSC | backbone DSC |", "|---|---|---|---|---|---|---|---|---|"]
     for r in summary.itertuples():
         ept = "never" if not r.reached_threshold else f"{r.epochs_to_threshold_mean:.1f} ({r.reached_threshold}/{r.runs})"
-        prior = "–" if np.isnan(r.val_prior_dice_mean) else f"{r.val_prior_dice_mean:.4f} ± {r.val_prior_dice_sd:.4f}"
+        prior, backbone = (_mean_sd(getattr(r, f"val_{m}_mean"), getattr(r, f"val_{m}_sd")) for m in ST_METRICS)
         lines.append(f"| {r.cohort} | {r.model} | {r.runs} ({r.folds} x {r.seeds}) | {r.val_dice_mean:.4f} ± "
                      f"{r.val_dice_sd:.4f} | {r.val_hd95_mean:.2f} ± {r.val_hd95_sd:.2f} | {r.val_assd_mean:.2f} ± "
-                     f"{r.val_assd_sd:.2f} | {ept} | {prior} |")
+                     f"{r.val_assd_sd:.2f} | {ept} | {prior} | {backbone} |")
     lines.append("")
     if evaluation:
         per_subject = pd.read_csv(Path(evaluation) / "per_subject.csv")

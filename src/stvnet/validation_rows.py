@@ -18,7 +18,8 @@ from stvnet.metrics import dice, evaluate_case
 def case_rows(out: dict[str, torch.Tensor], batch: dict, threshold: float, loss_kind: str,
               surface_metrics: bool) -> list[dict[str, Any]]:
     """One row per subject of a validation batch: id, sex, its loss, Dice (and sensitivity, specificity, HD, HD95,
-    ASSD with ``surface_metrics``) of the thresholded prediction, and the warped prior's Dice for an ST-V-Net."""
+    ASSD with ``surface_metrics``) of the thresholded prediction, and for an ST-V-Net the Dice of the warped prior
+    and of its backbone alone (what the fused prior adds is ``dice - backbone_dice``)."""
     soft = batch["label"][tio.DATA].float()  # soft labels (label_interpolation: linear) are femur above one half
     target = soft > 0.5
     affine = torch.as_tensor(batch["image"][tio.AFFINE][0], dtype=torch.float64)
@@ -33,6 +34,8 @@ def case_rows(out: dict[str, torch.Tensor], batch: dict, threshold: float, loss_
         row.update(evaluate_case(pred[i, 0], gt[i, 0], spacing) if surface_metrics else {"dice": dice(pred[i, 0], gt[i, 0])})
         if "prior" in out:
             row["prior_dice"] = dice((out["prior"][i, 0] > 0.5).cpu().numpy(), gt[i, 0])
+        if "backbone_logits" in out:
+            row["backbone_dice"] = dice((torch.sigmoid(out["backbone_logits"][i, 0]) > threshold).cpu().numpy(), gt[i, 0])
         rows.append(row)
     return rows
 
