@@ -68,7 +68,7 @@ def test_a_space_tunes_stages_by_name_and_keeps_the_sampled_lengths(tmp_path):
         assert stages["stn"]["epochs"] == 3 and stages["finetune"]["loss_weights"]["prior"] == 0.25
         # the sampled length is trained as sampled: no rescaling, the budget is the stages' sum
         assert schedule["scale_to_max_epochs"] is False
-        assert trial["trainer"]["max_epochs"] == sum(stage["epochs"] for stage in schedule["stages"]) == 14 + 3 + 6
+        assert trial["trainer"]["max_epochs"] == sum(stage["epochs"] for stage in schedule["stages"]) == 20 + 3 + 3
     with pytest.raises(UserError) as refused:
         validate_space({"base_config": "b.yaml", "space": {
             "trainer.callbacks.2.init_args.stages.1.epochs": {"type": "int", "low": 1, "high": 3},
