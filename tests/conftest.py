@@ -182,6 +182,14 @@ def png_colours(path: Path, colours: dict[str, tuple[float, float, float]], tol:
     return (rgb.shape[1], rgb.shape[0]), counts
 
 
+def cpu_precision_args(config: dict) -> list[str]:
+    """``--trainer.precision 32-true`` for a resolved config that trains in bf16 (the GPU ones), else nothing. A CPU
+    without native bf16 (AVX512-BF16 or AMX; AVX2 cores such as these test machines') emulates bf16 convolutions ~17x
+    slower than float32: minutes per step of a GPU-size network. bf16 itself is stepped on a small network by
+    tests/test_configs.py::test_bf16_mixed_precision_trains_the_stvnet_through_its_stages."""
+    return ["--trainer.precision", "32-true"] if "bf16" in str(config["trainer"].get("precision")) else []
+
+
 def launch_env() -> dict[str, str]:
     """The environment of a fresh top-level launch: no inherited rank, run folder or W&B mode; one thread per rank."""
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -14,8 +14,8 @@ import torch
 
 from stvnet.inference import find_checkpoint
 from stvnet.config import resolved_config
-from tests.conftest import (EXPERIMENT_FILES, EXPERIMENTS, launch_env, tiny_data_args, tiny_train_args,
-                            train_in_subprocess, vnet_checkpoint)
+from tests.conftest import (EXPERIMENT_FILES, EXPERIMENTS, cpu_precision_args, launch_env, tiny_data_args,
+                            tiny_train_args, train_in_subprocess, vnet_checkpoint)
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.multiprocess  # training subprocesses and DDP ranks: make test-multiprocess
@@ -110,13 +110,13 @@ CONFIGS = EXPERIMENT_FILES
 def test_every_experiment_trains_under_ddp_as_typed(config, tiny_cohort, tmp_path):
     """`--trainer.devices 2 --trainer.strategy ddp` works for every shipped experiment, through all its stages."""
     resolved = resolved_config(config)
-    roi = 48 if config.parent.name == "gpu" else 32  # see tests/test_configs.py
     out = tmp_path / "runs"
     args = ["--config", str(config), "--data.manifest", str(tiny_cohort), "--data.n_folds", "3",
-            "--data.num_workers", "0", "--data.roi_size", f"[{roi}, {roi}, {roi}]", "--data.target_spacing", "[4.0, 4.0, 4.0]",
+            "--data.num_workers", "0", "--data.roi_size", "[32, 32, 32]", "--data.target_spacing", "[4.0, 4.0, 4.0]",
             "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
             "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1",
-            "--trainer.enable_progress_bar", "false", "--run.out", str(out), "--run.wandb", "disabled"]
+            "--trainer.enable_progress_bar", "false", "--run.out", str(out), "--run.wandb", "disabled",
+            *cpu_precision_args(resolved)]  # float32 on the CPU: see tests/conftest.py
     if "from_vnet" in config.name:
         data = tiny_data_args(tiny_cohort, out / "splits")
         args += ["--model.init_weights", str(vnet_checkpoint(resolved, data, tmp_path / "vnet.ckpt"))]
