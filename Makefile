@@ -110,12 +110,13 @@ verdict-cpu: $(STAMP)
 	$(MAKE) verdict VERDICT_SUBJECTS=40 VERDICT_EPOCHS=40 VERDICT_JOBS=2 OUT=$(OUT)/cpu \
 		ARGS="--data.roi_size [48,48,48] --data.target_spacing [3.2,3.2,3.2] $(ARGS)"
 
+# --durations: the slowest tests in every log (CI's included), so a test that grows shows where the time went
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not multiprocess and not heavy" $(ARGS)
+	$(BIN)/python -m pytest -q -m "not multiprocess and not heavy" --durations=15 $(ARGS)
 
 # multi-process (DDP ranks, training subprocesses) and heavy (clinical-size scans, whole benchmark runs) tests
 test-multiprocess: $(STAMP)
-	$(BIN)/python -m pytest -q -m "multiprocess or heavy" $(ARGS)
+	$(BIN)/python -m pytest -q -m "multiprocess or heavy" --durations=15 $(ARGS)
 
 # the architecture's import contracts (.importlinter): layers, no cycles, the generator behind its entry point
 # the package as installed from its wheel into a clean venv, run outside the checkout (packaged defaults found)

@@ -186,7 +186,7 @@ def cpu_precision_args(config: dict) -> list[str]:
     """``--trainer.precision 32-true`` for a resolved config that trains in bf16 (the GPU ones), else nothing. A CPU
     without native bf16 (AVX512-BF16 or AMX; AVX2 cores such as these test machines') emulates bf16 convolutions ~17x
     slower than float32: minutes per step of a GPU-size network. bf16 itself is stepped on a small network by
-    tests/test_configs.py::test_bf16_mixed_precision_trains_the_stvnet_through_its_stages."""
+    tests/integration/test_configs.py::test_bf16_mixed_precision_trains_the_stvnet_through_its_stages."""
     return ["--trainer.precision", "32-true"] if "bf16" in str(config["trainer"].get("precision")) else []
 
 
@@ -202,6 +202,17 @@ def train_in_subprocess(args: list[str], timeout: int = 900) -> subprocess.Compl
     """``stvnet train`` in a fresh process running this checkout's code (Lightning's DDP launcher re-runs it)."""
     return subprocess.run([sys.executable, "-m", "stvnet.cli", "train", *args], capture_output=True, text=True,
                           env=launch_env(), timeout=timeout, cwd=ROOT)
+
+
+class SpacingRecorder:
+    """Wraps a metric function ``(pred, target, spacing)`` and records the spacing of every call."""
+
+    def __init__(self, original):
+        self.original, self.spacings = original, []
+
+    def __call__(self, pred, target, spacing):
+        self.spacings.append(tuple(float(s) for s in spacing))
+        return self.original(pred, target, spacing)
 
 
 class FixedPredictor:

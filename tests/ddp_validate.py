@@ -1,6 +1,6 @@
 """Validate a checkpoint on 1 or N CPU processes (DDP, gloo) and write rank 0's metrics as JSON.
 
-Run as a script by tests/test_ddp.py; Lightning's DDP launcher re-runs this file for the other ranks.
+Run as a script by tests/integration/test_ddp.py; Lightning's DDP launcher re-runs this file for the other ranks.
 """
 
 from __future__ import annotations

@@ -295,7 +295,9 @@ def training_memory(net: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | 
 
 
 def bench_gpu_memory(cfg: BenchConfig) -> list[dict]:
-    """Memory per GPU of each ``experiments/gpu`` config at its batch size and ROI (``gpu_roi`` overrides the ROI)."""
+    """Memory per GPU of each ``experiments/gpu`` config at its batch size and ROI (``gpu_batch`` and ``gpu_roi``
+    and ``gpu_precision`` override them). The forward pass runs for real, in bf16 where the config trains in it (a CPU
+    without native bf16 emulates it, ~17x slower than float32: ``gpu_precision="32-true"`` there)."""
     rows = []
     for path in sorted((EXPERIMENTS / "gpu").glob("*.yaml")):
         config = resolved_config(path)
@@ -304,12 +306,13 @@ def bench_gpu_memory(cfg: BenchConfig) -> list[dict]:
         net = build_network(config["model"]["net"])
         if isinstance(net, STVNet):
             net.set_prior(torch.rand(1, roi, roi, roi))
-        dtype = torch.bfloat16 if "bf16" in str(config["trainer"].get("precision", "")) else None
-        x = torch.randn(int(data["batch_size"]), 1, roi, roi, roi)
+        precision = cfg.gpu_precision or str(config["trainer"].get("precision", ""))
+        dtype = torch.bfloat16 if "bf16" in precision else None
+        x = torch.randn(cfg.gpu_batch or int(data["batch_size"]), 1, roi, roi, roi)
         parts = training_memory(net, x, dtype)
         total = sum(parts.values()) / 2**30
         detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
-        rows.append({"what": f"GPU memory {path.parent.name}/{path.name}: batch {x.shape[0]} x {roi}^3 ({detail} GiB)",
+        rows.append({"what": f"GPU memory {path.parent.name}/{path.name}: batch {x.shape[0]} x {roi}^3, {precision} ({detail} GiB)",
                      "ours": total, "reference": float("nan"), "unit": "GiB", "ratio": float("nan"),
                      "reference_name": "-"})
     return rows

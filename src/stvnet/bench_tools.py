@@ -28,13 +28,16 @@ class BenchConfig:
     device: str = "cpu"
     ddp_steps: int = 8
     gpu_roi: int | None = None  # None: the gpu configs' own ROI
+    gpu_batch: int | None = None  # None: the gpu configs' own batch size
+    gpu_precision: str | None = None  # None: the gpu configs' own (bf16-mixed); "32-true" on a CPU without native bf16
     ceiling_scans: int = 6
     ceiling_configs: tuple[str, ...] = ()  # () : every experiment under experiments/ (gpu/ and peers/ included)
 
     @classmethod
     def tiny(cls) -> "BenchConfig":
         return cls(step_sizes=(32,), metric_shapes=((24, 24, 24),), repeats=1, full_width=False, roi=32,
-                   scan_shape=(48, 40, 40), loader_batches=2, ddp_steps=2, gpu_roi=32, ceiling_scans=1)
+                   scan_shape=(48, 40, 40), loader_batches=2, ddp_steps=2, gpu_roi=24, gpu_batch=1,
+                   gpu_precision="32-true", ceiling_scans=1)
 
 
 def timeit(fn: Callable[[], object], repeats: int, warmup: int = 1, device: str = "cpu") -> float:

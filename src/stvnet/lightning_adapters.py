@@ -1,5 +1,5 @@
 """The two places where this project relies on Lightning's internals, kept in this one module, each with why and
-each pinned by a test of Lightning's own behaviour (``tests/test_upstream.py``), so an upgrade that changes them fails
+each pinned by a test of Lightning's own behaviour (``tests/stvnet/test_lightning_adapters.py``), so an upgrade that changes them fails
 there first:
 
 * :class:`ResumableCSVLogger` overrides ``ExperimentWriter._check_log_dir_exists``: Lightning's ``CSVLogger`` deletes an existing ``metrics.csv`` when it starts in a non-empty folder, so a run

@@ -18,6 +18,8 @@ Under DDP, the parameters of frozen parts get no gradient: the strategy must det
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import asdict
 from typing import Any
 
@@ -40,7 +42,8 @@ class StageSchedule(Callback):
     def __init__(self, stages: list[Stage], scale_to_max_epochs: bool = False):
         super().__init__()
         self.scale_to_max_epochs = scale_to_max_epochs
-        stages = [s if isinstance(s, Stage) else Stage(**s) for s in stages]
+        # copies: rescaling and resuming set their lengths, which must not leak into the caller's Stage objects
+        stages = [copy.deepcopy(s) if isinstance(s, Stage) else Stage(**s) for s in stages]
         if not stages:
             raise ValueError("StageSchedule needs at least one stage")
         for s in stages:

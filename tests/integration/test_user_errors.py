@@ -187,7 +187,7 @@ def test_debug_shows_the_traceback_of_a_user_error(tiny_cohort, tmp_path, capsys
 
 
 def _sweep_space(tmp_path: Path, **spec) -> Path:
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     path = tmp_path / "space.yaml"
     path.write_text(yaml.safe_dump({"base_config": str(root / "experiments" / "vnet.yaml"), **spec}))
     return path
@@ -218,11 +218,11 @@ def test_a_search_space_that_would_tune_nothing_is_refused_before_any_trial(spec
     assert not out.exists()  # no study, no trial folder
 
 
-@pytest.mark.parametrize("space", sorted(p.name for p in (Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")))
+@pytest.mark.parametrize("space", sorted(p.name for p in (Path(__file__).resolve().parents[2] / "sweeps").glob("*.yaml")))
 def test_the_shipped_search_spaces_name_real_options(space):
     from stvnet.sweep import resolved_config, validate_space
 
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     spec = yaml.safe_load((root / "sweeps" / space).read_text())
     validate_space(spec, resolved_config(root / spec["base_config"]), space)  # raises on any unknown key
 

@@ -420,3 +420,13 @@ def test_com_alignment_loses_what_leaves_the_box_instead_of_filling_it():
     b[4:6, 3:5, 3:5] = 1  # centre x 4.5: both move 2 voxels towards x 2.5
     prior = build_shape_prior([a, b], "com")[0]
     assert prior.sum() == 8 and torch.all(prior[2:4, 3:5, 3:5] == 1.0)  # both labels whole, on top of each other
+
+
+def test_rescaling_a_schedule_leaves_the_callers_stages_as_they_were():
+    """A schedule owns copies: scaling it to another run's max_epochs (or restoring a checkpoint's lengths) does not
+    change the Stage objects it was built from, which another schedule may be built from next."""
+    stages = [Stage(name="a", epochs=1, train=["backbone"]), Stage(name="b", epochs=3)]
+    schedule = StageSchedule(stages, scale_to_max_epochs=True)
+    schedule.rescale(8)
+    schedule.load_state_dict({"stages": [{"name": "a", "epochs": 5}, {"name": "b", "epochs": 5}]})
+    assert [s.epochs for s in stages] == [1, 3] and [s.epochs for s in StageSchedule(stages).stages] == [1, 3]

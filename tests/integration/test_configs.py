@@ -18,7 +18,7 @@ from data_modules.datamodule import FemurDataModule
 from stvnet.callbacks import StageSchedule
 from stvnet.lightning_module import FemurSegmenter
 from stvnet.config import RunOptions, default_config_files
-from tests.conftest import (EXPERIMENT_FILES, EXPERIMENTS, cpu_precision_args, tiny_data_args, tiny_train_args,
+from tests.conftest import (EXPERIMENT_FILES, EXPERIMENTS, ROOT, cpu_precision_args, tiny_data_args, tiny_train_args,
                             vnet_checkpoint)
 
 CONFIGS = EXPERIMENT_FILES
@@ -30,7 +30,7 @@ def is_gpu_peer(config: Path) -> bool:
     return "peers" in config.parts and "gpu" in config.parts
 # each experiment's resolved config as it was before the experiments were composed from the shared defaults and
 # experiments/nets/ (six full copies then); an intended change of an experiment updates its file here
-RESOLVED = Path(__file__).resolve().parent / "resolved_configs"
+RESOLVED = ROOT / "tests" / "resolved_configs"
 
 
 @functools.lru_cache(maxsize=None)

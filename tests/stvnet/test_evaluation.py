@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import stvnet.evaluation
+import stvnet.validation_rows
 from stvnet.cli import main as cli_main
 from stvnet.evaluation import (
     PAIRED_COLUMNS,
@@ -25,7 +27,7 @@ from stvnet.evaluation import (
     write_report,
 )
 from stvnet.metrics import METRIC_KEYS, evaluate_case
-from tests.conftest import png_colours
+from tests.conftest import ROOT, SpacingRecorder, png_colours
 
 
 def _colour_count(path, colour, third: int, tol: float = 0.08) -> int:
@@ -278,7 +280,7 @@ def test_a_run_is_scored_in_each_labels_own_grid_and_its_masks_saved(tmp_path):
         assert np.array_equal(np.asanyarray(saved.dataobj), moved) and np.allclose(saved.affine, mask_affine)
 
 
-GOLDEN_REPORT = Path(__file__).parent / "golden" / "report.md"
+GOLDEN_REPORT = ROOT / "tests" / "golden" / "report.md"
 
 
 def test_the_report_reads_exactly_as_the_golden_file():
@@ -316,7 +318,7 @@ def test_evaluate_runs_writes_what_its_defaults_promise(tiny_cohort, tmp_path, m
     import yaml
 
     import stvnet.evaluation
-    from tests.test_checkpoint_records import write_checkpoint
+    from tests.stvnet.test_inference import write_checkpoint
 
     manifest = pd.read_csv(tiny_cohort)
     subjects = list(manifest["subject_id"])
@@ -536,3 +538,12 @@ def test_a_cohort_without_hard_cases_still_gets_the_tables_columns_and_one_seed_
     assert two_seeds[4:6] == ["| model | fold | seed | stage | epoch |", "|---|---|---|---|---|"]
     assert two_seeds[6:10] == ["| vnet | 1 | 0 | finetune | 3 |", "| stvnet | 1 | 0 | finetune | 3 |",
                                "| vnet | 1 | 1 | finetune | 4 |", "| stvnet | 1 | 1 | finetune | 4 |"]
+
+
+@pytest.mark.slow
+def test_evaluation_scores_in_each_labels_own_spacing(trained_runs, tiny_cohort, tmp_path, monkeypatch):
+    recorder = SpacingRecorder(evaluate_case)
+    monkeypatch.setattr(stvnet.evaluation, "evaluate_case", recorder)
+    table = stvnet.evaluation.evaluate_runs([trained_runs["vnet"]], tmp_path / "eval", save_masks=False, figures=False)
+    zooms = [tuple(float(z) for z in nib.load(label).header.get_zooms()[:3]) for label in table["label"]]
+    assert recorder.spacings == zooms and len(set(zooms[0])) > 1  # anisotropic, passed in array-axis order

@@ -4,18 +4,22 @@ and data record of a checkpoint, which checkpoint stands for a run, the run's na
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torchio as tio
 import yaml
 
 from stvnet.evaluation import cohort_table, describe_run, run_subjects
 from stvnet.inference import (
     Predictor,
+    ensemble_probabilities,
     ensemble_segment,
     find_checkpoint,
     largest_component,
@@ -166,8 +170,6 @@ def test_probabilities_come_back_on_the_scans_own_grid_as_float32(tmp_path):
     """The network's probabilities (here a known map on a coarser, shifted grid) are resampled linearly onto the
     scan's grid and returned as float32 (a clinical scan's float64 map would double the memory of every ensemble
     member), with the scan's affine."""
-    import nibabel as nib
-    import torchio as tio
 
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     affine[:3, 3] = (-5.0, 3.0, 10.0)
@@ -249,7 +251,6 @@ class _Pickled:
 
 
 def test_checkpoint_reads_refuse_pickled_objects_and_non_checkpoints_and_notice_a_rewritten_file(tmp_path):
-    import os
 
     from data_modules.errors import UserError
 
@@ -290,3 +291,13 @@ def test_a_template_located_checkpoint_predicts_with_its_own_template(trained_ru
     assert info.data_hparams["roi_locator"] == "template" and predictor.locator is not None
     assert np.array_equal(predictor.locator.template, info.locator.template)
     assert predictor.data_hparams == info.data_hparams and str(predictor.device) == "cpu"
+
+
+def test_ensemble_probability_is_the_mean_of_its_members():
+    a = np.array([0.9, 0.3, 0.6, 0.0], dtype=np.float32)
+    b = np.array([0.2, 0.3, 0.0, 0.0], dtype=np.float32)
+    c = np.array([0.4, 0.3, 0.9, 0.0], dtype=np.float32)
+    prob, _ = ensemble_probabilities([FixedPredictor(a), FixedPredictor(b), FixedPredictor(c)], "scan.nii.gz")
+    assert prob == pytest.approx((a + b + c) / 3)
+    mask, _ = ensemble_segment([FixedPredictor(a), FixedPredictor(b)], "scan.nii.gz", threshold=0.5)
+    assert mask.tolist() == [1, 0, 0, 0]  # means 0.55, 0.3, 0.3, 0: neither the last member alone nor the sum

@@ -13,7 +13,7 @@ import yaml
 from stvnet.cli import main as cli_main
 from tests.conftest import tiny_train_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _files(folder: Path) -> dict[Path, bytes]:

@@ -17,9 +17,9 @@ from stvnet.config import resolved_config
 from tests.conftest import (EXPERIMENT_FILES, EXPERIMENTS, cpu_precision_args, launch_env, tiny_data_args,
                             tiny_train_args, train_in_subprocess, vnet_checkpoint)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.multiprocess  # training subprocesses and DDP ranks: make test-multiprocess
-SCRIPT = Path(__file__).with_name("ddp_validate.py")
+SCRIPT = ROOT / "tests" / "ddp_validate.py"
 
 
 def _validate(ckpt: Path, out: Path, devices: int) -> dict:

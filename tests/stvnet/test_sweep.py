@@ -18,7 +18,7 @@ from stvnet.studies import make_storage
 from stvnet.sweep import config_path, run_sweep, set_path, trial_config, validate_space
 from stvnet.config import resolved_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _space(tmp_path: Path, manifest: Path, name: str, **changes) -> Path:

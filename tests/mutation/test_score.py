@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("mutation_score", ROOT / "mutation" / "score.py")
 score = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(score)

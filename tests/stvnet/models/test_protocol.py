@@ -14,7 +14,7 @@ from data_modules.datamodule import FemurDataModule
 from stvnet.lightning_module import FemurSegmenter
 from stvnet.models import STVNet
 from tests.conftest import ROOT, tiny_data_args, tiny_train_args
-from tests.test_stages import Recorder, make_trainer
+from tests.stvnet.callbacks.test_stage_callbacks import Recorder, make_trainer
 
 
 class TwoConvNet(nn.Module):
@@ -86,7 +86,7 @@ def test_the_command_line_trains_an_st_wrapper_around_a_backbone_named_in_yaml(t
     config = tmp_path / "mine.yaml"
     config.write_text(yaml.safe_dump({"run": {"name": "mine"}, "model": {"net": {
         "class_path": "stvnet.models.STVNet",
-        "init_args": {"backbone": {"class_path": "tests.test_backbones.TwoConvNet", "init_args": {"width": 3}},
+        "init_args": {"backbone": {"class_path": "tests.stvnet.models.test_protocol.TwoConvNet", "init_args": {"width": 3}},
                       "stn_features": [4, 8]}}}}))
     args = tiny_train_args(tiny_cohort, tmp_path / "runs", epochs=3, config=ROOT / "experiments" / "stvnet.yaml")
     drop = {i for i, a in enumerate(args) if a.startswith("--model.net")}  # the V-Net's width and depth, with values

@@ -15,7 +15,7 @@ from stvnet.compare import compare_runs
 from stvnet.config import resolved_config
 from tests.conftest import png_colours
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _tiny_extra(manifest: Path) -> list[str]:

@@ -163,3 +163,38 @@ def test_surface_distances_equal_a_distance_transform_and_ignore_empty_margins(s
     size = np.pad(a, pad).size
     fp, tn = np.count_nonzero(a & ~b), size - np.count_nonzero(a | b)
     assert big["specificity"] == pytest.approx(tn / (tn + fp), abs=1e-12)
+
+
+def _sheet(shape=(12, 12, 12)) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    mask[1:11, 1:11, 3] = True  # a 10 x 10 plate one voxel thick: every voxel is on its surface
+    return mask
+
+
+def test_hd95_and_assd_of_a_shifted_plate_equal_the_shift_in_mm():
+    target = _sheet()
+    pred = np.roll(target, 2, axis=2)
+    m = evaluate_case(pred, target, (0.5, 0.7, 2.5))
+    assert m["hd"] == pytest.approx(5.0) and m["hd95"] == pytest.approx(5.0) and m["assd"] == pytest.approx(5.0)
+
+
+def test_one_outlier_moves_hd_but_not_hd95_and_a_known_share_of_assd():
+    target = _sheet()
+    pred = target.copy()
+    pred[5, 5, 7] = True  # 4 slices (10 mm) from the plate; the other 100 prediction voxels lie on it
+    m = evaluate_case(pred, target, (0.5, 0.7, 2.5))
+    assert m["hd"] == pytest.approx(10.0)
+    assert m["hd95"] == pytest.approx(0.0)
+    assert m["assd"] == pytest.approx(10.0 / 201)  # one distance of 10 mm among 101 + 100 surface voxels
+
+
+def test_hd95_is_the_95th_percentile_of_a_known_distance_distribution():
+    target = _sheet()
+    pred = target.copy()
+    pred[1, 1:11, 3] = False
+    pred[1, 1:11, 5] = True  # one row of 10 lifted by 2 slices (5 mm); the rest (90) stays on the plate
+    m = evaluate_case(pred, target, (0.5, 0.7, 2.5))
+    # pred -> plate: 90 x 0 and 10 x 5 mm, so its 95th percentile is 5 mm (a 90th would be 0.5 mm);
+    # plate -> pred: 90 x 0 and 10 x 0.5 mm (the neighbouring row)
+    assert m["hd"] == pytest.approx(5.0) and m["hd95"] == pytest.approx(5.0)
+    assert m["assd"] == pytest.approx((10 * 5.0 + 10 * 0.5) / 200)

@@ -14,7 +14,7 @@ from stvnet.config import resolved_config
 from tests.conftest import tiny_train_args, train_in_subprocess
 from tests.wandb_records import history
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.multiprocess  # training subprocesses and DDP ranks: make test-multiprocess
 
 

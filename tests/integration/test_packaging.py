@@ -3,14 +3,17 @@ the version CI tests."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _pin() -> str:
@@ -30,3 +33,17 @@ def test_makefile_and_environment_install_the_pinned_torch():
     assert not [d for d in conda if re.match(r"(py)?torch|pytorch-cuda", d)]  # no second, older source of torch
     (pip,) = [d["pip"] for d in env["dependencies"] if isinstance(d, dict)]
     assert "-e .[dev]" in pip and not [line for line in pip if "torch" in line and "==" in line]
+
+
+@pytest.mark.not_in_mutation_run
+def test_subprocesses_import_this_checkouts_code(tmp_path):
+    """Even from another folder and with another stvnet first on the path, a test's subprocess runs this checkout."""
+    decoy = tmp_path / "site" / "stvnet"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the installed copy, not the checkout under test')")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([env["PYTHONPATH"], str(decoy.parent)])
+    code = "import stvnet, data_modules; print(stvnet.__file__); print(data_modules.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, check=True)
+    for line in out.stdout.split():
+        assert Path(line).resolve().is_relative_to(ROOT), line
