@@ -19,7 +19,7 @@ from tests.conftest import (EXPERIMENT_FILES, EXPERIMENTS, cpu_precision_args, l
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.multiprocess  # training subprocesses and DDP ranks: make test-multiprocess
-SCRIPT = ROOT / "tests" / "ddp_validate.py"
+SCRIPT = Path(__file__).with_name("ddp_validate.py")  # beside this file: a script in tests/ would import tests/data_modules
 
 
 def _validate(ckpt: Path, out: Path, devices: int) -> dict:
