@@ -118,8 +118,7 @@ def tiny_data_args(manifest: Path, splits_dir: Path, **overrides) -> dict:
 def tiny_train_args(manifest: Path, out: Path, epochs: int = 3, config: str | Path = "vnet.yaml") -> list[str]:
     """``stvnet train`` arguments for a few quick epochs of a narrow network on the tiny cohort (``config``: a file of
     experiments/ or any path)."""
-    root = Path(__file__).resolve().parents[1]
-    path = Path(config) if Path(config).is_absolute() else root / "experiments" / config
+    path = Path(config) if Path(config).is_absolute() else EXPERIMENTS / config
     text = path.read_text()  # an ST-V-Net experiment names nets/stvnet*.yaml, a resolved one the class
     net = "--model.net.init_args.backbone.init_args" if "nets/stvnet" in text or "STVNet" in text else "--model.net.init_args"
     return [

@@ -295,7 +295,7 @@ def training_memory(net: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype | 
 
 
 def bench_gpu_memory(cfg: BenchConfig) -> list[dict]:
-    """Memory per GPU of each ``experiments/gpu`` config at its batch size and ROI (``gpu_batch`` and ``gpu_roi``
+    """Memory per GPU of each ``experiments/gpu`` config at its batch size and ROI (``gpu_batch``, ``gpu_roi``
     and ``gpu_precision`` override them). The forward pass runs for real, in bf16 where the config trains in it (a CPU
     without native bf16 emulates it, ~17x slower than float32: ``gpu_precision="32-true"`` there)."""
     rows = []
@@ -312,7 +312,8 @@ def bench_gpu_memory(cfg: BenchConfig) -> list[dict]:
         parts = training_memory(net, x, dtype)
         total = sum(parts.values()) / 2**30
         detail = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in parts.items())
-        rows.append({"what": f"GPU memory {path.parent.name}/{path.name}: batch {x.shape[0]} x {roi}^3, {precision} ({detail} GiB)",
+        what = f"GPU memory {path.parent.name}/{path.name}: batch {x.shape[0]} x {roi}^3, {precision} ({detail} GiB)"
+        rows.append({"what": what,
                      "ours": total, "reference": float("nan"), "unit": "GiB", "ratio": float("nan"),
                      "reference_name": "-"})
     return rows

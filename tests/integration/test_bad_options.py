@@ -11,9 +11,7 @@ import pytest
 import yaml
 
 from stvnet.cli import main as cli_main
-from tests.conftest import tiny_train_args
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, tiny_train_args
 
 
 def _files(folder: Path) -> dict[Path, bytes]:

@@ -125,7 +125,7 @@ def test_every_experiment_trains_and_validates_through_all_its_stages(config, ti
             "--trainer.accelerator", "cpu", "--trainer.max_epochs", "3", "--trainer.limit_train_batches", "1",
             "--trainer.limit_val_batches", "1", "--trainer.enable_progress_bar", "false", "--trainer.log_every_n_steps", "1",
             "--data.cache_dir", data["cache_dir"], "--run.out", str(tmp_path / "runs"), "--run.wandb", "disabled",
-        *cpu_precision_args(resolved)]
+            *cpu_precision_args(resolved)]
     if "from_vnet" in config.name:
         args += ["--model.init_weights", str(vnet_checkpoint(resolved, data, tmp_path / "vnet.ckpt"))]
     assert cli_main(["train", *args]) == 0

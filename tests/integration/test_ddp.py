@@ -12,12 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-from stvnet.inference import find_checkpoint
 from stvnet.config import resolved_config
-from tests.conftest import (EXPERIMENT_FILES, EXPERIMENTS, cpu_precision_args, launch_env, tiny_data_args,
+from stvnet.inference import find_checkpoint
+from tests.conftest import (EXPERIMENT_FILES, EXPERIMENTS, ROOT, cpu_precision_args, launch_env, tiny_data_args,
                             tiny_train_args, train_in_subprocess, vnet_checkpoint)
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.multiprocess  # training subprocesses and DDP ranks: make test-multiprocess
 SCRIPT = Path(__file__).with_name("ddp_validate.py")  # beside this file: a script in tests/ would import tests/data_modules
 

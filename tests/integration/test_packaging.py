@@ -13,7 +13,7 @@ import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
 
 
 def _pin() -> str:

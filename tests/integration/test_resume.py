@@ -11,10 +11,9 @@ import pytest
 import yaml
 
 from stvnet.config import resolved_config
-from tests.conftest import tiny_train_args, train_in_subprocess
+from tests.conftest import ROOT, tiny_train_args, train_in_subprocess
 from tests.wandb_records import history
 
-ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.multiprocess  # training subprocesses and DDP ranks: make test-multiprocess
 
 

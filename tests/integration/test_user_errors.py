@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from stvnet.cli import main as cli_main
-from tests.conftest import tiny_train_args
+from tests.conftest import ROOT, tiny_train_args
 
 
 def _absolute(tiny_cohort: Path) -> pd.DataFrame:
@@ -187,9 +187,8 @@ def test_debug_shows_the_traceback_of_a_user_error(tiny_cohort, tmp_path, capsys
 
 
 def _sweep_space(tmp_path: Path, **spec) -> Path:
-    root = Path(__file__).resolve().parents[2]
     path = tmp_path / "space.yaml"
-    path.write_text(yaml.safe_dump({"base_config": str(root / "experiments" / "vnet.yaml"), **spec}))
+    path.write_text(yaml.safe_dump({"base_config": str(ROOT / "experiments" / "vnet.yaml"), **spec}))
     return path
 
 
@@ -218,13 +217,12 @@ def test_a_search_space_that_would_tune_nothing_is_refused_before_any_trial(spec
     assert not out.exists()  # no study, no trial folder
 
 
-@pytest.mark.parametrize("space", sorted(p.name for p in (Path(__file__).resolve().parents[2] / "sweeps").glob("*.yaml")))
+@pytest.mark.parametrize("space", sorted(p.name for p in (ROOT / "sweeps").glob("*.yaml")))
 def test_the_shipped_search_spaces_name_real_options(space):
     from stvnet.sweep import resolved_config, validate_space
 
-    root = Path(__file__).resolve().parents[2]
-    spec = yaml.safe_load((root / "sweeps" / space).read_text())
-    validate_space(spec, resolved_config(root / spec["base_config"]), space)  # raises on any unknown key
+    spec = yaml.safe_load((ROOT / "sweeps" / space).read_text())
+    validate_space(spec, resolved_config(ROOT / spec["base_config"]), space)  # raises on any unknown key
 
 
 @pytest.mark.parametrize("kind", ["truncated", "not a checkpoint", "no state_dict", "another model's"])

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pandas as pd
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
+
 spec = importlib.util.spec_from_file_location("mutation_score", ROOT / "mutation" / "score.py")
 score = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(score)

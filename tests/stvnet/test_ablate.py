@@ -13,9 +13,7 @@ from stvnet.ablate import Cell
 from stvnet.cli import main as cli_main
 from stvnet.compare import compare_runs
 from stvnet.config import resolved_config
-from tests.conftest import png_colours
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT, png_colours
 
 
 def _tiny_extra(manifest: Path) -> list[str]:

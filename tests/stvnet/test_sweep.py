@@ -14,11 +14,10 @@ import yaml
 from optuna.trial import TrialState
 
 from data_modules.errors import UserError
+from stvnet.config import resolved_config
 from stvnet.studies import make_storage
 from stvnet.sweep import config_path, run_sweep, set_path, trial_config, validate_space
-from stvnet.config import resolved_config
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import ROOT
 
 
 def _space(tmp_path: Path, manifest: Path, name: str, **changes) -> Path:

@@ -12,7 +12,7 @@ import yaml
 
 from stvnet.cli import main as cli_main
 from stvnet.lightning_module import FemurSegmenter
-from tests.conftest import tiny_train_args
+from tests.conftest import ROOT, tiny_train_args
 
 
 def only_run_dir(out: Path) -> Path:
@@ -141,7 +141,7 @@ def test_resumed_online_run_continues_its_wandb_run(tmp_path, monkeypatch):
 
 def test_command_line_keys_win_over_the_config_wherever_they_are_written(capsys):
     """jsonargparse alone would let a later --config silently undo an earlier --data.fold."""
-    config = str(Path(__file__).resolve().parents[2] / "experiments" / "vnet.yaml")
+    config = str(ROOT / "experiments" / "vnet.yaml")
     with pytest.raises(SystemExit) as done:
         cli_main(["train", "--data.fold", "2", "--model.lr", "0.005", "--config", config, "--print_config"])
     assert done.value.code == 0

@@ -19,7 +19,6 @@ Under DDP, the parameters of frozen parts get no gradient: the strategy must det
 from __future__ import annotations
 
 import copy
-
 from dataclasses import asdict
 from typing import Any
 
