@@ -14,6 +14,8 @@ COHORT ?= all
 MAX_EPOCHS ?=
 OUT ?= runs
 ARGS ?=
+# make test's pytest-xdist workers (each gets its share of the cores; the multiprocess suite runs one at a time)
+TEST_WORKERS ?= 2
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -112,11 +114,13 @@ verdict-cpu: $(STAMP)
 
 # --durations: the slowest tests in every log (CI's included), so a test that grows shows where the time went
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not multiprocess and not heavy" --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -q -m "not multiprocess and not heavy and not slow" -n $(TEST_WORKERS) --dist loadfile \
+		--durations=15 $(ARGS)
 
-# multi-process (DDP ranks, training subprocesses) and heavy (clinical-size scans, whole benchmark runs) tests
+# multi-process (DDP ranks, training subprocesses), heavy (clinical-size scans, whole benchmark runs) and slow
+# (each config, predict, evaluate and bf16 trained end to end) tests
 test-multiprocess: $(STAMP)
-	$(BIN)/python -m pytest -q -m "multiprocess or heavy" --durations=15 $(ARGS)
+	$(BIN)/python -m pytest -q -m "multiprocess or heavy or slow" --durations=15 $(ARGS)
 
 # the architecture's import contracts (.importlinter): layers, no cycles, the generator behind its entry point
 # the package as installed from its wheel into a clean venv, run outside the checkout (packaged defaults found)

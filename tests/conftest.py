@@ -15,6 +15,7 @@ from pathlib import Path
 # capsys stream of whichever test imports it first (closed after that test: "--- Logging error ---" in later ones)
 import lightning.pytorch  # noqa: F401
 import pytest
+import torch
 
 from data_modules.synthetic import make_cohort
 
@@ -22,6 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # every subprocess a test starts (training runs, DDP ranks, sweep trials, torchrun) imports this checkout's code,
 # whatever stvnet happens to be installed in the environment
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), str(ROOT), os.environ.get("PYTHONPATH")) if p)
+
+# pytest-xdist workers (make test runs TEST_WORKERS of them) share the cores instead of each taking all of them
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
 
 TINY_SPACING = (3.0, 3.0, 4.0)
 EXPERIMENTS = ROOT / "experiments"
@@ -86,17 +91,28 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
             out.write(f"{os.environ['MUTANT_UNDER_TEST']}\t{int(exitstatus)}\t{time.monotonic() - started:.2f}\n")
 
 
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str, env: str) -> Path | None:
+    """Where a session fixture is built once for every process of the run: the folder in ``env`` (``make mutate``
+    reuses it across its runs), or, under pytest-xdist (``make test`` runs two workers), a folder of this run beside
+    the workers' own; ``None`` in a plain single-process run."""
+    if os.environ.get(env):
+        return Path(os.environ[env])
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return tmp_path_factory.getbasetemp().parent / name
+    return None
+
+
 @pytest.fixture(scope="session")
 def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 14-subject cohort at coarse resolution; returns its manifest. With ``STVNET_TEST_COHORT_CACHE`` set (as
-    ``make mutate`` does, which runs the tests once per mutant) it is written there once and reused."""
-    cache = os.environ.get("STVNET_TEST_COHORT_CACHE")
+    """A 14-subject cohort at coarse resolution; returns its manifest. Written once for all the run's workers
+    (``shared_dir``; ``STVNET_TEST_COHORT_CACHE``, as ``make mutate`` sets it, keeps it across runs)."""
+    cache = shared_dir(tmp_path_factory, "tiny_cohort", "STVNET_TEST_COHORT_CACHE")
     if cache:
         from filelock import FileLock
 
-        Path(cache).mkdir(parents=True, exist_ok=True)
-        with FileLock(str(Path(cache) / ".lock")):
-            manifest = Path(cache) / "manifest.csv"
+        cache.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(cache / ".lock")):
+            manifest = cache / "manifest.csv"
             return manifest if manifest.is_file() else make_cohort(cache, n_subjects=14, seed=7, spacing=TINY_SPACING,
                                                                    workers=1)
     out = tmp_path_factory.mktemp("tiny_cohort")
@@ -136,24 +152,28 @@ def tiny_train_args(manifest: Path, out: Path, epochs: int = 3, config: str | Pa
 def trained_runs(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two short runs on the tiny cohort (a V-Net and a second V-Net named 'vnet_b'): their run folders. With
     ``STVNET_TEST_RUNS_CACHE`` set (``make mutate``) they are trained there once, by the unmutated code, and reused by
-    every mutant's evaluation and prediction tests (training itself is tested by tests that train)."""
+    every mutant's evaluation and prediction tests (training itself is tested by tests that train); under pytest-xdist
+    the run's workers share them (``shared_dir``)."""
     from stvnet.cli import main as cli_main
 
-    cache = os.environ.get("STVNET_TEST_RUNS_CACHE")
-    out = Path(cache) if cache else tmp_path_factory.mktemp("runs")
+    out = shared_dir(tmp_path_factory, "runs", "STVNET_TEST_RUNS_CACHE") or tmp_path_factory.mktemp("runs")
     out.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
 
-    with FileLock(str(out / ".lock")):
-        runs = {}
-        for name in ("vnet", "vnet_b"):
+    names = ["vnet", "vnet_b"]
+    if os.environ.get("PYTEST_XDIST_WORKER", "gw0")[-1] in "13579":
+        names.reverse()  # two workers asking at once each train one run, at the same time
+    runs = {}
+    for name in names:
+        with FileLock(str(out / f".{name}.lock")):
             if not (out / name).is_dir():
                 args = tiny_train_args(tiny_cohort, out, epochs=8) + ["--run.name", name, "--model.lr", "0.003"]
-                args += ["--model.net.init_args.base_channels", "8", "--model.net.init_args.depth", "3"]
+                args += ["--model.net.init_args.base_channels", "8", "--model.net.init_args.depth", "3",
+                         "--data.roi_max_rotation", "0"]  # template-located, axis-aligned: the pose search was half its time
                 assert cli_main(["train", *args]) == 0
-            (run,) = (out / name / "all" / "fold0").iterdir()
-            runs[name] = run
-    return runs
+        (run,) = (out / name / "all" / "fold0").iterdir()
+        runs[name] = run
+    return {name: runs[name] for name in ("vnet", "vnet_b")}
 
 
 def vnet_checkpoint(config: dict, data: dict, path: Path) -> Path:

@@ -31,7 +31,7 @@ def _scans(manifest: Path) -> list[tuple[str, str, str]]:
 
 @pytest.mark.mutation_target("subjects")
 @pytest.mark.parametrize(("locator", "turn", "labels"), [("template", 0.0, "nearest"), ("fraction", 0.0, "nearest"),
-                                                        ("template", 20.0, "linear")])
+                                                        pytest.param("template", 20.0, "linear", marks=pytest.mark.slow)])
 def test_cached_subjects_hold_exactly_what_preprocessing_gives(tiny_cohort, tmp_path, locator, turn, labels):
     """...with binary labels, and with soft ones (``label_interpolation: linear``: each voxel's share of femur), in
     axis-aligned and in turned boxes."""
@@ -126,6 +126,7 @@ def _race(root: str, scans: list, queue) -> None:
     queue.put(PreprocessedCache(root, SETTINGS).build(scans, workers=1))
 
 
+@pytest.mark.multiprocess
 @pytest.mark.not_in_mutation_run
 def test_two_processes_racing_build_each_entry_once(tiny_cohort, tmp_path):
     scans = _scans(tiny_cohort)[:4]
@@ -171,6 +172,7 @@ def test_voxels_are_checked_once_when_the_entry_is_built(tiny_cohort, tmp_path):
     assert dm.store.build(_scans(tiny_cohort)[1:], workers=1) == 0  # the good scans were built all the same
 
 
+@pytest.mark.multiprocess
 def test_a_parallel_build_writes_the_same_entries_as_a_serial_one(tiny_cohort, tmp_path):
     scans = _scans(tiny_cohort)[:4]
     serial, parallel = (PreprocessedCache(tmp_path / name, SETTINGS) for name in ("serial", "parallel"))

@@ -46,6 +46,7 @@ def test_a_checkpoint_of_another_fold_is_refused_on_resume(tiny_cohort, tmp_path
 
 
 @pytest.mark.not_in_mutation_run
+@pytest.mark.slow  # writes scans at the default 1 mm
 def test_the_default_cohort_is_generated_once(tmp_path):
     manifest = default_manifest(tmp_path / "synthetic", n_subjects=2, seed=3)
     assert manifest == tmp_path / "synthetic" / "manifest.csv"
@@ -142,6 +143,7 @@ def test_validation_and_test_loaders_serve_one_subject_at_a_time_in_split_order(
 
 
 @pytest.mark.not_in_mutation_run
+@pytest.mark.slow  # writes scans at the default 1 mm
 def test_the_default_cohort_is_generated_with_the_datamodules_synthetic_settings(tmp_path):
     from data_modules.synthetic import cohort_fingerprint, make_cohort
 

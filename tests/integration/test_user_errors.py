@@ -166,6 +166,7 @@ def test_a_folder_that_holds_a_run_is_never_trained_into(tiny_cohort, tmp_path, 
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # untouched
 
 
+@pytest.mark.slow
 def test_cut_labels_stop_training_with_one_line_per_subject_and_no_run(tiny_cohort, tmp_path, capsys):
     out = tmp_path / "runs"
     args = tiny_train_args(tiny_cohort, out, epochs=1) + ["--data.roi_size", "[12, 12, 12]"]
