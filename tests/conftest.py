@@ -168,8 +168,7 @@ def trained_runs(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) ->
         with FileLock(str(out / f".{name}.lock")):
             if not (out / name).is_dir():
                 args = tiny_train_args(tiny_cohort, out, epochs=8) + ["--run.name", name, "--model.lr", "0.003"]
-                args += ["--model.net.init_args.base_channels", "8", "--model.net.init_args.depth", "3",
-                         "--data.roi_max_rotation", "0"]  # template-located, axis-aligned: the pose search was half its time
+                args += ["--model.net.init_args.base_channels", "8", "--model.net.init_args.depth", "3"]
                 assert cli_main(["train", *args]) == 0
         (run,) = (out / name / "all" / "fold0").iterdir()
         runs[name] = run
