@@ -160,19 +160,18 @@ def trained_runs(tiny_cohort: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out.mkdir(parents=True, exist_ok=True)
     from filelock import FileLock
 
-    names = ["vnet", "vnet_b"]
-    if os.environ.get("PYTEST_XDIST_WORKER", "gw0")[-1] in "13579":
-        names.reverse()  # two workers asking at once each train one run, at the same time
-    runs = {}
-    for name in names:
+    names = ("vnet", "vnet_b")
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:])
+    for name in names[worker % 2:] + names[:worker % 2]:  # two workers asking at once each train one run
         with FileLock(str(out / f".{name}.lock")):
             if not (out / name).is_dir():
                 args = tiny_train_args(tiny_cohort, out, epochs=8) + ["--run.name", name, "--model.lr", "0.003"]
                 args += ["--model.net.init_args.base_channels", "8", "--model.net.init_args.depth", "3"]
                 assert cli_main(["train", *args]) == 0
-        (run,) = (out / name / "all" / "fold0").iterdir()
-        runs[name] = run
-    return {name: runs[name] for name in ("vnet", "vnet_b")}
+    runs = {}
+    for name in names:
+        (runs[name],) = (out / name / "all" / "fold0").iterdir()
+    return runs
 
 
 def vnet_checkpoint(config: dict, data: dict, path: Path) -> Path:

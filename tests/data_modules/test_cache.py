@@ -126,7 +126,7 @@ def _race(root: str, scans: list, queue) -> None:
     queue.put(PreprocessedCache(root, SETTINGS).build(scans, workers=1))
 
 
-@pytest.mark.multiprocess
+@pytest.mark.slow
 @pytest.mark.not_in_mutation_run
 def test_two_processes_racing_build_each_entry_once(tiny_cohort, tmp_path):
     scans = _scans(tiny_cohort)[:4]
@@ -172,7 +172,7 @@ def test_voxels_are_checked_once_when_the_entry_is_built(tiny_cohort, tmp_path):
     assert dm.store.build(_scans(tiny_cohort)[1:], workers=1) == 0  # the good scans were built all the same
 
 
-@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_a_parallel_build_writes_the_same_entries_as_a_serial_one(tiny_cohort, tmp_path):
     scans = _scans(tiny_cohort)[:4]
     serial, parallel = (PreprocessedCache(tmp_path / name, SETTINGS) for name in ("serial", "parallel"))

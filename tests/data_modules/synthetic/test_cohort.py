@@ -14,7 +14,7 @@ from data_modules.synthetic.anatomy import FOV_LENGTH_MM, FOV_Z_LIMITS_MM, HIP_Z
 from tests.conftest import TINY_SPACING
 
 
-@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_same_seed_gives_byte_identical_cohort(tmp_path):
     """Serial and parallel generation write the same bytes; another seed writes another cohort."""
     serial = make_cohort(tmp_path / "serial", n_subjects=3, seed=7, spacing=TINY_SPACING, workers=1)
