@@ -75,6 +75,27 @@ def box_center_mm(label: tio.LabelMap) -> np.ndarray:
     return (label.affine @ np.append(mid, 1.0))[:3]
 
 
+#: how far below the top of the femur the femoral head's inscribed sphere is searched (mm): the head and the neck
+HEAD_SEARCH_MM = 70.0
+
+
+def head_center_mm(label: tio.LabelMap) -> tuple[np.ndarray, float]:
+    """World (RAS mm) centre and radius (mm) of the femoral head: the largest sphere inscribed in the label's top
+    :data:`HEAD_SEARCH_MM` (the maximum of its Euclidean distance transform, in mm), the point a QCT reader calls the
+    head centre and where the field-of-view framings below the head are measured from."""
+    canonical = tio.ToCanonical()(label)
+    mask = canonical.data[0].numpy() > 0
+    if not mask.any():
+        raise ValueError(f"{label.path}: empty label, no femoral head")
+    top = int(np.nonzero(mask.any(axis=(0, 1)))[0].max())
+    lowest = max(0, top - int(np.ceil(HEAD_SEARCH_MM / canonical.spacing[2])))
+    region = mask.copy()
+    region[..., :lowest] = False
+    distance = ndimage.distance_transform_edt(region, sampling=canonical.spacing)
+    peak = np.array(np.unravel_index(int(np.argmax(distance)), distance.shape), float)
+    return (canonical.affine @ np.append(peak, 1.0))[:3], float(distance.max())
+
+
 def half_extents_mm(label: tio.LabelMap) -> dict[str, float]:
     """Half the label's extent along each RAS axis in mm (voxel edges included): how far the femur reaches from the
     ROI centre, which predict's QC uses to tell a femur cut off by the field of view."""

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torchio as tio
 
-from data_modules.localisation import box_center_mm
+from data_modules.localisation import box_center_mm, head_center_mm
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,8 @@ class Framing:
         degrees: patient rotation about the RAS x, y, z axes.
         right_mm: field of view cut (< 0) on the patient's right: ``-150`` leaves the left hip only.
         metal: a contralateral hip prosthesis stem (3000 HU rod, 8 mm radius) mirrored from the left femur's place.
+        below_head_mm: the field of view ends this many mm below the left femoral head's centre
+            (:func:`data_modules.localisation.head_center_mm`), as abdomen-to-pelvis CT often does (``None``: not cut).
     """
 
     name: str
@@ -38,6 +40,7 @@ class Framing:
     degrees: tuple[float, float, float] = (0.0, 0.0, 0.0)
     right_mm: float = 0.0
     metal: bool = False
+    below_head_mm: float | None = None
 
 
 FRAMINGS = (
@@ -54,6 +57,9 @@ FRAMINGS = (
     Framing("rolled -15 deg (coronal)", degrees=(0.0, -15.0, 0.0)),
     Framing("left hip only", right_mm=-150.0),
     Framing("metal: right hip prosthesis", metal=True),
+    Framing("cut 40 mm below the head", below_head_mm=40.0),
+    Framing("cut 30 mm below the head", below_head_mm=30.0),
+    Framing("cut 20 mm below the head", below_head_mm=20.0),
 )
 #: HU of the metal stem (clamped to the top of the HU window like cortical bone, but far brighter in the raw scan)
 METAL_HU = 3000.0
@@ -83,7 +89,18 @@ def reframe(subject: tio.Subject, framing: Framing) -> tio.Subject:
            _voxels(min(framing.superior_mm, 0), sz))
     if any(cut):
         out = tio.Crop(cut)(out)
+    if framing.below_head_mm is not None:
+        out = _cut_below_head(out, framing.below_head_mm)
     return out
+
+
+def _cut_below_head(subject: tio.Subject, below_head_mm: float) -> tio.Subject:
+    """The subject with its inferior slices removed up to ``below_head_mm`` below the femoral head's centre."""
+    center, _ = head_center_mm(subject["label"])
+    image = subject["image"]
+    slice_z = (np.linalg.inv(image.affine) @ np.append(center - [0.0, 0.0, below_head_mm], 1.0))[2]
+    drop = int(np.clip(np.floor(slice_z), 0, image.spatial_shape[2] - 1))
+    return tio.Crop((0, 0, 0, 0, drop, 0))(subject) if drop else subject
 
 
 def _with_metal_stem(subject: tio.Subject) -> tio.Subject:

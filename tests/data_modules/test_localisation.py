@@ -269,3 +269,36 @@ def test_a_turned_femur_beats_an_unturned_look_alike():
     found = locator.locate_coarse(tio.ScalarImage(tensor=torch.from_numpy(scan[None]), affine=np.diag([6.0, 6.0, 6.0, 1.0])))
     assert np.abs(found.center_mm / 6.0 - [20.0, 20.0, 22.0]).max() < 1.5  # the turned femur's centre, in voxels
     assert found.score > 0.85
+
+
+def _ball_on_a_shaft(spacing=(1.0, 1.0, 1.0)) -> tio.Subject:
+    """A 12 mm femoral head centred at RAS (40, 50, 70) mm on a 6 mm shaft running down to z = 5 mm, in a
+    soft-tissue scan; voxels of ``spacing`` mm."""
+    shape = tuple(int(round(n / s)) for n, s in zip((80, 100, 100), spacing))
+    grid = np.stack(np.meshgrid(*(np.arange(n) * s for n, s in zip(shape, spacing)), indexing="ij"), -1)
+    head = np.linalg.norm(grid - [40.0, 50.0, 70.0], axis=-1) <= 12.0
+    shaft = (np.hypot(grid[..., 0] - 40.0, grid[..., 1] - 50.0) <= 6.0) & (grid[..., 2] >= 5.0) & (grid[..., 2] <= 70.0)
+    label = (head | shaft).astype(np.uint8)
+    affine = np.diag([*spacing, 1.0])
+    image = np.where(label > 0, 700.0, 40.0).astype(np.float32)
+    return tio.Subject(image=tio.ScalarImage(tensor=image[None], affine=affine),
+                       label=tio.LabelMap(tensor=torch.from_numpy(label[None]), affine=affine))
+
+
+@pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.0, 1.0, 2.0)])
+def test_head_center_is_the_centre_of_the_largest_sphere_in_the_femur_top(spacing):
+    from data_modules.localisation import head_center_mm
+
+    center, radius = head_center_mm(_ball_on_a_shaft(spacing)["label"])
+    assert np.linalg.norm(center - [40.0, 50.0, 70.0]) <= spacing[2]
+    assert radius == pytest.approx(12.0, abs=spacing[2])
+
+
+@pytest.mark.parametrize("below", [20.0, 40.0])
+def test_a_field_of_view_cut_below_the_head_ends_there_and_keeps_the_head(below):
+    cut = reframe(_ball_on_a_shaft(), Framing("cut", below_head_mm=below))
+    lowest_z = cut["image"].affine[2, 3]  # world z of the first remaining slice (canonical, 1 mm)
+    assert 70.0 - below - 1.0 <= lowest_z <= 70.0 - below
+    label = cut["label"].data[0].numpy()
+    assert label[..., -1].sum() == 0 and label.sum() < _ball_on_a_shaft()["label"].data.sum()
+    assert label[40, 50, int(round(70.0 - lowest_z))] == 1  # the head centre is still in view
