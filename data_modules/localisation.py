@@ -89,9 +89,8 @@ def head_center_mm(label: tio.LabelMap) -> tuple[np.ndarray, float]:
         raise ValueError(f"{label.path}: empty label, no femoral head")
     top = int(np.nonzero(mask.any(axis=(0, 1)))[0].max())
     lowest = max(0, top - int(np.ceil(HEAD_SEARCH_MM / canonical.spacing[2])))
-    region = mask.copy()
-    region[..., :lowest] = False
-    distance = ndimage.distance_transform_edt(region, sampling=canonical.spacing)
+    mask[..., :lowest] = False
+    distance = ndimage.distance_transform_edt(mask, sampling=canonical.spacing)
     peak = np.array(np.unravel_index(int(np.argmax(distance)), distance.shape), float)
     return (canonical.affine @ np.append(peak, 1.0))[:3], float(distance.max())
 

@@ -17,7 +17,7 @@ from scipy.spatial.transform import Rotation
 from data_modules.cohort import raw_subject
 from data_modules.datamodule import FemurDataModule
 from data_modules.errors import UserError
-from data_modules.localisation import FemurLocator, box_center_mm, rotation_matrix
+from data_modules.localisation import FemurLocator, box_center_mm, head_center_mm, rotation_matrix
 from data_modules.synthetic.reframe import FRAMINGS, Framing, reframe
 from data_modules.roi import Box, label_coverage
 from data_modules.transforms import RoiCrop
@@ -287,8 +287,6 @@ def _ball_on_a_shaft(spacing=(1.0, 1.0, 1.0)) -> tio.Subject:
 
 @pytest.mark.parametrize("spacing", [(1.0, 1.0, 1.0), (1.0, 1.0, 2.0)])
 def test_head_center_is_the_centre_of_the_largest_sphere_in_the_femur_top(spacing):
-    from data_modules.localisation import head_center_mm
-
     center, radius = head_center_mm(_ball_on_a_shaft(spacing)["label"])
     assert np.linalg.norm(center - [40.0, 50.0, 70.0]) <= spacing[2]
     assert radius == pytest.approx(12.0, abs=spacing[2])
